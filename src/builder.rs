@@ -1,0 +1,58 @@
+//! [`ServiceBuilderExt`]: one short method per layer of this crate.
+
+use crate::report::Reporter;
+use crate::{BoundaryLayer, CatchPanicLayer, ReportLayer, Supervisor};
+use tower::layer::util::Stack;
+use tower::ServiceBuilder;
+
+/// Adds this crate's layers to [`tower::ServiceBuilder`].
+///
+/// ```
+/// use tower::ServiceBuilder;
+/// use tower_exit::{report::TracingReporter, ServiceBuilderExt, Supervisor};
+///
+/// let supervisor = Supervisor::new();
+/// let stack = ServiceBuilder::new()
+///     .boundary(&supervisor) // outermost: turns an exit into the end of the server
+///     .report(TracingReporter) // reports real failures, never an exit
+///     .catch_panic(); // a panic becomes a 500, an exit unwinds on
+/// # let _ = stack;
+/// ```
+pub trait ServiceBuilderExt<L>: sealed::Sealed {
+    /// Adds a [`BoundaryLayer`] that records exits in `supervisor`.
+    fn boundary<M>(self, supervisor: &Supervisor) -> ServiceBuilder<Stack<BoundaryLayer<M>, L>>;
+
+    /// Adds a [`ReportLayer`] reporting through `reporter`.
+    fn report<R: Reporter, M>(self, reporter: R) -> ServiceBuilder<Stack<ReportLayer<R, M>, L>>;
+
+    /// Adds a [`CatchPanicLayer`] with the default `500` answer.
+    fn catch_panic(self) -> ServiceBuilder<Stack<CatchPanicLayer, L>>;
+
+    /// Adds a [`ForkGuardLayer`](crate::ForkGuardLayer) with its defaults.
+    #[cfg(all(unix, feature = "fork"))]
+    fn fork_guard(self) -> ServiceBuilder<Stack<crate::ForkGuardLayer, L>>;
+}
+
+impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
+    fn boundary<M>(self, supervisor: &Supervisor) -> ServiceBuilder<Stack<BoundaryLayer<M>, L>> {
+        self.layer(supervisor.layer())
+    }
+
+    fn report<R: Reporter, M>(self, reporter: R) -> ServiceBuilder<Stack<ReportLayer<R, M>, L>> {
+        self.layer(ReportLayer::new(reporter))
+    }
+
+    fn catch_panic(self) -> ServiceBuilder<Stack<CatchPanicLayer, L>> {
+        self.layer(CatchPanicLayer::new())
+    }
+
+    #[cfg(all(unix, feature = "fork"))]
+    fn fork_guard(self) -> ServiceBuilder<Stack<crate::ForkGuardLayer, L>> {
+        self.layer(crate::ForkGuardLayer::new())
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl<L> Sealed for tower::ServiceBuilder<L> {}
+}

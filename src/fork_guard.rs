@@ -1,0 +1,232 @@
+//! Keep a child forked during a request from returning into the parent's
+//! stack.
+//!
+//! The seed's worst case: a handler forks, the child calls
+//! [`exit(0)`](crate::exit), a catch-all above swallows the exit, and the
+//! child runs on into the parent's code: a second response, a second commit,
+//! a copy of the server accepting on the parent's socket.
+//!
+//! [`ForkGuardLayer`] sits just above the handler, below every catch-all.
+//! After the inner `call` and after every poll of the inner future it checks
+//! (one atomic load) whether it now runs in a child forked during this
+//! request. In such a child, whatever the outcome (an `Exit`, an error, a
+//! panic, a response, or `Pending`), it runs the child cleanup hooks
+//! ([`fork::on_child_exit`](crate::fork::on_child_exit)) and ends the child
+//! without returning:
+//!
+//! - by default, like the seed's remedy, with `SIGTERM` sent to itself after
+//!   resetting that signal to its default action (an application's SIGTERM
+//!   handler must not keep the child alive);
+//! - with [`ForkGuardLayer::exit_code`], by `_exit(status)` so the parent
+//!   sees the status: `Ok` 0, an `Exit` its status, a panic 101, an error or
+//!   `Pending` (the child tried to await after the fork) 1.
+//!
+//! In the parent it changes nothing.
+//!
+//! # What it does not cover
+//!
+//! - A fork made on another thread, or in another task than the guarded
+//!   future, while this request is not being polled: the child continues in
+//!   that other code. (If that child later polls this request, the guard
+//!   ends it then.) Guard every service, or fork with
+//!   [`fork::spawn`](crate::fork::spawn), whose child cannot return at all.
+//! - Processes made by raw `clone` syscalls or `vfork`: `pthread_atfork`
+//!   handlers do not run for them. `posix_spawn` and `std::process::Command`
+//!   exec at once and need no guard.
+//! - Code in the child that awaits after the fork: the parent's tokio runtime
+//!   does not work in a child. The guard ends the child when the inner future
+//!   returns `Pending`.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use bytes::Bytes;
+//! use http::{Request, Response};
+//! use http_body_util::Full;
+//! use std::convert::Infallible;
+//! use tower::ServiceBuilder;
+//! use tower_exit::fork::{fork, Forked};
+//! use tower_exit::ServiceBuilderExt;
+//!
+//! async fn handler(_: Request<()>) -> Result<Response<Full<Bytes>>, Infallible> {
+//!     match fork().expect("fork") {
+//!         Forked::Child => {
+//!             // Child work, then exit. Whatever a layer above does with
+//!             // the exit, the guard ends the child first.
+//!             tower_exit::exit(0)
+//!         }
+//!         Forked::Parent(_child) => Ok(Response::new(Full::from("forked"))),
+//!     }
+//! }
+//!
+//! let svc = ServiceBuilder::new()
+//!     .layer(tower_http::catch_panic::CatchPanicLayer::new()) // not exit-aware
+//!     .fork_guard() // below every catch-all
+//!     .service_fn(handler);
+//! # let _ = svc;
+//! ```
+
+use crate::fork::{
+    exit_now, generation, run_child_hooks, status_of_panic, terminate_now, watch_forks,
+};
+use crate::Exit;
+use pin_project_lite::pin_project;
+use std::any::Any;
+use std::future::Future;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tower_layer::Layer;
+use tower_service::Service;
+
+/// How the guard ends a child.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum ChildEnd {
+    #[default]
+    Terminate,
+    ExitCode,
+}
+
+/// Layer that ends a child forked during a request before it can return
+/// into the parent's stack. See [the module docs](self).
+#[derive(Clone, Copy, Debug)]
+pub struct ForkGuardLayer {
+    end: ChildEnd,
+}
+
+impl Default for ForkGuardLayer {
+    fn default() -> Self {
+        ForkGuardLayer::new()
+    }
+}
+
+impl ForkGuardLayer {
+    /// A guard that ends a child with `SIGTERM`.
+    pub fn new() -> Self {
+        // Registered here, before any request can fork.
+        watch_forks();
+        ForkGuardLayer {
+            end: ChildEnd::Terminate,
+        }
+    }
+
+    /// Ends a child with `_exit(status)` instead of `SIGTERM`, so the parent
+    /// sees the status of the child's outcome.
+    pub fn exit_code(mut self) -> Self {
+        self.end = ChildEnd::ExitCode;
+        self
+    }
+}
+
+impl<S> Layer<S> for ForkGuardLayer {
+    type Service = ForkGuard<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        watch_forks();
+        ForkGuard {
+            inner,
+            end: self.end,
+        }
+    }
+}
+
+/// Service built by [`ForkGuardLayer`].
+#[derive(Clone, Copy, Debug)]
+pub struct ForkGuard<S> {
+    inner: S,
+    end: ChildEnd,
+}
+
+impl<S, Req> Service<Req> for ForkGuard<S>
+where
+    S: Service<Req>,
+    S::Error: 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        let started = generation();
+        let inner = &mut self.inner;
+        let called = catch_unwind(AssertUnwindSafe(|| inner.call(req)));
+        if generation() != started {
+            let status = match &called {
+                Ok(_) => 0,
+                Err(payload) => status_of_panic(&**payload),
+            };
+            end_child(self.end, status);
+        }
+        match called {
+            Ok(future) => ResponseFuture {
+                future,
+                started,
+                end: self.end,
+            },
+            Err(payload) => resume_unwind(payload),
+        }
+    }
+}
+
+pin_project! {
+    /// Response future of [`ForkGuard`].
+    pub struct ResponseFuture<F> {
+        #[pin]
+        future: F,
+        started: u64,
+        end: ChildEnd,
+    }
+}
+
+impl<F, T, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<T, E>>,
+    E: 'static,
+{
+    type Output = Result<T, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let future = this.future;
+        let polled = catch_unwind(AssertUnwindSafe(|| future.poll(cx)));
+        // The happy path costs this one relaxed load: the generation only
+        // changes in a child, in the `pthread_atfork` handler.
+        if generation() != *this.started {
+            end_child(*this.end, status_of_poll(&polled));
+        }
+        match polled {
+            Ok(poll) => poll,
+            Err(payload) => resume_unwind(payload),
+        }
+    }
+}
+
+fn status_of_poll<T, E: 'static>(polled: &Result<Poll<Result<T, E>>, Box<dyn Any + Send>>) -> i32 {
+    match polled {
+        Ok(Poll::Ready(Ok(_))) => 0,
+        // The error type is not bounded (the guard sits on any service), so
+        // an `Err(Exit)` is only recognised where the error is an `Exit`
+        // itself; raise the exit (or return `Err` of an `Exit`) to be sure.
+        Ok(Poll::Ready(Err(err))) => (err as &dyn Any)
+            .downcast_ref::<Exit>()
+            .map_or(1, |exit| i32::from(exit.status())),
+        Ok(Poll::Pending) => 1,
+        Err(payload) => status_of_panic(&**payload),
+    }
+}
+
+/// Ends this child: cleanups, then SIGTERM or `_exit`. Never returns.
+///
+/// Runs in a child that may descend from a multi-threaded process: nothing
+/// here allocates or locks (user hooks aside, which are documented so).
+fn end_child(end: ChildEnd, status: i32) -> ! {
+    run_child_hooks();
+    match end {
+        ChildEnd::Terminate => terminate_now(),
+        ChildEnd::ExitCode => exit_now(status),
+    }
+}

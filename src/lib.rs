@@ -1,0 +1,78 @@
+//! Tell a control-flow [`Exit`] apart from real failures in tower stacks.
+//!
+//! A program sometimes ends a piece of work on purpose: [`exit(code)`](exit).
+//! Catch-all layers (error reporters, "catch every panic and answer 500",
+//! retry-everything policies) treat that signal as a failure: they report a
+//! non-error, retry it, or answer `500`. After `fork()` it is worse: the
+//! child's exit is swallowed and the child runs on into the parent's code.
+//!
+//! This crate gives tower stacks:
+//!
+//! - [`Exit`], which travels as an unwind or as `Err` and is told apart from
+//!   real failures in one place ([`Exit::from_panic`], [`Exit::from_error`]);
+//! - exit-aware layers that pass an exit on untouched and still handle real
+//!   failures: [`CatchPanicLayer`], [`ReportLayer`], [`retry::ExitAware`];
+//! - the [`Supervisor`] and its [`BoundaryLayer`], where an exit ends the
+//!   server and becomes the exit code of `main`;
+#![cfg_attr(
+    all(unix, feature = "fork"),
+    doc = "- [`ForkGuardLayer`] and [`fork`], so that a forked child never runs on into the parent's code."
+)]
+//!
+//! # The seed scenario
+//!
+//! ```
+//! use bytes::Bytes;
+//! use http::{Request, Response, StatusCode};
+//! use http_body_util::Full;
+//! use std::convert::Infallible;
+//! use std::process::ExitCode;
+//! use tower::{ServiceBuilder, ServiceExt};
+//! use tower_exit::{report::TracingReporter, ServiceBuilderExt, Supervisor};
+//!
+//! async fn handler(_: Request<()>) -> Result<Response<Full<Bytes>>, Infallible> {
+//!     // The work is done; end the program on purpose, status 0.
+//!     tower_exit::exit(0)
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> ExitCode {
+//! let supervisor = Supervisor::new();
+//! let svc = ServiceBuilder::new()
+//!     .boundary(&supervisor)
+//!     .report(TracingReporter) // never sees the exit
+//!     .catch_panic() // does not turn it into a 500
+//!     .service_fn(handler);
+//!
+//! let res = svc.oneshot(Request::new(())).await.unwrap();
+//! assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+//! // A server drains on `supervisor.shutdown_signal()`, then:
+//! supervisor.exit().map_or(ExitCode::FAILURE, ExitCode::from)
+//! # }
+//! ```
+#![deny(missing_docs, rust_2018_idioms, unreachable_pub)]
+#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+
+mod body;
+mod builder;
+mod hooks;
+
+pub mod boundary;
+pub mod catch_panic;
+pub mod exit;
+#[cfg(all(unix, feature = "fork"))]
+pub mod fork;
+#[cfg(all(unix, feature = "fork"))]
+pub mod fork_guard;
+pub mod report;
+pub mod retry;
+#[cfg(all(unix, feature = "http"))]
+pub mod serve;
+
+pub use crate::body::ResponseBody;
+pub use crate::boundary::{BoundaryLayer, Supervisor};
+pub use crate::builder::ServiceBuilderExt;
+pub use crate::catch_panic::CatchPanicLayer;
+pub use crate::exit::{exit, AsError, Exit};
+#[cfg(all(unix, feature = "fork"))]
+pub use crate::fork_guard::ForkGuardLayer;
+pub use crate::report::ReportLayer;

@@ -1,0 +1,193 @@
+//! Serve a tower service over HTTP/1 and HTTP/2 (hyper), until the first
+//! [`Exit`].
+//!
+//! ```no_run
+//! use std::process::ExitCode;
+//! use tower::ServiceBuilder;
+//! use tower_exit::{ServiceBuilderExt, Supervisor};
+//!
+//! # async fn handler(_: http::Request<hyper::body::Incoming>) -> Result<http::Response<String>, std::convert::Infallible> { todo!() }
+//! #[tokio::main]
+//! async fn main() -> std::io::Result<ExitCode> {
+//!     let supervisor = Supervisor::new();
+//!     let svc = ServiceBuilder::new()
+//!         .boundary(&supervisor)
+//!         .catch_panic()
+//!         .service_fn(handler);
+//!     let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+//!     let exit = tower_exit::serve::http(listener, svc, &supervisor)
+//!         .with_signals()
+//!         .await?;
+//!     Ok(exit.into())
+//! }
+//! ```
+
+use crate::{Exit, Supervisor};
+use http::{Request, Response};
+use http_body::Body;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use std::future::{Future, IntoFuture};
+use std::io;
+use std::pin::Pin;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tower_service::Service;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Default time in-flight requests get to finish once the server drains.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(30);
+
+/// Serves `service` on `listener` until `supervisor` records an exit; see
+/// [`Serve`].
+pub fn http<S>(listener: TcpListener, service: S, supervisor: &Supervisor) -> Serve<S> {
+    Serve {
+        listener,
+        service,
+        supervisor: supervisor.clone(),
+        grace: DEFAULT_GRACE,
+        signals: false,
+    }
+}
+
+/// An HTTP server that ends with the first [`Exit`]. Await it.
+///
+/// On the first exit (recorded by the [`BoundaryLayer`](crate::BoundaryLayer)
+/// or by [`Supervisor::trigger`]) the server stops accepting, closes idle
+/// keep-alive connections (HTTP/2: GOAWAY), lets in-flight requests finish
+/// within the [grace period](Self::grace), and resolves to that exit.
+#[derive(Debug)]
+#[must_use = "a server does nothing until awaited"]
+pub struct Serve<S> {
+    listener: TcpListener,
+    service: S,
+    supervisor: Supervisor,
+    grace: Duration,
+    signals: bool,
+}
+
+impl<S> Serve<S> {
+    /// How long in-flight requests may run once draining starts (default
+    /// 30 s). Connections still open after it are dropped.
+    pub fn grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
+    /// Also drain on SIGTERM and SIGINT, which count as [`Exit::success`].
+    ///
+    /// This installs tokio's signal handlers for the rest of the process.
+    pub fn with_signals(mut self) -> Self {
+        self.signals = true;
+        self
+    }
+}
+
+impl<S, B> IntoFuture for Serve<S>
+where
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    type Output = io::Result<Exit>;
+    type IntoFuture = Pin<Box<dyn Future<Output = io::Result<Exit>> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(self.run())
+    }
+}
+
+impl<S> Serve<S> {
+    async fn run<B>(self) -> io::Result<Exit>
+    where
+        S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        let Serve {
+            listener,
+            service,
+            supervisor,
+            grace,
+            signals,
+        } = self;
+        if signals {
+            spawn_signal_watcher(&supervisor)?;
+        }
+        let builder = auto::Builder::new(TokioExecutor::new());
+        let graceful = GracefulShutdown::new();
+        let shutdown = supervisor.shutdown_signal();
+        tokio::pin!(shutdown);
+
+        loop {
+            let (stream, peer) = tokio::select! {
+                biased;
+                _ = &mut shutdown => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(err) => {
+                        // EMFILE and friends: keep serving the open
+                        // connections, try again shortly.
+                        tracing::warn!(%err, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                },
+            };
+            let conn = builder
+                .serve_connection_with_upgrades(
+                    TokioIo::new(stream),
+                    TowerToHyperService::new(service.clone()),
+                )
+                .into_owned();
+            let conn = graceful.watch(conn);
+            tokio::spawn(async move {
+                if let Err(err) = conn.await {
+                    tracing::debug!(%peer, err = %err, "connection ended with an error");
+                }
+            });
+        }
+        drop(listener);
+
+        let open = graceful.count();
+        tracing::info!(open, "draining");
+        if tokio::time::timeout(grace, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                ?grace,
+                "grace period over: dropping the connections still open"
+            );
+        }
+        Ok(supervisor
+            .exit()
+            .expect("the loop only ends once an exit is recorded"))
+    }
+}
+
+fn spawn_signal_watcher(supervisor: &Supervisor) -> io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let supervisor = supervisor.clone();
+    tokio::spawn(async move {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!(signal = name, "draining on signal");
+        supervisor.trigger(Exit::success().with_message(name));
+    });
+    Ok(())
+}

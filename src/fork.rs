@@ -309,6 +309,29 @@ impl Child {
         Ok(status)
     }
 
+    /// Blocks the thread until the child ends, and reaps it: for code with
+    /// no runtime, such as a forked child waiting for its own child.
+    pub fn wait_blocking(&mut self) -> io::Result<ExitStatus> {
+        if let Some(status) = self.status {
+            return Ok(status);
+        }
+        let mut status = 0;
+        loop {
+            // SAFETY: waits for our own child only.
+            if unsafe { libc::waitpid(self.pid, &mut status, 0) } != -1 {
+                break;
+            }
+            let err = io::Error::last_os_error();
+            if err.kind() != io::ErrorKind::Interrupted {
+                return Err(err);
+            }
+        }
+        let status = ExitStatus::from_raw(status);
+        self.status = Some(status);
+        self.pidfd = None;
+        Ok(status)
+    }
+
     /// Waits for the child to end and reaps it.
     ///
     /// With a pidfd (Linux 5.3+) this waits on the runtime's I/O driver, no

@@ -94,3 +94,109 @@ pub const EXIT_ROUTES: [&str; 6] = [
     "/err/3",
     "/io/3",
 ];
+
+/// Appends one line to `path` (from the parent or a forked child: `O_APPEND`
+/// keeps lines whole).
+pub fn log_line(path: &std::path::Path, line: &str) {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .expect("open log");
+    file.write_all(format!("{line}\n").as_bytes())
+        .expect("write log");
+}
+
+/// Appends `line pid=N` with this process's pid.
+pub fn log_with_pid(path: &std::path::Path, line: &str) {
+    log_line(path, &format!("{line} pid={}", std::process::id()));
+}
+
+pub fn read_lines(path: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The zombie children of this process, from `/proc`.
+pub fn zombies() -> Vec<u32> {
+    let me = std::process::id();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...; comm may hold spaces, so split after ')'.
+        let Some((head, rest)) = stat.rsplit_once(')') else { continue };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        if fields.len() > 1 && fields[0] == "Z" && fields[1] == me.to_string() {
+            found.push(head.split_whitespace().next().unwrap().parse().unwrap());
+        }
+    }
+    found
+}
+
+/// The parent pid of a process, from `/proc`.
+pub fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Makes this process the reaper of orphaned descendants, so that a
+/// grandchild left behind shows up as our zombie instead of vanishing.
+pub fn become_subreaper() {
+    // SAFETY: plain prctl with an integer argument.
+    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    assert_eq!(rc, 0, "prctl(PR_SET_CHILD_SUBREAPER)");
+}
+
+/// Whether a process with this pid exists (zombies count).
+pub fn alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// A temporary log file, removed on drop; on drop it also SIGKILLs every
+/// pid that a `pid=N` line names (other than ours), so that a failing test
+/// leaves no orphan behind.
+pub struct PidLog {
+    pub path: std::path::PathBuf,
+}
+
+impl PidLog {
+    pub fn new(name: &str) -> Self {
+        let path = std::env::temp_dir().join(format!(
+            "tower-exit-{name}-{}-{:?}.log",
+            std::process::id(),
+            std::time::SystemTime::now()
+        ));
+        PidLog { path }
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        read_lines(&self.path)
+    }
+
+    pub fn log(&self, line: &str) {
+        log_with_pid(&self.path, line);
+    }
+}
+
+impl Drop for PidLog {
+    fn drop(&mut self) {
+        let me = std::process::id();
+        for line in self.lines() {
+            if let Some(pid) = line.rsplit_once("pid=").and_then(|(_, p)| p.parse::<i32>().ok()) {
+                // Only our own children: a reaped pid may belong to anyone now.
+                if pid as u32 != me && parent_of(pid as u32) == Some(me) {
+                    // SAFETY: plain syscall on a child of this process.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}

@@ -8,15 +8,23 @@ use tower::ServiceBuilder;
 /// Adds this crate's layers to [`tower::ServiceBuilder`].
 ///
 /// ```
-/// use tower::ServiceBuilder;
+/// use http::{Request, Response, StatusCode};
+/// use tower::{BoxError, ServiceBuilder, ServiceExt};
 /// use tower_exit::{report::TracingReporter, ServiceBuilderExt, Supervisor};
 ///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
 /// let supervisor = Supervisor::new();
-/// let stack = ServiceBuilder::new()
+/// let svc = ServiceBuilder::new()
 ///     .boundary(&supervisor) // outermost: turns an exit into the end of the server
+///     .catch_panic() // a panic becomes a 500, an exit unwinds on
 ///     .report(TracingReporter) // reports real failures, never an exit
-///     .catch_panic(); // a panic becomes a 500, an exit unwinds on
-/// # let _ = stack;
+///     .fork_guard() // a child forked below never returns into this stack
+///     .service_fn(|_: Request<String>| async {
+///         Ok::<_, BoxError>(Response::new(String::from("hello")))
+///     });
+/// let res = svc.oneshot(Request::new(String::new())).await.unwrap();
+/// assert_eq!(res.status(), StatusCode::OK);
+/// # }
 /// ```
 pub trait ServiceBuilderExt<L>: sealed::Sealed {
     /// Adds a [`BoundaryLayer`] that records exits in `supervisor`.

@@ -1,8 +1,8 @@
 //! Turn a panic in an `http` service into a `500` response, and let an
-//! [`Exit`](crate::Exit) unwind on untouched.
+//! [`Exit`] unwind on untouched.
 //!
 //! tower-http's `CatchPanicLayer` answers *every* unwind with a `500`,
-//! including an [`exit`](crate::exit): the intended end of the work becomes
+//! including an [`exit`](fn@crate::exit): the intended end of the work becomes
 //! an error page and nobody above learns that the program wanted to exit.
 //! This layer catches real panics only; an unwinding `Exit` continues with
 //! the same payload, for a [`BoundaryLayer`](crate::BoundaryLayer) above to

@@ -198,8 +198,13 @@ pub fn exit(code: i32) -> ! {
 ///
 /// Implemented for every `E: Error + 'static` and for the boxed errors tower
 /// uses (`tower::BoxError` and friends), which do not implement `Error`
-/// themselves. `M` is a marker that keeps those two kinds of impl apart; it
-/// is always inferred, you never name it.
+/// themselves. `M` is a marker ([`ConcreteError`] or [`BoxedError`]) that
+/// keeps those two kinds of impl apart: coherence forbids one blanket impl
+/// for both.
+///
+/// `M` is inferred where the layered service is used as a `Service`. A layer
+/// built but never applied to a service (a `ServiceBuilder` stored without
+/// its service) may need it spelled out: `ReportLayer::<_, ConcreteError>`.
 pub trait AsError<M> {
     /// This error as a trait object.
     fn as_error(&self) -> &(dyn Error + 'static);

@@ -2,7 +2,7 @@
 //!
 //! - [`spawn`] runs a closure in a forked child under `catch_unwind`, then
 //!   the child's cleanup hooks, then `_exit`: the closure returning gives
-//!   status 0, [`exit(n)`](crate::exit) gives `n`, a panic gives 101. Like
+//!   status 0, [`exit(n)`](fn@crate::exit) gives `n`, a panic gives 101. Like
 //!   Python's `multiprocessing`, the child never returns into the caller.
 //! - [`fork`] is the raw form, for code that must fork in place (the seed's
 //!   scenario): the child continues after the call, and a
@@ -210,7 +210,7 @@ pub fn fork() -> io::Result<Forked> {
 }
 
 /// Forks a child that runs `f`, its cleanup hooks, then `_exit`s: `f`
-/// returning gives status 0, [`exit(n)`](crate::exit) gives `n`, a panic
+/// returning gives status 0, [`exit(n)`](fn@crate::exit) gives `n`, a panic
 /// gives 101. The child never returns into the caller.
 pub fn spawn<F: FnOnce()>(f: F) -> io::Result<Child> {
     match fork()? {

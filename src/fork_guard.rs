@@ -2,7 +2,7 @@
 //! stack.
 //!
 //! The seed's worst case: a handler forks, the child calls
-//! [`exit(0)`](crate::exit), a catch-all above swallows the exit, and the
+//! [`exit(0)`](fn@crate::exit), a catch-all above swallows the exit, and the
 //! child runs on into the parent's code: a second response, a second commit,
 //! a copy of the server accepting on the parent's socket.
 //!

@@ -1,6 +1,6 @@
 //! Tell a control-flow [`Exit`] apart from real failures in tower stacks.
 //!
-//! A program sometimes ends a piece of work on purpose: [`exit(code)`](exit).
+//! A program sometimes ends a piece of work on purpose: [`exit(code)`](fn@exit).
 //! Catch-all layers (error reporters, "catch every panic and answer 500",
 //! retry-everything policies) treat that signal as a failure: they report a
 //! non-error, retry it, or answer `500`. After `fork()` it is worse: the

@@ -58,11 +58,13 @@ where
     after - before
 }
 
+type Reply = Result<Response<Full<Bytes>>, Infallible>;
+
 fn inner() -> impl Service<
     Request<()>,
     Response = Response<Full<Bytes>>,
     Error = Infallible,
-    Future = std::future::Ready<Result<Response<Full<Bytes>>, Infallible>>,
+    Future = std::future::Ready<Reply>,
 > + Clone {
     service_fn(|_: Request<()>| ready(Ok(Response::new(Full::new(Bytes::from_static(b"ok"))))))
 }

@@ -15,7 +15,10 @@ fn raising_does_not_run_the_panic_hook_but_panicking_does() {
     let payload = std::panic::catch_unwind(|| tower_exit::exit(2)).unwrap_err();
     assert_eq!(Exit::from_panic(&*payload).map(Exit::code), Some(2));
     let payload = std::panic::catch_unwind(|| Exit::failure("stop").raise()).unwrap_err();
-    assert_eq!(Exit::from_panic(&*payload).and_then(Exit::message), Some("stop"));
+    assert_eq!(
+        Exit::from_panic(&*payload).and_then(Exit::message),
+        Some("stop")
+    );
     assert_eq!(HOOK_CALLS.load(Ordering::SeqCst), 0);
 
     // The counter works: a real panic does run it.
@@ -39,7 +42,10 @@ fn under_panic_abort_raising_runs_the_hooks_and_exits_with_the_status() {
     let binary = target.join("debug/abort-exit");
 
     for (code, status) in [(0, 0), (3, 3), (256, 0), (-1, 255)] {
-        let out = Command::new(&binary).arg(code.to_string()).output().unwrap();
+        let out = Command::new(&binary)
+            .arg(code.to_string())
+            .output()
+            .unwrap();
         assert_eq!(out.status.code(), Some(status), "exit({code})");
         let stdout = String::from_utf8(out.stdout).unwrap();
         assert_eq!(stdout, format!("hook 1: exit {code}: bye\nhook 2\n"));

@@ -2,6 +2,10 @@
 //! with real forks. Tests here run one at a time: zombie counts are
 //! process-wide.
 
+// Each test runs its own runtime on its own thread; a std mutex held across
+// awaits is exactly what serialises them.
+#![allow(clippy::await_holding_lock)]
+
 mod common;
 
 use bytes::Bytes;
@@ -88,7 +92,10 @@ async fn child_handle_can_poll_kill_and_is_reaped_when_dropped() {
     child.kill(libc::SIGKILL).unwrap();
     let status = child.wait().await.unwrap();
     assert_eq!(status.signal(), Some(libc::SIGKILL));
-    assert!(child.kill(libc::SIGTERM).is_err(), "reaped: no signal to a reused pid");
+    assert!(
+        child.kill(libc::SIGTERM).is_err(),
+        "reaped: no signal to a reused pid"
+    );
 
     // Dropped while running: the shared reaper collects it once it ends.
     let child = fork::spawn(|| std::thread::sleep(Duration::from_millis(100))).unwrap();
@@ -96,7 +103,10 @@ async fn child_handle_can_poll_kill_and_is_reaped_when_dropped() {
     drop(child);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while common::alive(pid) {
-        assert!(std::time::Instant::now() < deadline, "dropped child {pid} never reaped");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "dropped child {pid} never reaped"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(zombies().is_empty());
@@ -134,7 +144,9 @@ async fn fork_request(log: &PidLog, guard: ForkGuardLayer, in_child: InChild) ->
                         log("child");
                         match in_child {
                             InChild::Exit => tower_exit::exit(0),
-                            InChild::Error => Err::<Response<Full<Bytes>>, BoxError>("child error".into()),
+                            InChild::Error => {
+                                Err::<Response<Full<Bytes>>, BoxError>("child error".into())
+                            }
                             InChild::Panic => panic!("child panics"),
                             InChild::Respond => Ok(Response::new(Full::from("from child"))),
                             InChild::Await => {
@@ -248,7 +260,10 @@ async fn a_child_that_forks_again_is_guarded_at_every_level() {
     assert_eq!(count("parent-only"), 1);
     assert_eq!(count("after-request"), 1);
     assert_eq!(count("caught"), 0);
-    assert!(zombies().is_empty(), "no orphan came back to us as a zombie");
+    assert!(
+        zombies().is_empty(),
+        "no orphan came back to us as a zombie"
+    );
 }
 
 #[tokio::test]
@@ -262,13 +277,19 @@ async fn a_thousand_fork_and_exit_requests_leave_no_zombie() {
     }
     let lines = log.lines();
     let me = format!("pid={}", std::process::id());
-    let parent_only = lines.iter().filter(|l| l.starts_with("parent-only")).count();
+    let parent_only = lines
+        .iter()
+        .filter(|l| l.starts_with("parent-only"))
+        .count();
     let all_in_parent = lines
         .iter()
         .filter(|l| l.starts_with("parent-only") || l.starts_with("after-request"))
         .all(|l| l.ends_with(&me));
     assert_eq!(parent_only, 1000);
     assert!(all_in_parent);
-    assert_eq!(lines.iter().filter(|l| l.starts_with("child ")).count(), 1000);
+    assert_eq!(
+        lines.iter().filter(|l| l.starts_with("child ")).count(),
+        1000
+    );
     assert!(zombies().is_empty());
 }

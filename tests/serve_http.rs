@@ -54,6 +54,10 @@ async fn exit_drains_the_server_and_becomes_its_result() {
             .unwrap();
         assert_eq!(exit.code(), 3, "{path}");
         assert!(get(addr, "/ok").await.is_err(), "no longer accepting");
-        assert_eq!(reports.lock().unwrap().len(), 1, "{path}: exit not reported");
+        assert_eq!(
+            reports.lock().unwrap().len(),
+            1,
+            "{path}: exit not reported"
+        );
     }
 }

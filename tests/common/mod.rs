@@ -130,7 +130,9 @@ pub fn zombies() -> Vec<u32> {
             continue;
         };
         // pid (comm) state ppid ...; comm may hold spaces, so split after ')'.
-        let Some((head, rest)) = stat.rsplit_once(')') else { continue };
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
         let fields: Vec<&str> = rest.split_whitespace().collect();
         if fields.len() > 1 && fields[0] == "Z" && fields[1] == me.to_string() {
             found.push(head.split_whitespace().next().unwrap().parse().unwrap());
@@ -189,7 +191,10 @@ impl Drop for PidLog {
     fn drop(&mut self) {
         let me = std::process::id();
         for line in self.lines() {
-            if let Some(pid) = line.rsplit_once("pid=").and_then(|(_, p)| p.parse::<i32>().ok()) {
+            if let Some(pid) = line
+                .rsplit_once("pid=")
+                .and_then(|(_, p)| p.parse::<i32>().ok())
+            {
                 // Only our own children: a reaped pid may belong to anyone now.
                 if pid as u32 != me && parent_of(pid as u32) == Some(me) {
                     // SAFETY: plain syscall on a child of this process.

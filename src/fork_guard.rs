@@ -223,6 +223,8 @@ fn status_of_poll<T, E: 'static>(polled: &Result<Poll<Result<T, E>>, Box<dyn Any
 ///
 /// Runs in a child that may descend from a multi-threaded process: nothing
 /// here allocates or locks (user hooks aside, which are documented so).
+#[cold]
+#[inline(never)]
 fn end_child(end: ChildEnd, status: i32) -> ! {
     run_child_hooks();
     match end {

@@ -120,6 +120,7 @@ enum InChild {
     Panic,
     Respond,
     Await,
+    OwnSigtermHandler,
     IgnoreSigterm,
     ForkAgain,
 }
@@ -153,9 +154,17 @@ async fn fork_request(log: &PidLog, guard: ForkGuardLayer, in_child: InChild) ->
                                 tokio::time::sleep(Duration::from_millis(10)).await;
                                 Ok(Response::new(Full::from("child awaited")))
                             }
-                            InChild::IgnoreSigterm => {
+                            InChild::OwnSigtermHandler => {
+                                extern "C" fn keep_running(_: libc::c_int) {}
                                 // SAFETY: test code: the application's own
                                 // handler, which must not keep the child alive.
+                                unsafe {
+                                    libc::signal(libc::SIGTERM, keep_running as libc::sighandler_t)
+                                };
+                                tower_exit::exit(0)
+                            }
+                            InChild::IgnoreSigterm => {
+                                // SAFETY: as above, with the signal ignored.
                                 unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
                                 tower_exit::exit(0)
                             }
@@ -201,6 +210,7 @@ async fn guard_ends_the_child_whatever_its_outcome_and_the_parent_runs_on_once()
         InChild::Panic,
         InChild::Respond,
         InChild::Await,
+        InChild::OwnSigtermHandler,
         InChild::IgnoreSigterm,
     ] {
         for (guard, expected) in [

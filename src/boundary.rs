@@ -221,7 +221,7 @@ where
             Ok(future) => State::Running { future },
             Err(payload) => match Exit::from_panic(&*payload) {
                 Some(exit) => {
-                    self.supervisor.trigger(exit.clone());
+                    record(&self.supervisor, exit);
                     State::Exited
                 }
                 None => resume_unwind(payload),
@@ -282,9 +282,18 @@ where
             }
             StateProj::Exited => return Poll::Ready(Ok(exit_response(*this.version))),
         };
-        this.supervisor.trigger(exit);
+        record(this.supervisor, &exit);
         Poll::Ready(Ok(exit_response(*this.version)))
     }
+}
+
+/// Records `exit` as the server's end. An exit armed by a fork guard in a
+/// forked child ends that child here instead: it must not answer the
+/// parent's client nor stop the parent's server.
+fn record(supervisor: &Supervisor, exit: &Exit) {
+    #[cfg(all(unix, feature = "fork"))]
+    crate::fork::end_if_armed(exit);
+    supervisor.trigger(exit.clone());
 }
 
 /// `503`, and `connection: close` where HTTP/1 has it (HTTP/2 forbids the

@@ -43,11 +43,46 @@ use crate::hooks::HookList;
 /// assert_eq!(exit.message(), Some("config file missing"));
 /// assert_eq!(exit.to_string(), "exit 1: config file missing");
 /// ```
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone)]
 #[must_use = "an `Exit` does nothing until it is raised or returned"]
 pub struct Exit {
     code: i32,
     message: Option<Cow<'static, str>>,
+    /// Set by a `ForkGuardLayer` in `propagate_exit` mode on an exit that
+    /// leaves a forked child: the child is killed when the last clone of
+    /// this exit is dropped anywhere but at a boundary.
+    #[cfg(all(unix, feature = "fork"))]
+    armed: Option<std::sync::Arc<crate::fork::Armed>>,
+}
+
+impl fmt::Debug for Exit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut debug = f.debug_struct("Exit");
+        debug
+            .field("code", &self.code)
+            .field("message", &self.message);
+        #[cfg(all(unix, feature = "fork"))]
+        if self.armed.is_some() {
+            debug.field("armed", &true);
+        }
+        debug.finish()
+    }
+}
+
+/// Two exits are equal when their codes and messages are.
+impl PartialEq for Exit {
+    fn eq(&self, other: &Self) -> bool {
+        self.code == other.code && self.message == other.message
+    }
+}
+
+impl Eq for Exit {}
+
+impl std::hash::Hash for Exit {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.code.hash(state);
+        self.message.hash(state);
+    }
 }
 
 impl Exit {
@@ -57,6 +92,8 @@ impl Exit {
         Exit {
             code,
             message: None,
+            #[cfg(all(unix, feature = "fork"))]
+            armed: None,
         }
     }
 
@@ -67,10 +104,7 @@ impl Exit {
 
     /// An exit with status 1 and a message, like Python's `sys.exit("msg")`.
     pub fn failure(message: impl Into<Cow<'static, str>>) -> Self {
-        Exit {
-            code: 1,
-            message: Some(message.into()),
-        }
+        Exit::new(1).with_message(message)
     }
 
     /// Adds (or replaces) the message, keeping the code.
@@ -114,6 +148,16 @@ impl Exit {
         }
         #[cfg(not(panic = "abort"))]
         std::panic::resume_unwind(Box::new(self))
+    }
+
+    #[cfg(all(unix, feature = "fork"))]
+    pub(crate) fn arm(&mut self, armed: std::sync::Arc<crate::fork::Armed>) {
+        self.armed = Some(armed);
+    }
+
+    #[cfg(all(unix, feature = "fork"))]
+    pub(crate) fn armed(&self) -> Option<&crate::fork::Armed> {
+        self.armed.as_deref()
     }
 
     /// The `Exit` carried by a panic payload, if it is one.

@@ -174,6 +174,48 @@ pub(crate) fn terminate_now() -> ! {
     exit_now(128 + libc::SIGTERM)
 }
 
+/// The arming of an [`Exit`] that leaves a forked child (see
+/// `ForkGuardLayer::propagate_exit`): whoever drops the last clone of the
+/// exit without consuming it at a boundary kills the child at that moment.
+#[derive(Debug)]
+pub(crate) struct Armed {
+    /// The generation of the child that armed it: the arming means nothing
+    /// in any other process.
+    generation: u64,
+    disarmed: AtomicBool,
+}
+
+impl Armed {
+    pub(crate) fn new() -> Self {
+        Armed {
+            generation: generation(),
+            disarmed: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Drop for Armed {
+    fn drop(&mut self) {
+        if !self.disarmed.load(Ordering::Acquire) && generation() == self.generation {
+            run_child_hooks();
+            terminate_now();
+        }
+    }
+}
+
+/// Called by an exit-aware boundary that caught `exit`: if it is armed in
+/// this child, the child ends here with the exit's status (after its
+/// cleanups) instead of answering the parent's client. Returns otherwise.
+pub(crate) fn end_if_armed(exit: &Exit) {
+    if let Some(armed) = exit.armed() {
+        if generation() == armed.generation {
+            armed.disarmed.store(true, Ordering::Release);
+            run_child_hooks();
+            exit_now(i32::from(exit.status()));
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Forking
 // ---------------------------------------------------------------------------

@@ -19,7 +19,11 @@
 //!   handler must not keep the child alive);
 //! - with [`ForkGuardLayer::exit_code`], by `_exit(status)` so the parent
 //!   sees the status: `Ok` 0, an `Exit` its status, a panic 101, an error or
-//!   `Pending` (the child tried to await after the fork) 1.
+//!   `Pending` (the child tried to await after the fork) 1;
+//! - with [`ForkGuardLayer::propagate_exit`], an `Exit` travels on, *armed*,
+//!   up to an exit-aware [`BoundaryLayer`](crate::BoundaryLayer), which ends
+//!   the child with the exit's status; a layer that drops it on the way kills
+//!   the child at that moment.
 //!
 //! In the parent it changes nothing.
 //!
@@ -67,7 +71,7 @@
 //! ```
 
 use crate::fork::{
-    exit_now, generation, run_child_hooks, status_of_panic, terminate_now, watch_forks,
+    exit_now, generation, run_child_hooks, status_of_panic, terminate_now, watch_forks, Armed,
 };
 use crate::Exit;
 use pin_project_lite::pin_project;
@@ -75,6 +79,7 @@ use std::any::Any;
 use std::future::Future;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use tower_layer::Layer;
 use tower_service::Service;
@@ -85,6 +90,8 @@ enum ChildEnd {
     #[default]
     Terminate,
     ExitCode,
+    /// An `Exit` travels on, armed; anything else is ended by SIGTERM.
+    Propagate,
 }
 
 /// Layer that ends a child forked during a request before it can return
@@ -114,6 +121,25 @@ impl ForkGuardLayer {
     /// sees the status of the child's outcome.
     pub fn exit_code(mut self) -> Self {
         self.end = ChildEnd::ExitCode;
+        self
+    }
+
+    /// Lets an [`Exit`] leaving a child travel on up to an exit-aware
+    /// [`BoundaryLayer`](crate::BoundaryLayer), so that the destructors of
+    /// the frames in between run (an RAII transaction rolls back, a lock
+    /// guard unlocks). The exit is *armed*: the boundary ends the child with
+    /// the exit's status (after the cleanup hooks) instead of answering, and
+    /// any layer that drops the exit instead (a catch-all that turns it into
+    /// a `500`) kills the child with `SIGTERM` at that moment.
+    ///
+    /// Only an unwinding exit, or an `Err` whose error type is `Exit`
+    /// itself, travels on; every other outcome ends the child at the guard
+    /// with `SIGTERM`. Between the guard and the boundary, the child runs
+    /// the code of the layers it passes through: a catch-all that reports
+    /// before it drops the exit still reports, from the child. Use this mode
+    /// only where the layers above the guard are exit-aware or tunneled.
+    pub fn propagate_exit(mut self) -> Self {
+        self.end = ChildEnd::Propagate;
         self
     }
 }
@@ -153,13 +179,13 @@ where
     fn call(&mut self, req: Req) -> Self::Future {
         let started = generation();
         let inner = &mut self.inner;
-        let called = catch_unwind(AssertUnwindSafe(|| inner.call(req)));
+        let mut called = catch_unwind(AssertUnwindSafe(|| inner.call(req)));
         if generation() != started {
-            let status = match &called {
-                Ok(_) => 0,
-                Err(payload) => status_of_panic(&**payload),
-            };
-            end_child(self.end, status);
+            if let Err(payload) = &mut called {
+                arm_or_end(self.end, payload);
+            } else {
+                end_child(self.end, 0);
+            }
         }
         match called {
             Ok(future) => ResponseFuture {
@@ -192,11 +218,20 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let future = this.future;
-        let polled = catch_unwind(AssertUnwindSafe(|| future.poll(cx)));
+        let mut polled = catch_unwind(AssertUnwindSafe(|| future.poll(cx)));
         // The happy path costs this one relaxed load: the generation only
         // changes in a child, in the `pthread_atfork` handler.
         if generation() != *this.started {
-            end_child(*this.end, status_of_poll(&polled));
+            match &mut polled {
+                Err(payload) => arm_or_end(*this.end, payload),
+                Ok(Poll::Ready(Err(err))) if *this.end == ChildEnd::Propagate => {
+                    match (err as &mut dyn Any).downcast_mut::<Exit>() {
+                        Some(exit) => exit.arm(Arc::new(Armed::new())),
+                        None => end_child(ChildEnd::Terminate, 1),
+                    }
+                }
+                _ => end_child(*this.end, status_of_poll(&polled)),
+            }
         }
         match polled {
             Ok(poll) => poll,
@@ -219,6 +254,18 @@ fn status_of_poll<T, E: 'static>(polled: &Result<Poll<Result<T, E>>, Box<dyn Any
     }
 }
 
+/// In a child, for an unwind: arms an `Exit` to travel on (propagate mode),
+/// or ends the child.
+fn arm_or_end(end: ChildEnd, payload: &mut Box<dyn Any + Send>) {
+    if end == ChildEnd::Propagate {
+        if let Some(exit) = payload.downcast_mut::<Exit>() {
+            exit.arm(Arc::new(Armed::new()));
+            return;
+        }
+    }
+    end_child(end, status_of_panic(&**payload))
+}
+
 /// Ends this child: cleanups, then SIGTERM or `_exit`. Never returns.
 ///
 /// Runs in a child that may descend from a multi-threaded process: nothing
@@ -228,7 +275,7 @@ fn status_of_poll<T, E: 'static>(polled: &Result<Poll<Result<T, E>>, Box<dyn Any
 fn end_child(end: ChildEnd, status: i32) -> ! {
     run_child_hooks();
     match end {
-        ChildEnd::Terminate => terminate_now(),
+        ChildEnd::Terminate | ChildEnd::Propagate => terminate_now(),
         ChildEnd::ExitCode => exit_now(status),
     }
 }

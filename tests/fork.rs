@@ -18,7 +18,8 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 use tower::{BoxError, ServiceBuilder, ServiceExt};
 use tower_exit::fork::{self, Forked};
-use tower_exit::{Exit, ForkGuardLayer};
+use tower_exit::report::Failure;
+use tower_exit::{Exit, ForkGuardLayer, ServiceBuilderExt, Supervisor};
 
 fn serial() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
@@ -123,10 +124,99 @@ enum InChild {
     OwnSigtermHandler,
     IgnoreSigterm,
     ForkAgain,
+    /// Holds an RAII guard (a transaction, say) and exits with 5.
+    ExitHoldingTransaction,
+}
+
+/// Rolls back on drop, as an RAII transaction does; logs where it ran.
+struct Transaction<'a>(&'a (dyn Fn(&str) + Sync));
+
+impl Drop for Transaction<'_> {
+    fn drop(&mut self) {
+        (self.0)("rolled-back");
+    }
+}
+
+impl InChild {
+    async fn run(self, log: &(dyn Fn(&str) + Sync)) -> Result<Response<Full<Bytes>>, BoxError> {
+        match self {
+            InChild::Exit => tower_exit::exit(0),
+            InChild::Error => Err("child error".into()),
+            InChild::Panic => panic!("child panics"),
+            InChild::Respond => Ok(Response::new(Full::from("from child"))),
+            InChild::Await => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                Ok(Response::new(Full::from("child awaited")))
+            }
+            InChild::OwnSigtermHandler => {
+                extern "C" fn keep_running(_: libc::c_int) {}
+                // SAFETY: test code: the application's own handler, which
+                // must not keep the child alive.
+                unsafe {
+                    libc::signal(
+                        libc::SIGTERM,
+                        keep_running as *const () as libc::sighandler_t,
+                    )
+                };
+                tower_exit::exit(0)
+            }
+            InChild::IgnoreSigterm => {
+                // SAFETY: as above, with the signal ignored.
+                unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
+                tower_exit::exit(0)
+            }
+            InChild::ForkAgain => match fork::fork()? {
+                Forked::Child => {
+                    log("grandchild");
+                    tower_exit::exit(0)
+                }
+                Forked::Parent(mut grandchild) => {
+                    let status = grandchild.wait_blocking()?;
+                    log(&format!("grandchild-status {:?}", status.signal()));
+                    tower_exit::exit(0)
+                }
+            },
+            InChild::ExitHoldingTransaction => {
+                let _tx = Transaction(log);
+                tower_exit::exit(5)
+            }
+        }
+    }
+}
+
+type Reply = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Response<Full<Bytes>>, BoxError>> + Send>,
+>;
+
+/// The handler: forks, then does `in_child` in the child; the parent waits
+/// for the child and answers with its status.
+fn forking_handler(log: &PidLog, in_child: InChild) -> impl Fn(Request<()>) -> Reply + Clone {
+    let path = log.path.clone();
+    move |_: Request<()>| {
+        let path = path.clone();
+        Box::pin(async move {
+            let log = move |line: &str| common::log_with_pid(&path, line);
+            match fork::fork()? {
+                Forked::Child => {
+                    log("child");
+                    in_child.run(&log).await
+                }
+                Forked::Parent(mut child) => {
+                    let status = child.wait().await?;
+                    log("parent-only");
+                    Ok(Response::new(Full::from(format!(
+                        "{:?} {:?}",
+                        status.code(),
+                        status.signal()
+                    ))))
+                }
+            }
+        })
+    }
 }
 
 /// A naive catch-all above the guard: answers every unwind with a 500 and
-/// logs what it caught, as the seed's framework did.
+/// logs the errors it sees, as the seed's framework did.
 async fn fork_request(log: &PidLog, guard: ForkGuardLayer, in_child: InChild) -> Response<String> {
     let path = log.path.clone();
     let svc = ServiceBuilder::new()
@@ -136,64 +226,7 @@ async fn fork_request(log: &PidLog, guard: ForkGuardLayer, in_child: InChild) ->
             err
         })
         .layer(guard)
-        .service_fn(move |_: Request<()>| {
-            let path = log.path.clone();
-            let log = move |line: &str| common::log_with_pid(&path, line);
-            async move {
-                let result = match fork::fork()? {
-                    Forked::Child => {
-                        log("child");
-                        match in_child {
-                            InChild::Exit => tower_exit::exit(0),
-                            InChild::Error => {
-                                Err::<Response<Full<Bytes>>, BoxError>("child error".into())
-                            }
-                            InChild::Panic => panic!("child panics"),
-                            InChild::Respond => Ok(Response::new(Full::from("from child"))),
-                            InChild::Await => {
-                                tokio::time::sleep(Duration::from_millis(10)).await;
-                                Ok(Response::new(Full::from("child awaited")))
-                            }
-                            InChild::OwnSigtermHandler => {
-                                extern "C" fn keep_running(_: libc::c_int) {}
-                                // SAFETY: test code: the application's own
-                                // handler, which must not keep the child alive.
-                                unsafe {
-                                    libc::signal(libc::SIGTERM, keep_running as libc::sighandler_t)
-                                };
-                                tower_exit::exit(0)
-                            }
-                            InChild::IgnoreSigterm => {
-                                // SAFETY: as above, with the signal ignored.
-                                unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
-                                tower_exit::exit(0)
-                            }
-                            InChild::ForkAgain => match fork::fork()? {
-                                Forked::Child => {
-                                    log("grandchild");
-                                    tower_exit::exit(0)
-                                }
-                                Forked::Parent(mut grandchild) => {
-                                    let status = grandchild.wait_blocking()?;
-                                    log(&format!("grandchild-status {:?}", status.signal()));
-                                    tower_exit::exit(0)
-                                }
-                            },
-                        }
-                    }
-                    Forked::Parent(mut child) => {
-                        let status = child.wait().await?;
-                        log("parent-only");
-                        Ok(Response::new(Full::from(format!(
-                            "{:?} {:?}",
-                            status.code(),
-                            status.signal()
-                        ))))
-                    }
-                };
-                result
-            }
-        });
+        .service_fn(forking_handler(log, in_child));
     let res = svc.oneshot(Request::new(())).await.expect("parent answers");
     log.log("after-request");
     let (parts, body) = res.into_parts();
@@ -300,6 +333,82 @@ async fn a_thousand_fork_and_exit_requests_leave_no_zombie() {
     assert_eq!(
         lines.iter().filter(|l| l.starts_with("child ")).count(),
         1000
+    );
+    assert!(zombies().is_empty());
+}
+
+#[tokio::test]
+async fn propagated_exit_unwinds_to_the_boundary_which_ends_the_child_with_its_status() {
+    let _serial = serial();
+    let log = PidLog::new("propagate");
+    hooks_into(&log);
+    let report_log = log.path.clone();
+    let supervisor = Supervisor::new();
+    let svc = ServiceBuilder::new()
+        .boundary(&supervisor)
+        .catch_panic()
+        .report(move |_: &Failure<'_>| common::log_with_pid(&report_log, "report"))
+        .layer(ForkGuardLayer::new().propagate_exit())
+        .service_fn(forking_handler(&log, InChild::ExitHoldingTransaction));
+    let res = svc.oneshot(Request::new(())).await.unwrap();
+    log.log("after-request");
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(
+        &body[..],
+        b"Some(5) None",
+        "the boundary ended the child with its status"
+    );
+    assert!(
+        supervisor.exit().is_none(),
+        "the parent's server is not stopped"
+    );
+
+    let lines = log.lines();
+    let child = lines[0].rsplit_once("pid=").unwrap().1.to_owned();
+    let me = std::process::id().to_string();
+    let of = |pid: &str| -> Vec<String> {
+        lines
+            .iter()
+            .filter(|l| l.ends_with(&format!("pid={pid}")))
+            .map(|l| l.split_whitespace().next().unwrap().to_owned())
+            .collect()
+    };
+    // The destructor ran in the child on the way up, then the hooks.
+    assert_eq!(of(&child), ["child", "rolled-back", "hook-1", "hook-2"]);
+    assert_eq!(of(&me), ["parent-only", "after-request"]);
+    assert!(zombies().is_empty());
+}
+
+#[tokio::test]
+async fn propagated_exit_dropped_by_a_naive_catch_all_kills_the_child_there() {
+    let _serial = serial();
+    let log = PidLog::new("armed");
+    hooks_into(&log);
+    let res = fork_request(
+        &log,
+        ForkGuardLayer::new().propagate_exit(),
+        InChild::ExitHoldingTransaction,
+    )
+    .await;
+    assert_eq!(
+        res.body(),
+        "None Some(15)",
+        "killed when tower-http dropped the exit"
+    );
+    let lines = log.lines();
+    let child = lines[0].rsplit_once("pid=").unwrap().1.to_owned();
+    let of_child: Vec<_> = lines
+        .iter()
+        .filter(|l| l.ends_with(&format!("pid={child}")))
+        .map(|l| l.split_whitespace().next().unwrap())
+        .collect();
+    assert_eq!(of_child, ["child", "rolled-back", "hook-1", "hook-2"]);
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l.starts_with("after-request"))
+            .count(),
+        1
     );
     assert!(zombies().is_empty());
 }

@@ -11,12 +11,15 @@
 //! 2. A handler forks; the child calls `exit(0)`.
 //!    - naive: the catch-all swallows the child's exit and the child runs on
 //!      into the parent's code: "code runs double";
-//!    - tower-exit: `ForkGuardLayer` ends the child (SIGTERM, after its
-//!      cleanups) before any layer above sees it; the parent's code runs once.
+//!    - tower-exit, behind a real hyper server: `ForkGuardLayer` ends the
+//!      child (SIGTERM, after its cleanups) before the catch-all above sees
+//!      it; the parent's code runs once and only the parent serves the
+//!      listener.
 
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
+use std::future::IntoFuture;
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -34,7 +37,7 @@ async fn done(_: Request<()>) -> Result<Res, BoxError> {
 }
 
 /// Forks; the child does its part and exits, the parent answers.
-async fn forking(_: Request<()>) -> Result<Res, BoxError> {
+async fn forking<B>(_: Request<B>) -> Result<Res, BoxError> {
     match fork::fork()? {
         Forked::Child => {
             println!(
@@ -132,18 +135,60 @@ async fn part_two(original: u32) {
         std::process::exit(0);
     }
 
-    println!("  tower-exit (ForkGuardLayer below the same naive catch-all):");
+    println!("  tower-exit (ForkGuardLayer below the same naive catch-all, real hyper server):");
     let reports = Arc::new(AtomicUsize::new(0));
+    let supervisor = Supervisor::new();
     let guarded = ServiceBuilder::new()
-        .layer(naive_catch_all(reports))
+        .layer(naive_catch_all(reports.clone()))
         .fork_guard()
-        .service_fn(forking);
-    let res = guarded.oneshot(Request::new(())).await.unwrap();
+        .service_fn(|req: Request<hyper::body::Incoming>| async move {
+            if req.uri().path() == "/fork" {
+                forking(req).await
+            } else {
+                Ok(Response::new(Full::from(std::process::id().to_string())))
+            }
+        });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let server =
+        tokio::spawn(tower_exit::serve::http(listener, guarded, &supervisor).into_future());
+
+    let (status, _) = get(addr, "/fork").await;
     println!(
-        "    [{}] parent-only code: commit, answer {}",
-        std::process::id(),
-        res.status()
+        "    [{}] parent-only code: commit, answer {status}",
+        std::process::id()
     );
+    let mut answered_by = Vec::new();
+    for _ in 0..5 {
+        answered_by.push(get(addr, "/pid").await.1);
+    }
+    println!(
+        "    5 more requests answered by pid(s) {answered_by:?}; crash reports: {}",
+        reports.load(Ordering::SeqCst)
+    );
+    supervisor.trigger(tower_exit::Exit::success());
+    let _ = server.await;
+}
+
+/// One GET over a fresh connection: (status, body).
+async fn get(addr: std::net::SocketAddr, path: &str) -> (http::StatusCode, String) {
+    use http_body_util::BodyExt;
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .expect("handshake");
+    tokio::spawn(conn);
+    let req = Request::get(path)
+        .header("host", "localhost")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .expect("request");
+    let res = sender.send_request(req).await.expect("response");
+    let status = res.status();
+    let body = res.into_body().collect().await.expect("body").to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
 }
 
 fn main() -> ExitCode {

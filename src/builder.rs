@@ -39,6 +39,10 @@ pub trait ServiceBuilderExt<L>: sealed::Sealed {
     /// Adds a [`ForkGuardLayer`](crate::ForkGuardLayer) with its defaults.
     #[cfg(all(unix, feature = "fork"))]
     fn fork_guard(self) -> ServiceBuilder<Stack<crate::ForkGuardLayer, L>>;
+
+    /// Adds `foreign` wrapped in a [`TunnelLayer`](crate::TunnelLayer), so
+    /// that it never sees an exit.
+    fn tunnel<F, M>(self, foreign: F) -> ServiceBuilder<Stack<crate::TunnelLayer<F, M>, L>>;
 }
 
 impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
@@ -57,6 +61,10 @@ impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
     #[cfg(all(unix, feature = "fork"))]
     fn fork_guard(self) -> ServiceBuilder<Stack<crate::ForkGuardLayer, L>> {
         self.layer(crate::ForkGuardLayer::new())
+    }
+
+    fn tunnel<F, M>(self, foreign: F) -> ServiceBuilder<Stack<crate::TunnelLayer<F, M>, L>> {
+        self.layer(crate::TunnelLayer::new(foreign))
     }
 }
 

@@ -12,6 +12,9 @@
 //!   real failures in one place ([`Exit::from_panic`], [`Exit::from_error`]);
 //! - exit-aware layers that pass an exit on untouched and still handle real
 //!   failures: [`CatchPanicLayer`], [`ReportLayer`], [`retry::ExitAware`];
+//! - [`TunnelLayer`], which carries an exit around a layer you do not
+//!   control (tower-http's catch-panic, a reporter, a retry-everything
+//!   policy, a timeout);
 //! - the [`Supervisor`] and its [`BoundaryLayer`], where an exit ends the
 //!   server and becomes the exit code of `main`;
 #![cfg_attr(
@@ -67,6 +70,7 @@ pub mod report;
 pub mod retry;
 #[cfg(all(unix, feature = "http"))]
 pub mod serve;
+pub mod tunnel;
 
 pub use crate::body::ResponseBody;
 pub use crate::boundary::{BoundaryLayer, Supervisor};
@@ -76,3 +80,4 @@ pub use crate::exit::{exit, AsError, Exit};
 #[cfg(all(unix, feature = "fork"))]
 pub use crate::fork_guard::ForkGuardLayer;
 pub use crate::report::ReportLayer;
+pub use crate::tunnel::TunnelLayer;

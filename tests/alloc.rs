@@ -105,3 +105,25 @@ fn happy_path_allocates_nothing_in_any_layer() {
     count_one_call(&mut tower_http);
     assert!(count_one_call(&mut tower_http) > 0);
 }
+
+/// The tunnel's per-request cost: its slot (one `Arc`) and the request
+/// extension that carries it (`http::Extensions` boxes the value, and
+/// allocates its map on the first insert).
+#[test]
+fn tunnel_allocates_its_slot_and_one_request_extension() {
+    let supervisor = tower_exit::Supervisor::new();
+    let mut tunneled = ServiceBuilder::new()
+        .boundary(&supervisor)
+        .tunnel(tower_http::catch_panic::CatchPanicLayer::new())
+        .service(inner());
+    let mut foreign_only = ServiceBuilder::new()
+        .layer(tower_http::catch_panic::CatchPanicLayer::new())
+        .service(inner());
+    for _ in 0..2 {
+        count_one_call(&mut tunneled);
+        count_one_call(&mut foreign_only);
+    }
+    let added = count_one_call(&mut tunneled) - count_one_call(&mut foreign_only);
+    // Arc slot + extension map box + map table + boxed extension value.
+    assert_eq!(added, 4, "tunnel allocations per request");
+}

@@ -29,6 +29,14 @@
 //! # }
 //! ```
 
+mod rate_limited;
+#[cfg(feature = "sentry")]
+mod sentry;
+
+pub use self::rate_limited::{Dropped, RateLimited};
+#[cfg(feature = "sentry")]
+pub use self::sentry::SentryReporter;
+
 use crate::exit::{AsError, ConcreteError};
 use crate::Exit;
 use pin_project_lite::pin_project;
@@ -44,7 +52,8 @@ use std::task::{ready, Context, Poll};
 use tower_layer::Layer;
 use tower_service::Service;
 
-/// A real failure, as handed to a [`Reporter`].
+/// What a [`Reporter`] is handed: a real failure, or an exit that the
+/// layer's [`ExitPolicy`] asks to report (never as a failure).
 #[derive(Clone, Copy)]
 #[non_exhaustive]
 pub enum Failure<'a> {
@@ -52,6 +61,36 @@ pub enum Failure<'a> {
     Error(&'a (dyn Error + 'static)),
     /// The service panicked with this payload (not an `Exit`).
     Panic(&'a (dyn Any + Send)),
+    /// The service exited, and the [`ExitPolicy`] reports this exit. It is
+    /// passed on exactly as when it is not reported.
+    Exit(&'a Exit),
+}
+
+/// Which exits a [`ReportLayer`] reports, as [`Failure::Exit`].
+///
+/// Whatever the policy, an exit is never reported as an error or a panic,
+/// and reporting it never changes how it propagates.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ExitPolicy {
+    /// Report no exit (the default): an exit is not a failure.
+    #[default]
+    Never,
+    /// Report exits whose status is not 0 (`Exit::is_success` is false):
+    /// visible, as exits, in the error tracker.
+    NonZero,
+    /// Report every exit.
+    All,
+}
+
+impl ExitPolicy {
+    /// Whether this policy reports `exit`.
+    pub fn reports(self, exit: &Exit) -> bool {
+        match self {
+            ExitPolicy::Never => false,
+            ExitPolicy::NonZero => !exit.is_success(),
+            ExitPolicy::All => true,
+        }
+    }
 }
 
 impl Failure<'_> {
@@ -62,8 +101,13 @@ impl Failure<'_> {
                 .downcast_ref::<&'static str>()
                 .copied()
                 .or_else(|| payload.downcast_ref::<String>().map(String::as_str)),
-            Failure::Error(_) => None,
+            Failure::Error(_) | Failure::Exit(_) => None,
         }
+    }
+
+    /// Whether this is a real failure (an error or a panic), not an exit.
+    pub fn is_failure(&self) -> bool {
+        !matches!(self, Failure::Exit(_))
     }
 }
 
@@ -75,12 +119,14 @@ impl fmt::Debug for Failure<'_> {
                 .debug_tuple("Panic")
                 .field(&self.panic_message().unwrap_or("<non-string payload>"))
                 .finish(),
+            Failure::Exit(exit) => f.debug_tuple("Exit").field(exit).finish(),
         }
     }
 }
 
 /// Shows a failure in one line: an error with its whole source chain
-/// (`outer: inner: root`), a panic with its message.
+/// (`outer: inner: root`), a panic with its message, an exit as
+/// `exit 3: message`.
 impl fmt::Display for Failure<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -97,17 +143,30 @@ impl fmt::Display for Failure<'_> {
                 Some(message) => write!(f, "panicked: {message}"),
                 None => f.write_str("panicked"),
             },
+            Failure::Exit(exit) => write!(f, "{exit}"),
         }
     }
 }
 
-/// Receives every real failure a [`ReportLayer`] sees, once.
+/// Receives every real failure a [`ReportLayer`] sees, once (and the exits
+/// its [`ExitPolicy`] reports).
 ///
 /// Implemented for closures `Fn(&Failure<'_>)`.
 pub trait Reporter: Send + Sync + 'static {
     /// Reports one failure. Runs on the request path: keep it short and never
     /// block (hand the work to a channel or a background task).
     fn report(&self, failure: &Failure<'_>);
+
+    /// Reports how many reports a rate limiter ([`RateLimited`]) dropped.
+    /// By default, one `tracing` warning.
+    fn report_dropped(&self, dropped: &Dropped) {
+        tracing::warn!(
+            errors = dropped.errors,
+            panics = dropped.panics,
+            exits = dropped.exits,
+            "{dropped}"
+        );
+    }
 }
 
 impl<F: Fn(&Failure<'_>) + Send + Sync + 'static> Reporter for F {
@@ -116,8 +175,9 @@ impl<F: Fn(&Failure<'_>) + Send + Sync + 'static> Reporter for F {
     }
 }
 
-/// The default reporter: one `tracing` event at `ERROR` level per failure,
-/// with the whole error chain or the panic message.
+/// The default reporter: one `tracing` event per report: failures at
+/// `ERROR` level with the whole error chain or the panic message, exits at
+/// `WARN` level with their code and message.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TracingReporter;
 
@@ -126,6 +186,11 @@ impl Reporter for TracingReporter {
         match failure {
             Failure::Error(_) => tracing::error!(error = %failure, "service failed"),
             Failure::Panic(_) => tracing::error!(panic = %failure, "service panicked"),
+            Failure::Exit(exit) => tracing::warn!(
+                code = exit.code(),
+                message = exit.message(),
+                "service exited"
+            ),
         }
     }
 }
@@ -136,6 +201,7 @@ impl Reporter for TracingReporter {
 /// inferred.
 pub struct ReportLayer<R = TracingReporter, M = ConcreteError> {
     reporter: Arc<R>,
+    exits: ExitPolicy,
     _error: PhantomData<fn() -> M>,
 }
 
@@ -143,6 +209,7 @@ impl<R, M> Clone for ReportLayer<R, M> {
     fn clone(&self) -> Self {
         ReportLayer {
             reporter: self.reporter.clone(),
+            exits: self.exits,
             _error: PhantomData,
         }
     }
@@ -150,7 +217,9 @@ impl<R, M> Clone for ReportLayer<R, M> {
 
 impl<R, M> fmt::Debug for ReportLayer<R, M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ReportLayer").finish_non_exhaustive()
+        f.debug_struct("ReportLayer")
+            .field("exits", &self.exits)
+            .finish_non_exhaustive()
     }
 }
 
@@ -161,12 +230,20 @@ impl<M> Default for ReportLayer<TracingReporter, M> {
 }
 
 impl<R: Reporter, M> ReportLayer<R, M> {
-    /// Reports through `reporter`.
+    /// Reports through `reporter`; no exit is reported
+    /// ([`ExitPolicy::Never`]).
     pub fn new(reporter: R) -> Self {
         ReportLayer {
             reporter: Arc::new(reporter),
+            exits: ExitPolicy::Never,
             _error: PhantomData,
         }
+    }
+
+    /// Which exits to report, as [`Failure::Exit`].
+    pub fn report_exits(mut self, policy: ExitPolicy) -> Self {
+        self.exits = policy;
+        self
     }
 }
 
@@ -177,6 +254,7 @@ impl<S, R, M> Layer<S> for ReportLayer<R, M> {
         Report {
             inner,
             reporter: self.reporter.clone(),
+            exits: self.exits,
             _error: PhantomData,
         }
     }
@@ -189,6 +267,7 @@ impl<S, R, M> Layer<S> for ReportLayer<R, M> {
 pub struct Report<S, R = TracingReporter, M = ConcreteError> {
     inner: S,
     reporter: Arc<R>,
+    exits: ExitPolicy,
     _error: PhantomData<fn() -> M>,
 }
 
@@ -197,6 +276,7 @@ impl<S: Clone, R, M> Clone for Report<S, R, M> {
         Report {
             inner: self.inner.clone(),
             reporter: self.reporter.clone(),
+            exits: self.exits,
             _error: PhantomData,
         }
     }
@@ -223,7 +303,7 @@ where
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         let result = ready!(self.inner.poll_ready(cx));
         if let Err(err) = &result {
-            report_error(&*self.reporter, err);
+            report_error(&*self.reporter, self.exits, err);
         }
         Poll::Ready(result)
     }
@@ -234,26 +314,31 @@ where
             Ok(future) => ResponseFuture {
                 future,
                 reporter: Some(self.reporter.clone()),
+                exits: self.exits,
                 _error: PhantomData,
             },
             Err(payload) => {
-                report_panic(&*self.reporter, &payload);
+                report_panic(&*self.reporter, self.exits, &payload);
                 resume_unwind(payload)
             }
         }
     }
 }
 
-fn report_error<E: AsError<M>, M, R: Reporter>(reporter: &R, err: &E) {
+fn report_error<E: AsError<M>, M, R: Reporter>(reporter: &R, exits: ExitPolicy, err: &E) {
     let err = err.as_error();
-    if Exit::from_error(err).is_none() {
-        reporter.report(&Failure::Error(err));
+    match Exit::from_error(err) {
+        None => reporter.report(&Failure::Error(err)),
+        Some(exit) if exits.reports(exit) => reporter.report(&Failure::Exit(exit)),
+        Some(_) => {}
     }
 }
 
-fn report_panic<R: Reporter>(reporter: &R, payload: &Box<dyn Any + Send>) {
-    if Exit::from_panic(&**payload).is_none() {
-        reporter.report(&Failure::Panic(&**payload));
+fn report_panic<R: Reporter>(reporter: &R, exits: ExitPolicy, payload: &Box<dyn Any + Send>) {
+    match Exit::from_panic(&**payload) {
+        None => reporter.report(&Failure::Panic(&**payload)),
+        Some(exit) if exits.reports(exit) => reporter.report(&Failure::Exit(exit)),
+        Some(_) => {}
     }
 }
 
@@ -263,6 +348,7 @@ pin_project! {
         #[pin]
         future: F,
         reporter: Option<Arc<R>>,
+        exits: ExitPolicy,
         _error: PhantomData<fn() -> M>,
     }
 }
@@ -282,7 +368,7 @@ where
             Ok(poll) => ready!(poll),
             Err(payload) => {
                 if let Some(reporter) = this.reporter.take() {
-                    report_panic(&*reporter, &payload);
+                    report_panic(&*reporter, *this.exits, &payload);
                 }
                 resume_unwind(payload)
             }
@@ -290,7 +376,7 @@ where
         // `take` makes "exactly once" hold even if the future is polled
         // again after completion.
         if let (Err(err), Some(reporter)) = (&result, this.reporter.take()) {
-            report_error(&*reporter, err);
+            report_error(&*reporter, *this.exits, err);
         }
         Poll::Ready(result)
     }

@@ -22,6 +22,7 @@
 //! }
 //! ```
 
+use super::listen::Listener;
 use crate::{Exit, Supervisor};
 use http::{Request, Response};
 use http_body::Body;
@@ -34,7 +35,6 @@ use std::future::{Future, IntoFuture};
 use std::io;
 use std::pin::Pin;
 use std::time::Duration;
-use tokio::net::TcpListener;
 use tower_service::Service;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -42,11 +42,11 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Default time in-flight requests get to finish once the server drains.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(30);
 
-/// Serves `service` on `listener` until `supervisor` records an exit; see
-/// [`Serve`].
-pub fn http<S>(listener: TcpListener, service: S, supervisor: &Supervisor) -> Serve<S> {
+/// Serves `service` on `listener` (TCP or unix) until `supervisor` records
+/// an exit; see [`Serve`].
+pub fn http<S>(listener: impl Into<Listener>, service: S, supervisor: &Supervisor) -> Serve<S> {
     Serve {
-        listener,
+        listener: listener.into(),
         service,
         supervisor: supervisor.clone(),
         grace: DEFAULT_GRACE,
@@ -63,7 +63,7 @@ pub fn http<S>(listener: TcpListener, service: S, supervisor: &Supervisor) -> Se
 #[derive(Debug)]
 #[must_use = "a server does nothing until awaited"]
 pub struct Serve<S> {
-    listener: TcpListener,
+    listener: Listener,
     service: S,
     supervisor: Supervisor,
     grace: Duration,
@@ -122,7 +122,7 @@ impl<S> Serve<S> {
             signals,
         } = self;
         if signals {
-            spawn_signal_watcher(&supervisor)?;
+            super::drain_on_signals(&supervisor)?;
         }
         let builder = auto::Builder::new(TokioExecutor::new());
         let graceful = GracefulShutdown::new();
@@ -174,20 +174,4 @@ impl<S> Serve<S> {
             .exit()
             .expect("the loop only ends once an exit is recorded"))
     }
-}
-
-fn spawn_signal_watcher(supervisor: &Supervisor) -> io::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let supervisor = supervisor.clone();
-    tokio::spawn(async move {
-        let name = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
-        };
-        tracing::info!(signal = name, "draining on signal");
-        supervisor.trigger(Exit::success().with_message(name));
-    });
-    Ok(())
 }

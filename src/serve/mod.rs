@@ -1,5 +1,37 @@
 //! Serve a tower service until the first [`Exit`](crate::Exit), then drain.
+//!
+//! - [`http()`]: HTTP/1 and HTTP/2 over hyper.
+//! - [`fastcgi()`]: FastCGI 1.0 Responder, behind nginx, Apache or any
+//!   FastCGI client.
+//!
+//! Both listen on TCP or unix sockets ([`Listener`], [`ListenAddr`]), stop
+//! accepting on the first exit (or on SIGTERM/SIGINT with `with_signals`),
+//! let in-flight requests finish within a grace period, and resolve to the
+//! exit, for `main` to return as its exit code.
 
+pub mod fastcgi;
 pub mod http;
+mod listen;
 
+pub use self::fastcgi::fastcgi;
 pub use self::http::{http, Serve};
+pub use self::listen::{BadListenAddr, ListenAddr, Listener, Peer};
+
+use crate::{Exit, Supervisor};
+
+/// Records `Exit::success()` on the first SIGTERM or SIGINT.
+fn drain_on_signals(supervisor: &Supervisor) -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let supervisor = supervisor.clone();
+    tokio::spawn(async move {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!(signal = name, "draining on signal");
+        supervisor.trigger(Exit::success().with_message(name));
+    });
+    Ok(())
+}

@@ -1,0 +1,126 @@
+//! What `examples/http.rs` and `examples/fastcgi.rs` share: the routes, the
+//! stack, and `--listen ADDR`.
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use std::future::Future;
+use std::time::Duration;
+use tower::{BoxError, Service, ServiceBuilder};
+use tower_exit::fork::{self, Forked};
+use tower_exit::report::TracingReporter;
+use tower_exit::serve::ListenAddr;
+use tower_exit::{Exit, ForkGuardLayer, ResponseBody, ServiceBuilderExt, Supervisor};
+
+pub type Reply = Result<Response<Full<Bytes>>, BoxError>;
+
+/// `--listen ADDR` (`HOST:PORT` or `unix:PATH`), else `default`.
+pub fn listen_arg(default: &str) -> ListenAddr {
+    let mut args = std::env::args().skip(1);
+    let mut listen = default.to_owned();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--listen" => {
+                listen = args
+                    .next()
+                    .unwrap_or_else(|| usage("--listen needs a value"))
+            }
+            other => usage(&format!("unknown argument {other:?}")),
+        }
+    }
+    listen
+        .parse()
+        .unwrap_or_else(|err| usage(&format!("{err}")))
+}
+
+fn usage(problem: &str) -> ! {
+    eprintln!(
+        "{problem}\nusage: {} [--listen HOST:PORT|unix:PATH]",
+        std::env::args().next().unwrap_or_default()
+    );
+    std::process::exit(2)
+}
+
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .without_time()
+        .with_target(false)
+        .init();
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut res = Response::new(Full::new(body.into()));
+    *res.status_mut() = status;
+    res
+}
+
+/// The routes.
+pub async fn handler<B>(req: Request<B>) -> Reply {
+    let path = req.uri().path().to_owned();
+    match path.as_str() {
+        "/" => Ok(text(StatusCode::OK, "hello\n")),
+        "/fail" => Err("the handler failed".into()),
+        "/panic" => panic!("the handler panicked"),
+        "/slow" => {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            Ok(text(StatusCode::OK, "slow\n"))
+        }
+        "/fork" => match fork::fork()? {
+            Forked::Child => {
+                println!("child {} of /fork: my work is done", std::process::id());
+                tower_exit::exit(0)
+            }
+            Forked::Parent(mut child) => {
+                let status = child.wait().await?;
+                Ok(text(
+                    StatusCode::OK,
+                    format!("forked child {} ended with {status}\n", child.pid()),
+                ))
+            }
+        },
+        _ => match path.strip_prefix("/exit/").map(str::parse::<i32>) {
+            Some(Ok(code)) => Exit::new(code)
+                .with_message(format!("{path} asked for it"))
+                .raise(),
+            _ => Ok(text(StatusCode::NOT_FOUND, "not found\n")),
+        },
+    }
+}
+
+/// A real failure that gets this far becomes a `500`; an exit (as `Err`)
+/// passes on to the boundary.
+fn errors_to_500(result: Reply) -> Reply {
+    match result {
+        Err(err) if Exit::from_error(&*err).is_none() => Ok(text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal server error\n",
+        )),
+        other => other,
+    }
+}
+
+/// The body of the demo's responses.
+pub type Body = ResponseBody<ResponseBody<Full<Bytes>>>;
+
+/// The routes behind one stack: boundary, catch-panic, (errors to 500),
+/// reporter, fork guard.
+pub fn service<B: Send + 'static>(
+    supervisor: &Supervisor,
+) -> impl Service<
+    Request<B>,
+    Response = Response<Body>,
+    Error = BoxError,
+    Future = impl Future<Output = Result<Response<Body>, BoxError>> + Send,
+> + Clone
+       + Send
+       + 'static {
+    ServiceBuilder::new()
+        .boundary(supervisor)
+        .catch_panic()
+        .map_result(errors_to_500)
+        .report(TracingReporter)
+        .layer(ForkGuardLayer::new().exit_code())
+        .service_fn(handler::<B>)
+}

@@ -1,0 +1,484 @@
+//! One FastCGI connection: records in, requests out, multiplexed.
+//!
+//! The connection task owns all request state. Request tasks write their
+//! stdout records to the shared writer and report back when done; only the
+//! connection task writes `FCGI_END_REQUEST`, so an abort racing with the
+//! end of a request can never produce two of them.
+
+use super::record::{self, BeginRequest, Decoder, ProtocolError, ProtocolStatus, Record};
+use super::request::{
+    body_channel, cgi_head, content_length, request_from_params, BodyError, RequestBody,
+};
+use super::Limits;
+use crate::serve::Peer;
+use bytes::{Bytes, BytesMut};
+use http::{Request, Response, StatusCode};
+use http_body::Body;
+use std::collections::HashMap;
+use std::future::Future;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+use tower::ServiceExt;
+use tower_service::Service;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Records written to the web server, in whole records.
+type Out = mpsc::Sender<Bytes>;
+
+/// A request task's report: which request, which incarnation of that id.
+struct Done {
+    id: u16,
+    seq: u64,
+}
+
+enum State {
+    /// Collecting `FCGI_PARAMS`.
+    Params { params: BytesMut },
+    /// The handler runs; stdin flows into its body.
+    Running {
+        body: Option<mpsc::Sender<Result<Bytes, BodyError>>>,
+        body_len: u64,
+        task: AbortHandle,
+    },
+}
+
+struct Active {
+    state: State,
+    seq: u64,
+}
+
+/// How a connection ended, for the log line.
+#[derive(Debug)]
+pub(crate) enum Ended {
+    /// The web server closed it, or it was done.
+    Closed,
+    /// The peer sent something that is not FastCGI.
+    Protocol(ProtocolError),
+    /// Reading or writing failed.
+    Io(std::io::Error),
+}
+
+/// Serves one connection until the web server closes it, a request without
+/// `FCGI_KEEP_CONN` is done, or draining starts and no request is active.
+pub(crate) async fn serve<IO, S, B>(
+    io: IO,
+    peer: Peer,
+    service: S,
+    limits: Limits,
+    drain: impl Future<Output = ()>,
+) -> Ended
+where
+    IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    S: Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let (mut reader, writer) = tokio::io::split(io);
+    let (out, out_rx) = mpsc::channel::<Bytes>(64);
+    let writing = tokio::spawn(write_all(writer, out_rx));
+    let (done_tx, mut done_rx) = mpsc::channel::<Done>(limits.max_requests_per_conn.max(1));
+    tokio::pin!(drain);
+
+    let mut conn = Conn {
+        peer,
+        limits,
+        service,
+        out,
+        done_tx,
+        active: HashMap::new(),
+        next_seq: 0,
+        close_when_idle: false,
+    };
+    let mut buf = BytesMut::with_capacity(8 * 1024);
+    let mut decoder = Decoder;
+    let mut draining = false;
+
+    let ended = loop {
+        // Handle every whole record read so far; `buf` then holds less
+        // than one record: a bounded buffer whatever the peer sends.
+        let handled = loop {
+            match decoder.decode(&mut buf) {
+                Ok(Some(record)) => {
+                    if let Err(err) = conn.handle(record).await {
+                        break Err(err);
+                    }
+                }
+                Ok(None) => break Ok(()),
+                Err(err) => break Err(err),
+            }
+        };
+        if let Err(err) = handled {
+            break Ended::Protocol(err);
+        }
+        if conn.active.is_empty() && (conn.close_when_idle || draining) {
+            break Ended::Closed;
+        }
+        tokio::select! {
+            read = reader.read_buf(&mut buf) => match read {
+                Ok(0) => match decoder.decode_eof(&buf) {
+                    Ok(()) => break Ended::Closed,
+                    Err(err) => break Ended::Protocol(err),
+                },
+                Ok(_) => {}
+                Err(err) => break Ended::Io(err),
+            },
+            Some(done) = done_rx.recv() => conn.finish(done).await,
+            () = &mut drain, if !draining => draining = true,
+        }
+    };
+
+    // Whatever is still running has lost its web server (or its
+    // connection is being closed on a protocol error): drop it.
+    for (_, active) in conn.active.drain() {
+        if let State::Running { task, body, .. } = active.state {
+            if let Some(body) = body {
+                let _ = body.try_send(Err(BodyError::Aborted));
+            }
+            task.abort();
+        }
+    }
+    drop(conn);
+    match writing.await {
+        Ok(Err(err)) if matches!(ended, Ended::Closed) => Ended::Io(err),
+        _ => ended,
+    }
+}
+
+async fn write_all<W: AsyncWrite + Unpin>(
+    mut writer: W,
+    mut records: mpsc::Receiver<Bytes>,
+) -> std::io::Result<()> {
+    while let Some(bytes) = records.recv().await {
+        writer.write_all(&bytes).await?;
+        // Write out what is queued now, then flush once.
+        while let Ok(bytes) = records.try_recv() {
+            writer.write_all(&bytes).await?;
+        }
+        writer.flush().await?;
+    }
+    writer.shutdown().await
+}
+
+struct Conn<S> {
+    peer: Peer,
+    limits: Limits,
+    service: S,
+    out: Out,
+    done_tx: mpsc::Sender<Done>,
+    active: HashMap<u16, Active>,
+    next_seq: u64,
+    close_when_idle: bool,
+}
+
+impl<S, B> Conn<S>
+where
+    S: Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    async fn send(&mut self, records: BytesMut) {
+        // A failed send means the writer is gone (the peer closed); the
+        // read side notices too and ends the connection.
+        let _ = self.out.send(records.freeze()).await;
+    }
+
+    async fn end_request(&mut self, id: u16, status: ProtocolStatus) {
+        let mut records = BytesMut::new();
+        record::put_end_request(&mut records, id, 0, status);
+        self.send(records).await;
+    }
+
+    async fn handle(&mut self, record: Record) -> Result<(), ProtocolError> {
+        let id = record.request_id;
+        if id == 0 {
+            return self.management(record).await;
+        }
+        match record.kind {
+            record::BEGIN_REQUEST => self.begin(id, &record.content).await,
+            record::ABORT_REQUEST => {
+                if let Some(active) = self.active.remove(&id) {
+                    tracing::debug!(peer = %self.peer, id, "FastCGI request aborted by the web server");
+                    if let State::Running { task, .. } = active.state {
+                        task.abort();
+                    }
+                    self.end_request(id, ProtocolStatus::RequestComplete).await;
+                }
+                Ok(())
+            }
+            record::PARAMS => self.params(id, record.content).await,
+            record::STDIN => self.stdin(id, record.content).await,
+            // The Filter role's second stream: a Responder ignores it.
+            record::DATA => Ok(()),
+            kind => Err(ProtocolError::Unexpected {
+                kind,
+                request_id: id,
+            }),
+        }
+    }
+
+    async fn management(&mut self, record: Record) -> Result<(), ProtocolError> {
+        if record.kind != record::GET_VALUES {
+            let mut records = BytesMut::new();
+            record::put_unknown_type(&mut records, record.kind);
+            self.send(records).await;
+            return Ok(());
+        }
+        let asked = record::parse_pairs(&record.content, "FCGI_GET_VALUES")?;
+        let max_conns = self.limits.max_conns.to_string();
+        let max_reqs = (self.limits.max_conns * self.limits.max_requests_per_conn).to_string();
+        let mpxs = if self.limits.max_requests_per_conn > 1 {
+            "1"
+        } else {
+            "0"
+        };
+        let answers = asked.iter().filter_map(|(name, _)| {
+            let value = match name.as_ref() {
+                b"FCGI_MAX_CONNS" => max_conns.as_bytes(),
+                b"FCGI_MAX_REQS" => max_reqs.as_bytes(),
+                b"FCGI_MPXS_CONNS" => mpxs.as_bytes(),
+                _ => return None,
+            };
+            Some((name.as_ref(), value))
+        });
+        let content = record::encode_pairs(answers);
+        let mut records = BytesMut::new();
+        // Three short answers always fit one record.
+        record::put_record(
+            &mut records,
+            record::GET_VALUES_RESULT,
+            0,
+            &content[..content.len().min(record::MAX_CONTENT)],
+        );
+        self.send(records).await;
+        Ok(())
+    }
+
+    async fn begin(&mut self, id: u16, content: &[u8]) -> Result<(), ProtocolError> {
+        let begin = BeginRequest::parse(content)?;
+        if self.active.contains_key(&id) {
+            return Err(ProtocolError::DuplicateRequest(id));
+        }
+        if !begin.keep_conn() {
+            self.close_when_idle = true;
+        }
+        if begin.role != record::ROLE_RESPONDER {
+            tracing::warn!(peer = %self.peer, id, role = begin.role, "FastCGI role not supported (only Responder): request rejected");
+            self.end_request(id, ProtocolStatus::UnknownRole).await;
+            return Ok(());
+        }
+        if self.active.len() >= self.limits.max_requests_per_conn {
+            tracing::warn!(peer = %self.peer, id, limit = self.limits.max_requests_per_conn, "too many requests on one FastCGI connection: request rejected");
+            let status = if self.limits.max_requests_per_conn <= 1 {
+                ProtocolStatus::CantMpxConn
+            } else {
+                ProtocolStatus::Overloaded
+            };
+            self.end_request(id, status).await;
+            return Ok(());
+        }
+        self.next_seq += 1;
+        self.active.insert(
+            id,
+            Active {
+                state: State::Params {
+                    params: BytesMut::new(),
+                },
+                seq: self.next_seq,
+            },
+        );
+        Ok(())
+    }
+
+    async fn params(&mut self, id: u16, content: Bytes) -> Result<(), ProtocolError> {
+        let Some(active) = self.active.get_mut(&id) else {
+            // A request we already ended (rejected, aborted): its remaining
+            // records are in flight. Not an error.
+            return Ok(());
+        };
+        let State::Params { params } = &mut active.state else {
+            return Err(ProtocolError::Unexpected {
+                kind: record::PARAMS,
+                request_id: id,
+            });
+        };
+        if !content.is_empty() {
+            if params.len() + content.len() > self.limits.max_params_bytes {
+                tracing::warn!(peer = %self.peer, id, limit = self.limits.max_params_bytes, "FastCGI params larger than the limit: request rejected with 431");
+                self.active.remove(&id);
+                self.reject(id, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+                    .await;
+                return Ok(());
+            }
+            params.extend_from_slice(&content);
+            return Ok(());
+        }
+        let params = std::mem::take(params).freeze();
+        let req = match request_from_params(params, self.peer, &self.limits) {
+            Ok(req) => req,
+            Err(err) => {
+                tracing::warn!(peer = %self.peer, id, %err, "FastCGI request rejected with 400");
+                self.active.remove(&id);
+                self.reject(id, StatusCode::BAD_REQUEST).await;
+                return Ok(());
+            }
+        };
+        let (body_tx, body) = body_channel(content_length(&req));
+        let req = req.map(|()| body);
+        let seq = active.seq;
+        let task = tokio::spawn(respond(
+            self.service.clone(),
+            req,
+            id,
+            self.out.clone(),
+            DoneGuard {
+                done: Some(Done { id, seq }),
+                tx: self.done_tx.clone(),
+            },
+        ));
+        active.state = State::Running {
+            body: Some(body_tx),
+            body_len: 0,
+            task: task.abort_handle(),
+        };
+        Ok(())
+    }
+
+    async fn stdin(&mut self, id: u16, content: Bytes) -> Result<(), ProtocolError> {
+        let Some(active) = self.active.get_mut(&id) else {
+            return Ok(());
+        };
+        let State::Running { body, body_len, .. } = &mut active.state else {
+            return Err(ProtocolError::Unexpected {
+                kind: record::STDIN,
+                request_id: id,
+            });
+        };
+        let Some(sender) = body else {
+            // The body already ended (or went over the limit).
+            return Ok(());
+        };
+        if content.is_empty() {
+            *body = None;
+            return Ok(());
+        }
+        *body_len += content.len() as u64;
+        if *body_len > self.limits.max_body_bytes {
+            let limit = self.limits.max_body_bytes;
+            tracing::warn!(peer = %self.peer, id, limit, "FastCGI request body larger than the limit: the handler gets an error");
+            let _ = sender.try_send(Err(BodyError::TooLarge { limit }));
+            *body = None;
+            return Ok(());
+        }
+        let sender = sender.clone();
+        // Back-pressure: wait while the handler has a full channel. If it
+        // never reads and finishes instead, the send fails and we go on.
+        let _ = sender.send(Ok(content)).await;
+        Ok(())
+    }
+
+    /// A request ended by its task: write its end, unless the id was since
+    /// aborted (and maybe reused).
+    async fn finish(&mut self, done: Done) {
+        let current = self.active.get(&done.id).map(|a| a.seq);
+        if current == Some(done.seq) {
+            self.active.remove(&done.id);
+            self.end_request(done.id, ProtocolStatus::RequestComplete)
+                .await;
+        }
+    }
+
+    /// Answers a request the server refuses, with an HTTP status.
+    async fn reject(&mut self, id: u16, status: StatusCode) {
+        let mut res = Response::new(());
+        *res.status_mut() = status;
+        let mut records = BytesMut::new();
+        record::put_stream(&mut records, record::STDOUT, id, &cgi_head(&res));
+        record::put_record(&mut records, record::STDOUT, id, b"");
+        record::put_end_request(&mut records, id, 0, ProtocolStatus::RequestComplete);
+        self.send(records).await;
+    }
+}
+
+/// Tells the connection a request task ended, however it ended: finished,
+/// panicked or aborted (dropped). `try_send` cannot fail for lack of room:
+/// the channel has a place for every request the connection allows.
+struct DoneGuard {
+    done: Option<Done>,
+    tx: mpsc::Sender<Done>,
+}
+
+impl Drop for DoneGuard {
+    fn drop(&mut self) {
+        if let Some(done) = self.done.take() {
+            let _ = self.tx.try_send(done);
+        }
+    }
+}
+
+/// Runs one request and writes its response as stdout records.
+async fn respond<S, B>(service: S, req: Request<RequestBody>, id: u16, out: Out, done: DoneGuard)
+where
+    S: Service<Request<RequestBody>, Response = Response<B>>,
+    S::Error: Into<BoxError>,
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    let _done = done;
+    let res = match service.oneshot(req).await.map_err(Into::into) {
+        Ok(res) => res,
+        Err(err) => {
+            let err: BoxError = err;
+            tracing::error!(id, error = %err, "service error: answering 500");
+            let mut res = Response::new(());
+            *res.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+            let mut records = BytesMut::new();
+            record::put_stream(&mut records, record::STDOUT, id, &cgi_head(&res));
+            record::put_record(&mut records, record::STDOUT, id, b"");
+            let _ = out.send(records.freeze()).await;
+            return;
+        }
+    };
+    let mut records = BytesMut::new();
+    record::put_stream(&mut records, record::STDOUT, id, &cgi_head(&res));
+    if out.send(records.freeze()).await.is_err() {
+        return;
+    }
+    let body = res.into_body();
+    tokio::pin!(body);
+    loop {
+        let frame: Result<_, BoxError> =
+            match std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+                Some(frame) => frame.map_err(Into::into),
+                None => break,
+            };
+        match frame {
+            Ok(frame) => {
+                if let Ok(mut data) = frame.into_data() {
+                    use bytes::Buf;
+                    let data = data.copy_to_bytes(data.remaining());
+                    let mut records = BytesMut::new();
+                    record::put_stream(&mut records, record::STDOUT, id, &data);
+                    if !records.is_empty() && out.send(records.freeze()).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(err) => {
+                let err: BoxError = err;
+                tracing::warn!(id, error = %err, "response body failed: response cut short");
+                break;
+            }
+        }
+    }
+    let mut records = BytesMut::new();
+    record::put_record(&mut records, record::STDOUT, id, b"");
+    let _ = out.send(records.freeze()).await;
+}

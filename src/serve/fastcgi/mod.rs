@@ -1,0 +1,284 @@
+//! Serve a tower service as a FastCGI 1.0 Responder (behind nginx's
+//! `fastcgi_pass`, Apache's `mod_proxy_fcgi`, `cgi-fcgi`), until the first
+//! [`Exit`].
+//!
+//! - Records are decoded without trusting the peer: a connection buffers at
+//!   most one record, params and body have configurable [`Limits`].
+//! - Keep-alive connections (`FCGI_KEEP_CONN`) and multiplexed request ids;
+//!   `FCGI_GET_VALUES` is answered (`FCGI_MAX_CONNS`, `FCGI_MAX_REQS`,
+//!   `FCGI_MPXS_CONNS`); `FCGI_ABORT_REQUEST` drops that request's future;
+//!   unknown management records get `FCGI_UNKNOWN_TYPE`.
+//! - Params become an `http::Request`: method, `REQUEST_URI` (or
+//!   `SCRIPT_NAME` + `PATH_INFO` + `QUERY_STRING`), `HTTP_*` headers,
+//!   `CONTENT_TYPE`, `CONTENT_LENGTH`; the client's address is the
+//!   [`RemoteAddr`] extension and every param is in the [`Params`]
+//!   extension. Stdin streams in as the body ([`RequestBody`]).
+//! - The response goes out CGI-style (`Status:` line, headers, body) in
+//!   records of at most 65,535 bytes, then `FCGI_END_REQUEST`.
+//! - Bad input (malformed or truncated records, another version) closes
+//!   that connection with a log line; a bad request (unsupported role,
+//!   oversized params, unusable params) is rejected with a log line; every
+//!   other connection goes on. A peer outside the allow-list
+//!   (`FCGI_WEB_SERVER_ADDRS`, as flup and php-fpm read it, or
+//!   [`ServeFastCgi::allow`]) is refused.
+//!
+//! ```no_run
+//! use std::process::ExitCode;
+//! use tower::ServiceBuilder;
+//! use tower_exit::serve::{fastcgi::RequestBody, ListenAddr, Listener};
+//! use tower_exit::{ServiceBuilderExt, Supervisor};
+//!
+//! # async fn handler(_: http::Request<RequestBody>) -> Result<http::Response<String>, std::convert::Infallible> { todo!() }
+//! #[tokio::main]
+//! async fn main() -> std::io::Result<ExitCode> {
+//!     let supervisor = Supervisor::new();
+//!     let svc = ServiceBuilder::new()
+//!         .boundary(&supervisor)
+//!         .catch_panic()
+//!         .service_fn(handler);
+//!     let listener = Listener::bind(&"unix:/run/app.sock".parse::<ListenAddr>().unwrap()).await?;
+//!     let exit = tower_exit::serve::fastcgi(listener, svc, &supervisor)
+//!         .with_signals()
+//!         .await?;
+//!     Ok(exit.into())
+//! }
+//! ```
+
+mod conn;
+pub(crate) mod record;
+mod request;
+
+pub use self::record::ProtocolError;
+pub use self::request::{BodyError, Params, RemoteAddr, RequestBody};
+
+use super::listen::{Listener, Peer};
+use crate::{Exit, Supervisor};
+use http::{Request, Response};
+use http_body::Body;
+use std::future::{Future, IntoFuture};
+use std::io;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tower_service::Service;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Limits on what a web server may make this server hold.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections served at once; more wait in the listen backlog
+    /// (answered as `FCGI_MAX_CONNS`). Default 1024.
+    pub max_conns: usize,
+    /// Requests active at once on one connection (multiplexing); more are
+    /// refused with `FCGI_OVERLOADED`. Default 64.
+    pub max_requests_per_conn: usize,
+    /// Bytes of `FCGI_PARAMS` per request; more is answered `431`. Default
+    /// 64 KiB.
+    pub max_params_bytes: usize,
+    /// Bytes of request body; more ends the body with
+    /// [`BodyError::TooLarge`]. Default 16 MiB.
+    pub max_body_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_conns: 1024,
+            max_requests_per_conn: 64,
+            max_params_bytes: 64 * 1024,
+            max_body_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+/// Serves `service` as a FastCGI Responder on `listener` until `supervisor`
+/// records an exit; see [`ServeFastCgi`].
+pub fn fastcgi<S>(
+    listener: impl Into<Listener>,
+    service: S,
+    supervisor: &Supervisor,
+) -> ServeFastCgi<S> {
+    ServeFastCgi {
+        listener: listener.into(),
+        service,
+        supervisor: supervisor.clone(),
+        grace: super::http::DEFAULT_GRACE,
+        signals: false,
+        limits: Limits::default(),
+        allow: None,
+    }
+}
+
+/// A FastCGI server that ends with the first [`Exit`]. Await it.
+///
+/// On the first exit the server stops accepting, lets the active requests
+/// finish within the [grace period](Self::grace), closes each connection
+/// once it is idle, and resolves to that exit.
+#[derive(Debug)]
+#[must_use = "a server does nothing until awaited"]
+pub struct ServeFastCgi<S> {
+    listener: Listener,
+    service: S,
+    supervisor: Supervisor,
+    grace: Duration,
+    signals: bool,
+    limits: Limits,
+    allow: Option<Vec<IpAddr>>,
+}
+
+impl<S> ServeFastCgi<S> {
+    /// How long active requests may run once draining starts (default 30 s).
+    pub fn grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
+    /// Also drain on SIGTERM and SIGINT, which count as [`Exit::success`].
+    pub fn with_signals(mut self) -> Self {
+        self.signals = true;
+        self
+    }
+
+    /// The limits (default [`Limits::default`]).
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Accept TCP connections only from these addresses. Without it, the
+    /// comma-separated `FCGI_WEB_SERVER_ADDRS` environment variable is used
+    /// when set; when neither is, any peer is accepted. Unix-socket peers
+    /// are governed by the socket's file permissions instead.
+    pub fn allow(mut self, addrs: impl IntoIterator<Item = IpAddr>) -> Self {
+        self.allow = Some(addrs.into_iter().collect());
+        self
+    }
+}
+
+/// Reads `FCGI_WEB_SERVER_ADDRS`: `None` when unset or empty.
+fn allow_list_from_env() -> io::Result<Option<Vec<IpAddr>>> {
+    let Ok(value) = std::env::var("FCGI_WEB_SERVER_ADDRS") else {
+        return Ok(None);
+    };
+    if value.trim().is_empty() {
+        return Ok(None);
+    }
+    value
+        .split(',')
+        .map(|addr| {
+            addr.trim().parse().map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("FCGI_WEB_SERVER_ADDRS: {addr:?} is not an IP address"),
+                )
+            })
+        })
+        .collect::<io::Result<Vec<_>>>()
+        .map(Some)
+}
+
+impl<S, B> IntoFuture for ServeFastCgi<S>
+where
+    S: Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    type Output = io::Result<Exit>;
+    type IntoFuture = Pin<Box<dyn Future<Output = io::Result<Exit>> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(self.run())
+    }
+}
+
+impl<S> ServeFastCgi<S> {
+    async fn run<B>(self) -> io::Result<Exit>
+    where
+        S: Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        let allow = match self.allow {
+            Some(allow) => Some(allow),
+            None => allow_list_from_env()?,
+        };
+        if self.signals {
+            super::drain_on_signals(&self.supervisor)?;
+        }
+        let slots = Arc::new(Semaphore::new(self.limits.max_conns.max(1)));
+        let mut connections = JoinSet::new();
+        let shutdown = self.supervisor.shutdown_signal();
+        tokio::pin!(shutdown);
+
+        loop {
+            // Wait for a free connection slot before accepting: beyond the
+            // limit, connections wait in the kernel's backlog.
+            let slot = tokio::select! {
+                biased;
+                _ = &mut shutdown => break,
+                slot = slots.clone().acquire_owned() => slot.expect("semaphore never closed"),
+            };
+            let (stream, peer) = tokio::select! {
+                biased;
+                _ = &mut shutdown => break,
+                accepted = self.listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(err) => {
+                        tracing::warn!(%err, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                },
+            };
+            if let (Some(allow), Peer::Tcp(addr)) = (&allow, peer) {
+                if !allow.contains(&addr.ip()) {
+                    tracing::warn!(peer = %addr, "FastCGI peer not in the allow-list (FCGI_WEB_SERVER_ADDRS): connection refused");
+                    continue;
+                }
+            }
+            // Reap finished connection tasks as we go.
+            while connections.try_join_next().is_some() {}
+            let service = self.service.clone();
+            let limits = self.limits.clone();
+            let drain = self.supervisor.shutdown_signal();
+            connections.spawn(async move {
+                let ended = conn::serve(stream, peer, service, limits, drain).await;
+                match ended {
+                    conn::Ended::Closed => tracing::debug!(%peer, "FastCGI connection closed"),
+                    conn::Ended::Protocol(err) => {
+                        tracing::warn!(%peer, %err, "malformed FastCGI input: connection closed")
+                    }
+                    conn::Ended::Io(err) => {
+                        tracing::debug!(%peer, %err, "FastCGI connection failed")
+                    }
+                }
+                drop(slot);
+            });
+        }
+        drop(self.listener);
+
+        tracing::info!(open = connections.len(), "draining");
+        let drained = tokio::time::timeout(self.grace, async {
+            while connections.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(grace = ?self.grace, open = connections.len(), "grace period over: dropping the connections still open");
+            connections.shutdown().await;
+        }
+        Ok(self
+            .supervisor
+            .exit()
+            .expect("the loop only ends once an exit is recorded"))
+    }
+}

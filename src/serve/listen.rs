@@ -1,0 +1,170 @@
+//! Where a server listens: TCP or a unix socket, parsed from `HOST:PORT` or
+//! `unix:PATH`.
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+
+/// A listening address: `HOST:PORT` for TCP, `unix:PATH` for a unix socket.
+///
+/// ```
+/// use tower_exit::serve::ListenAddr;
+/// let tcp: ListenAddr = "127.0.0.1:9000".parse().unwrap();
+/// let unix: ListenAddr = "unix:/run/app.sock".parse().unwrap();
+/// assert_eq!(unix.to_string(), "unix:/run/app.sock");
+/// # let _ = tcp;
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// A TCP address, resolved when binding.
+    Tcp(String),
+    /// A unix socket path.
+    Unix(PathBuf),
+}
+
+/// A `ListenAddr` that is neither `HOST:PORT` nor `unix:PATH`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("bad listen address {0:?}: expected HOST:PORT or unix:PATH")]
+pub struct BadListenAddr(String);
+
+impl FromStr for ListenAddr {
+    type Err = BadListenAddr;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err(BadListenAddr(s.to_owned()));
+            }
+            return Ok(ListenAddr::Unix(PathBuf::from(path)));
+        }
+        match s.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+                Ok(ListenAddr::Tcp(s.to_owned()))
+            }
+            _ => Err(BadListenAddr(s.to_owned())),
+        }
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(addr) => f.write_str(addr),
+            ListenAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// A bound listener, TCP or unix.
+#[derive(Debug)]
+pub enum Listener {
+    /// TCP.
+    Tcp(TcpListener),
+    /// A unix socket.
+    Unix(UnixListener),
+}
+
+impl From<TcpListener> for Listener {
+    fn from(listener: TcpListener) -> Self {
+        Listener::Tcp(listener)
+    }
+}
+
+impl From<UnixListener> for Listener {
+    fn from(listener: UnixListener) -> Self {
+        Listener::Unix(listener)
+    }
+}
+
+impl From<std::net::TcpListener> for Listener {
+    /// Panics outside a tokio runtime, like `TcpListener::from_std`.
+    fn from(listener: std::net::TcpListener) -> Self {
+        listener
+            .set_nonblocking(true)
+            .and_then(|()| TcpListener::from_std(listener))
+            .map(Listener::Tcp)
+            .expect("registering a listener with the tokio runtime")
+    }
+}
+
+impl Listener {
+    /// Binds `addr`. For a unix socket, a stale socket file left by an
+    /// earlier run is replaced; any other file at that path is an error.
+    pub async fn bind(addr: &ListenAddr) -> io::Result<Self> {
+        match addr {
+            ListenAddr::Tcp(addr) => Ok(Listener::Tcp(TcpListener::bind(addr.as_str()).await?)),
+            ListenAddr::Unix(path) => {
+                remove_stale_socket(path)?;
+                Ok(Listener::Unix(UnixListener::bind(path)?))
+            }
+        }
+    }
+
+    /// The address actually bound (the port chosen for `:0`).
+    pub fn local_addr(&self) -> io::Result<ListenAddr> {
+        match self {
+            Listener::Tcp(l) => Ok(ListenAddr::Tcp(l.local_addr()?.to_string())),
+            Listener::Unix(l) => Ok(ListenAddr::Unix(
+                l.local_addr()?
+                    .as_pathname()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_default(),
+            )),
+        }
+    }
+
+    pub(crate) async fn accept(&self) -> io::Result<(Stream, Peer)> {
+        match self {
+            Listener::Tcp(l) => {
+                let (stream, peer) = l.accept().await?;
+                // Small responses must not wait for Nagle.
+                let _ = stream.set_nodelay(true);
+                Ok((Box::new(stream), Peer::Tcp(peer)))
+            }
+            Listener::Unix(l) => {
+                let (stream, _) = l.accept().await?;
+                Ok((Box::new(stream), Peer::Unix))
+            }
+        }
+    }
+}
+
+fn remove_stale_socket(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path),
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} exists and is not a socket", path.display()),
+        )),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(err) => Err(err),
+    }
+}
+
+/// An accepted connection.
+pub(crate) trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+pub(crate) type Stream = Box<dyn Io>;
+
+/// Who connected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Peer {
+    /// A TCP peer.
+    Tcp(SocketAddr),
+    /// A peer on a unix socket.
+    Unix,
+}
+
+impl fmt::Display for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Peer::Tcp(addr) => addr.fmt(f),
+            Peer::Unix => f.write_str("unix socket peer"),
+        }
+    }
+}

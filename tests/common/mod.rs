@@ -1,6 +1,9 @@
 //! Shared by the integration tests: a real HTTP client and a handler that
 //! ends in every way a handler can.
+
 #![allow(dead_code)]
+
+pub mod demo;
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode};
@@ -204,4 +207,23 @@ impl Drop for PidLog {
         }
         let _ = std::fs::remove_file(&self.path);
     }
+}
+
+/// One HTTP/1.1 exchange over a fresh unix-socket connection.
+pub async fn get_unix(socket: &std::path::Path, path: &str) -> Result<Reply, BoxError> {
+    let stream = tokio::net::UnixStream::connect(socket).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = Request::get(path)
+        .header("host", "localhost")
+        .body(Empty::<Bytes>::new())?;
+    let res = sender.send_request(req).await?;
+    let status = res.status();
+    let headers = res.headers().clone();
+    let body = res.into_body().collect().await?.to_bytes();
+    Ok(Reply {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
 }

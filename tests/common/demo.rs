@@ -1,0 +1,166 @@
+//! Running the demo examples and real peers (nginx, cgi-fcgi) as child
+//! processes that never outlive a test, even a failing one.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// An example binary built by `cargo test` (examples are built with the tests).
+pub fn example(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let target = exe.parent().unwrap().parent().unwrap();
+    target.join("examples").join(name)
+}
+
+/// A child process killed (SIGKILL) and reaped on drop, with its output
+/// collected line by line.
+pub struct Proc {
+    child: Option<Child>,
+    pub stdout: Arc<Mutex<Vec<String>>>,
+    pub stderr: Arc<Mutex<Vec<String>>>,
+}
+
+fn collect(stream: impl std::io::Read + Send + 'static) -> Arc<Mutex<Vec<String>>> {
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let sink = lines.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    lines
+}
+
+impl Proc {
+    pub fn spawn(mut command: Command) -> Proc {
+        let mut child = command
+            .env("RUST_BACKTRACE", "0")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let stdout = collect(child.stdout.take().unwrap());
+        let stderr = collect(child.stderr.take().unwrap());
+        Proc {
+            child: Some(child),
+            stdout,
+            stderr,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Waits until a stdout line starts with `prefix`; returns the rest.
+    pub fn wait_for_line(&self, prefix: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(line) = self.stdout.lock().unwrap().iter().find(|l| l.starts_with(prefix)) {
+                return line[prefix.len()..].trim().to_owned();
+            }
+            assert!(Instant::now() < deadline, "no {prefix:?} line; stderr: {:?}", self.stderr.lock().unwrap());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits for the process to end by itself.
+    pub fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        let child = self.child.as_mut().unwrap();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            assert!(Instant::now() < deadline, "process did not exit within {within:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn stderr_count(&self, needle: &str) -> usize {
+        self.stderr.lock().unwrap().iter().filter(|l| l.contains(needle)).count()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A TCP port free right now on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A temporary directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("tower-exit-{name}-{}-{}", std::process::id(), free_port()));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// nginx in the foreground, one process, passing every request to
+/// `fastcgi_pass` (`127.0.0.1:PORT` or `unix:/path`). Returns it and its port.
+pub fn nginx(dir: &TempDir, fastcgi_pass: &str) -> (Proc, u16) {
+    let port = free_port();
+    let d = dir.0.display();
+    let conf = format!(
+        "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log info;\n\
+         events {{ worker_connections 128; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  fastcgi_temp_path {d}/fastcgi;\n  proxy_temp_path {d}/proxy;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+         upstream app {{ server {fastcgi_pass}; keepalive 4; }}\n\
+         server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      include /etc/nginx/fastcgi_params;\n      fastcgi_param REQUEST_URI $request_uri;\n      fastcgi_keep_conn on;\n      fastcgi_pass app;\n    }}\n  }}\n}}\n"
+    );
+    let conf_path = dir.0.join("nginx.conf");
+    std::fs::write(&conf_path, conf).unwrap();
+    let mut command = Command::new(nginx_binary());
+    command.arg("-p").arg(&dir.0).arg("-c").arg(&conf_path).arg("-e").arg(dir.0.join("stderr.log"));
+    let proc = Proc::spawn(command);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nginx did not start: {:?}", std::fs::read_to_string(dir.0.join("error.log")));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (proc, port)
+}
+
+fn nginx_binary() -> &'static str {
+    if std::path::Path::new("/usr/sbin/nginx").exists() {
+        "/usr/sbin/nginx"
+    } else {
+        "nginx"
+    }
+}
+
+/// One request through `cgi-fcgi` (libfcgi's client): its whole output.
+pub fn cgi_fcgi(connect: &str, method: &str, uri: &str) -> String {
+    let out = Command::new("cgi-fcgi")
+        .args(["-bind", "-connect", connect])
+        .env_clear()
+        .env("REQUEST_METHOD", method)
+        .env("REQUEST_URI", uri)
+        .env("SERVER_PROTOCOL", "HTTP/1.1")
+        .env("REMOTE_ADDR", "127.0.0.1")
+        .env("REMOTE_PORT", "40000")
+        .output()
+        .expect("cgi-fcgi runs (apt-get install libfcgi-bin)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

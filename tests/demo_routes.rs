@@ -30,11 +30,17 @@ fn unix_client(path: std::path::PathBuf) -> Get {
 /// Every route, then `/exit/N` during `/slow`: the process must exit with N.
 async fn check_routes(app: &mut Proc, get: Get, code: i32) {
     let hello = get("/").await;
-    assert_eq!((hello.status, hello.body.as_str()), (StatusCode::OK, "hello\n"));
+    assert_eq!(
+        (hello.status, hello.body.as_str()),
+        (StatusCode::OK, "hello\n")
+    );
     assert_eq!(get("/nope").await.status, StatusCode::NOT_FOUND);
 
     assert_eq!(get("/fail").await.status, StatusCode::INTERNAL_SERVER_ERROR);
-    assert_eq!(get("/panic").await.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(
+        get("/panic").await.status,
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
 
     let forked = get("/fork").await;
     assert_eq!(forked.status, StatusCode::OK);
@@ -51,14 +57,23 @@ async fn check_routes(app: &mut Proc, get: Get, code: i32) {
     let exited = get(exit_path).await;
     assert_eq!(exited.status, StatusCode::SERVICE_UNAVAILABLE);
     let slow = slow.await.unwrap();
-    assert_eq!((slow.status, slow.body.as_str()), (StatusCode::OK, "slow\n"), "in flight: finished");
+    assert_eq!(
+        (slow.status, slow.body.as_str()),
+        (StatusCode::OK, "slow\n"),
+        "in flight: finished"
+    );
 
     let status = tokio::task::block_in_place(|| app.wait_exit(Duration::from_secs(15)));
     assert_eq!(status.code(), Some(code));
     // Each real failure reported exactly once; the exit never.
     assert_eq!(app.stderr_count("service failed"), 1);
     assert_eq!(app.stderr_count("service panicked"), 1);
-    assert_eq!(app.stderr_count("ERROR"), 2, "{:?}", app.stderr.lock().unwrap());
+    assert_eq!(
+        app.stderr_count("ERROR"),
+        2,
+        "{:?}",
+        app.stderr.lock().unwrap()
+    );
 }
 
 fn spawn_example(name: &str, listen: &str) -> Proc {

@@ -1,4 +1,4 @@
-//! Serve a tower service until the first [`Exit`](crate::Exit), then drain.
+//! Serve a tower service until the first [`Exit`], then drain.
 //!
 //! - [`http()`]: HTTP/1 and HTTP/2 over hyper.
 //! - [`fastcgi()`]: FastCGI 1.0 Responder, behind nginx, Apache or any

@@ -59,10 +59,20 @@ impl Proc {
     pub fn wait_for_line(&self, prefix: &str) -> String {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Some(line) = self.stdout.lock().unwrap().iter().find(|l| l.starts_with(prefix)) {
+            if let Some(line) = self
+                .stdout
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| l.starts_with(prefix))
+            {
                 return line[prefix.len()..].trim().to_owned();
             }
-            assert!(Instant::now() < deadline, "no {prefix:?} line; stderr: {:?}", self.stderr.lock().unwrap());
+            assert!(
+                Instant::now() < deadline,
+                "no {prefix:?} line; stderr: {:?}",
+                self.stderr.lock().unwrap()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -76,13 +86,21 @@ impl Proc {
                 self.child = None;
                 return status;
             }
-            assert!(Instant::now() < deadline, "process did not exit within {within:?}");
+            assert!(
+                Instant::now() < deadline,
+                "process did not exit within {within:?}"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
 
     pub fn stderr_count(&self, needle: &str) -> usize {
-        self.stderr.lock().unwrap().iter().filter(|l| l.contains(needle)).count()
+        self.stderr
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
     }
 }
 
@@ -97,7 +115,11 @@ impl Drop for Proc {
 
 /// A TCP port free right now on loopback.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A temporary directory, removed on drop.
@@ -105,7 +127,11 @@ pub struct TempDir(pub PathBuf);
 
 impl TempDir {
     pub fn new(name: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("tower-exit-{name}-{}-{}", std::process::id(), free_port()));
+        let dir = std::env::temp_dir().join(format!(
+            "tower-exit-{name}-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
         std::fs::create_dir_all(&dir).unwrap();
         TempDir(dir)
     }
@@ -132,11 +158,21 @@ pub fn nginx(dir: &TempDir, fastcgi_pass: &str) -> (Proc, u16) {
     let conf_path = dir.0.join("nginx.conf");
     std::fs::write(&conf_path, conf).unwrap();
     let mut command = Command::new(nginx_binary());
-    command.arg("-p").arg(&dir.0).arg("-c").arg(&conf_path).arg("-e").arg(dir.0.join("stderr.log"));
+    command
+        .arg("-p")
+        .arg(&dir.0)
+        .arg("-c")
+        .arg(&conf_path)
+        .arg("-e")
+        .arg(dir.0.join("stderr.log"));
     let proc = Proc::spawn(command);
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "nginx did not start: {:?}", std::fs::read_to_string(dir.0.join("error.log")));
+        assert!(
+            Instant::now() < deadline,
+            "nginx did not start: {:?}",
+            std::fs::read_to_string(dir.0.join("error.log"))
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     (proc, port)

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod demo;
+pub mod fcgi;
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode};

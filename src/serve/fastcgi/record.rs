@@ -309,6 +309,38 @@ mod tests {
         assert_eq!(pairs[1].1.len(), 300);
     }
 
+    proptest::proptest! {
+        /// The decoder on arbitrary bytes, fed in arbitrary pieces: never a
+        /// panic, and what it keeps buffered is less than one record.
+        #[test]
+        fn decoder_never_panics_and_stays_bounded(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..70_000),
+            cut in 1usize..5000,
+        ) {
+            let mut decoder = Decoder;
+            let mut buf = BytesMut::new();
+            'feed: for piece in bytes.chunks(cut) {
+                buf.extend_from_slice(piece);
+                loop {
+                    match decoder.decode(&mut buf) {
+                        Ok(Some(record)) => {
+                            let _ = parse_pairs(&record.content, "fuzz");
+                            let _ = BeginRequest::parse(&record.content);
+                        }
+                        Ok(None) => break,
+                        Err(_) => break 'feed,
+                    }
+                }
+                proptest::prop_assert!(buf.len() < HEADER_LEN + MAX_CONTENT + 256);
+            }
+        }
+
+        #[test]
+        fn pairs_parser_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..600)) {
+            let _ = parse_pairs(&Bytes::from(bytes), "fuzz");
+        }
+    }
+
     #[test]
     fn lying_lengths_are_errors_not_panics() {
         for bad in [&[0x85][..], &[0xff, 0xff, 0xff, 0xff, 0x01], &[3, 3, b'a']] {

@@ -1,0 +1,379 @@
+//! `serve::fastcgi` at the record level, over real TCP connections, with a
+//! client written here from the spec (not the crate's own encoder):
+//! keep-conn and multiplexing, `FCGI_GET_VALUES`, `FCGI_ABORT_REQUEST`,
+//! `FCGI_UNKNOWN_TYPE`, stdin streamed as the body, records of at most
+//! 65,535 bytes; and bad input: malformed and truncated records, another
+//! version, an unsupported role, oversized params and body, a peer outside
+//! the allow-list. After each, the server still serves.
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use std::convert::Infallible;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tower_exit::serve::fastcgi::{Limits, Params, RemoteAddr, RequestBody};
+use tower_exit::Supervisor;
+
+mod common;
+use common::fcgi::{begin, pairs, read_until_end, record, request, response_of};
+
+// ---------------------------------------------------------------------------
+// The server under test.
+// ---------------------------------------------------------------------------
+
+#[derive(Default)]
+struct Seen {
+    dropped: AtomicUsize,
+}
+
+/// Drops count into `Seen::dropped`: proves an aborted request's future was dropped.
+struct DropProbe(Arc<Seen>);
+impl Drop for DropProbe {
+    fn drop(&mut self) {
+        self.0.dropped.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+async fn app(
+    seen: Arc<Seen>,
+    req: Request<RequestBody>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = req.uri().path().to_owned();
+    let text = |s: String| Ok(Response::new(Full::from(s)));
+    match path.as_str() {
+        "/echo" => {
+            let header = req
+                .headers()
+                .get("x-test")
+                .map(|v| v.to_str().unwrap().to_owned());
+            let remote = req
+                .extensions()
+                .get::<RemoteAddr>()
+                .map(|r| r.0.to_string());
+            let proto = req
+                .extensions()
+                .get::<Params>()
+                .and_then(|p| p.get_str("SERVER_PROTOCOL").map(str::to_owned));
+            let body = match req.into_body().collect().await {
+                Ok(body) => format!("{} bytes", body.to_bytes().len()),
+                Err(err) => format!("body error: {err}"),
+            };
+            text(format!("{header:?} {remote:?} {proto:?} {body}"))
+        }
+        "/wait" => {
+            let _probe = DropProbe(seen);
+            std::future::pending::<()>().await;
+            unreachable!()
+        }
+        "/big" => text("x".repeat(200_000)),
+        _ => text("hello".into()),
+    }
+}
+
+struct Server {
+    addr: SocketAddr,
+    seen: Arc<Seen>,
+}
+
+fn logs() -> &'static Arc<Mutex<Vec<u8>>> {
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let sink = logs.clone();
+        tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || LogWriter(sink.clone()))
+            .init();
+        logs
+    })
+}
+
+struct LogWriter(Arc<Mutex<Vec<u8>>>);
+impl Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn log_contains(needle: &str) -> bool {
+    String::from_utf8_lossy(&logs().lock().unwrap()).contains(needle)
+}
+
+async fn server(limits: Limits, allow: Option<Vec<std::net::IpAddr>>) -> Server {
+    logs();
+    let seen = Arc::new(Seen::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let supervisor = Supervisor::new();
+    let app_seen = seen.clone();
+    let svc = tower::service_fn(move |req| app(app_seen.clone(), req));
+    let mut serve = tower_exit::serve::fastcgi(listener, svc, &supervisor).limits(limits);
+    if let Some(allow) = allow {
+        serve = serve.allow(allow);
+    }
+    tokio::spawn(async move {
+        let _keep = supervisor;
+        serve.await
+    });
+    Server { addr, seen }
+}
+
+/// The server still answers a plain request on a new connection.
+async fn still_serves(addr: SocketAddr) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(&request(1, false, "/", b""))
+        .await
+        .unwrap();
+    let recs = read_until_end(&mut stream, &[1]).await;
+    let (stdout, end) = response_of(&recs, 1);
+    assert!(stdout.starts_with("Status: 200 OK\r\n"), "{stdout:?}");
+    assert_eq!(end, Some(0));
+}
+
+async fn closed_by_server(stream: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Protocol features
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn params_become_the_request_and_stdin_streams_as_its_body() {
+    let server = server(Limits::default(), None).await;
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    let body = vec![7u8; 150_000];
+    stream
+        .write_all(&request(1, false, "/echo?x=1", &body))
+        .await
+        .unwrap();
+    let (stdout, end) = response_of(&read_until_end(&mut stream, &[1]).await, 1);
+    assert_eq!(end, Some(0));
+    assert!(
+        stdout.ends_with(r#"Some("yes") Some("192.0.2.7:4321") Some("HTTP/1.1") 150000 bytes"#),
+        "{stdout:?}"
+    );
+}
+
+#[tokio::test]
+async fn keep_conn_and_multiplexed_requests_on_one_connection() {
+    let server = server(Limits::default(), None).await;
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    // Two requests interleaved record by record, then a third after them.
+    let (a, b) = (request(1, true, "/big", b""), request(2, true, "/", b""));
+    stream.write_all(&a[..16]).await.unwrap();
+    stream.write_all(&b[..16]).await.unwrap();
+    stream.write_all(&a[16..]).await.unwrap();
+    stream.write_all(&b[16..]).await.unwrap();
+    let recs = read_until_end(&mut stream, &[1, 2]).await;
+    let (big, end_a) = response_of(&recs, 1);
+    let (hello, end_b) = response_of(&recs, 2);
+    assert_eq!((end_a, end_b), (Some(0), Some(0)));
+    assert!(big.ends_with(&"x".repeat(200_000)));
+    assert!(hello.ends_with("hello"));
+    assert!(
+        recs.iter().all(|r| r.content.len() <= 65_535),
+        "records of at most 65,535 bytes"
+    );
+    assert!(
+        recs.iter().filter(|r| r.id == 1 && r.kind == 6).count() >= 4,
+        "the big body spans records"
+    );
+
+    stream.write_all(&request(3, true, "/", b"")).await.unwrap();
+    let (third, end) = response_of(&read_until_end(&mut stream, &[3]).await, 3);
+    assert_eq!(end, Some(0));
+    assert!(
+        third.ends_with("hello"),
+        "keep-conn: the connection serves on"
+    );
+}
+
+#[tokio::test]
+async fn get_values_is_answered_and_unknown_management_records_get_unknown_type() {
+    let limits = Limits {
+        max_conns: 3,
+        max_requests_per_conn: 5,
+        ..Limits::default()
+    };
+    let server = server(limits, None).await;
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    let asked = pairs(&[
+        ("FCGI_MAX_CONNS", ""),
+        ("FCGI_MAX_REQS", ""),
+        ("FCGI_MPXS_CONNS", ""),
+        ("OTHER", ""),
+    ]);
+    stream.write_all(&record(9, 0, &asked)).await.unwrap();
+    stream.write_all(&record(42, 0, b"")).await.unwrap();
+    stream
+        .write_all(&request(1, false, "/", b""))
+        .await
+        .unwrap();
+    let recs = read_until_end(&mut stream, &[1]).await;
+    let values = recs
+        .iter()
+        .find(|r| r.kind == 10)
+        .expect("FCGI_GET_VALUES_RESULT");
+    let expected = pairs(&[
+        ("FCGI_MAX_CONNS", "3"),
+        ("FCGI_MAX_REQS", "15"),
+        ("FCGI_MPXS_CONNS", "1"),
+    ]);
+    assert_eq!(values.content, expected);
+    let unknown = recs
+        .iter()
+        .find(|r| r.kind == 11)
+        .expect("FCGI_UNKNOWN_TYPE");
+    assert_eq!(unknown.content[0], 42);
+}
+
+#[tokio::test]
+async fn abort_request_drops_that_request_only() {
+    let server = server(Limits::default(), None).await;
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    stream
+        .write_all(&request(1, true, "/wait", b""))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(server.seen.dropped.load(Ordering::SeqCst), 0);
+    stream.write_all(&record(2, 1, b"")).await.unwrap();
+    stream.write_all(&request(2, true, "/", b"")).await.unwrap();
+    let recs = read_until_end(&mut stream, &[1, 2]).await;
+    assert_eq!(
+        response_of(&recs, 1).1,
+        Some(0),
+        "the aborted request is ended"
+    );
+    assert!(response_of(&recs, 2).0.ends_with("hello"));
+    assert_eq!(
+        server.seen.dropped.load(Ordering::SeqCst),
+        1,
+        "its future was dropped"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Bad input
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn another_version_closes_that_connection_with_a_log_line() {
+    let server = server(Limits::default(), None).await;
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    let mut bad = request(1, true, "/", b"");
+    bad[0] = 2;
+    stream.write_all(&bad).await.unwrap();
+    assert!(closed_by_server(&mut stream).await);
+    assert!(log_contains("unsupported FastCGI version 2"));
+    still_serves(server.addr).await;
+}
+
+#[tokio::test]
+async fn truncated_and_malformed_records_close_the_connection() {
+    let server = server(Limits::default(), None).await;
+    // Cut inside a record, then the peer goes away.
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    stream
+        .write_all(&request(1, true, "/", b"")[..20])
+        .await
+        .unwrap();
+    stream.shutdown().await.unwrap();
+    assert!(closed_by_server(&mut stream).await);
+    // Params whose lengths lie.
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    stream.write_all(&begin(1, 1, true)).await.unwrap();
+    stream
+        .write_all(&record(4, 1, &[0x85, 0x01]))
+        .await
+        .unwrap();
+    stream.write_all(&record(4, 1, b"")).await.unwrap();
+    let (stdout, _) = response_of(&read_until_end(&mut stream, &[1]).await, 1);
+    assert!(stdout.starts_with("Status: 400"), "{stdout:?}");
+    // A BEGIN_REQUEST body of the wrong size, and a record servers never get.
+    for bad in [record(1, 1, &[0, 1]), record(6, 1, b"hi")] {
+        let mut stream = TcpStream::connect(server.addr).await.unwrap();
+        stream.write_all(&bad).await.unwrap();
+        assert!(closed_by_server(&mut stream).await);
+    }
+    assert!(log_contains("malformed FastCGI input: connection closed"));
+    assert!(log_contains("FCGI_BEGIN_REQUEST body is 2 bytes"));
+    still_serves(server.addr).await;
+}
+
+#[tokio::test]
+async fn an_unsupported_role_is_rejected() {
+    let server = server(Limits::default(), None).await;
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    stream.write_all(&begin(1, 2, false)).await.unwrap();
+    let recs = read_until_end(&mut stream, &[1]).await;
+    assert_eq!(response_of(&recs, 1).1, Some(3), "FCGI_UNKNOWN_ROLE");
+    assert!(log_contains("FastCGI role not supported"));
+    still_serves(server.addr).await;
+}
+
+#[tokio::test]
+async fn oversized_params_and_body_are_rejected() {
+    let limits = Limits {
+        max_params_bytes: 1024,
+        max_body_bytes: 10_000,
+        ..Limits::default()
+    };
+    let server = server(limits, None).await;
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    let huge = "v".repeat(2000);
+    stream.write_all(&begin(1, 1, true)).await.unwrap();
+    stream
+        .write_all(&record(4, 1, &pairs(&[("HTTP_BIG", &huge)])))
+        .await
+        .unwrap();
+    stream.write_all(&record(4, 1, b"")).await.unwrap();
+    stream.write_all(&record(5, 1, b"")).await.unwrap();
+    let (stdout, _) = response_of(&read_until_end(&mut stream, &[1]).await, 1);
+    assert!(stdout.starts_with("Status: 431"), "{stdout:?}");
+    assert!(log_contains("FastCGI params larger than the limit"));
+
+    stream
+        .write_all(&request(2, true, "/echo", &[1u8; 20_000]))
+        .await
+        .unwrap();
+    let (stdout, _) = response_of(&read_until_end(&mut stream, &[2]).await, 2);
+    assert!(
+        stdout.ends_with("body error: request body larger than the limit of 10000 bytes"),
+        "{stdout:?}"
+    );
+    assert!(log_contains("FastCGI request body larger than the limit"));
+    still_serves(server.addr).await;
+}
+
+#[tokio::test]
+async fn a_peer_outside_the_allow_list_is_refused() {
+    let server = server(Limits::default(), Some(vec!["192.0.2.1".parse().unwrap()])).await;
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    stream
+        .write_all(&request(1, false, "/", b""))
+        .await
+        .unwrap();
+    assert!(closed_by_server(&mut stream).await);
+    assert!(read_until_end(&mut stream, &[1]).await.is_empty());
+    assert!(log_contains("FastCGI peer not in the allow-list"));
+}

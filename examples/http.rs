@@ -16,7 +16,7 @@ use tower_exit::Supervisor;
 #[tokio::main]
 async fn main() -> std::io::Result<ExitCode> {
     demo::init_logging();
-    let listener = Listener::bind(&demo::listen_arg("127.0.0.1:8080")).await?;
+    let listener = Listener::bind(&demo::parse_args("127.0.0.1:8080", false).listen).await?;
     println!("listening on {}", listener.local_addr()?);
 
     let supervisor = Supervisor::new();

@@ -14,28 +14,61 @@ use tower_exit::{Exit, ForkGuardLayer, ResponseBody, ServiceBuilderExt, Supervis
 
 pub type Reply = Result<Response<Full<Bytes>>, BoxError>;
 
-/// `--listen ADDR` (`HOST:PORT` or `unix:PATH`), else `default`.
-pub fn listen_arg(default: &str) -> ListenAddr {
+/// The command line: `--listen ADDR` (`HOST:PORT` or `unix:PATH`), and for
+/// the prefork demo `--workers N`, `--max-requests M`, `--stop-all-code C`.
+#[allow(dead_code)]
+pub struct Args {
+    pub listen: ListenAddr,
+    pub workers: usize,
+    pub max_requests: Option<u64>,
+    pub stop_all_code: i32,
+}
+
+pub fn parse_args(default_listen: &str, prefork: bool) -> Args {
     let mut args = std::env::args().skip(1);
-    let mut listen = default.to_owned();
+    let mut listen = default_listen.to_owned();
+    let mut parsed = Args {
+        listen: ListenAddr::Tcp(String::new()),
+        workers: 2,
+        max_requests: None,
+        stop_all_code: 3,
+    };
+    let number = |flag: &str, value: Option<String>| -> u64 {
+        value
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| usage(&format!("{flag} needs a number"), prefork))
+    };
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--listen" => {
                 listen = args
                     .next()
-                    .unwrap_or_else(|| usage("--listen needs a value"))
+                    .unwrap_or_else(|| usage("--listen needs a value", prefork))
             }
-            other => usage(&format!("unknown argument {other:?}")),
+            "--workers" if prefork => parsed.workers = number("--workers", args.next()) as usize,
+            "--max-requests" if prefork => {
+                parsed.max_requests = Some(number("--max-requests", args.next()))
+            }
+            "--stop-all-code" if prefork => {
+                parsed.stop_all_code = number("--stop-all-code", args.next()) as i32
+            }
+            other => usage(&format!("unknown argument {other:?}"), prefork),
         }
     }
-    listen
+    parsed.listen = listen
         .parse()
-        .unwrap_or_else(|err| usage(&format!("{err}")))
+        .unwrap_or_else(|err| usage(&format!("{err}"), prefork));
+    parsed
 }
 
-fn usage(problem: &str) -> ! {
+fn usage(problem: &str, prefork: bool) -> ! {
+    let extra = if prefork {
+        " [--workers N] [--max-requests M] [--stop-all-code C]"
+    } else {
+        ""
+    };
     eprintln!(
-        "{problem}\nusage: {} [--listen HOST:PORT|unix:PATH]",
+        "{problem}\nusage: {} [--listen HOST:PORT|unix:PATH]{extra}",
         std::env::args().next().unwrap_or_default()
     );
     std::process::exit(2)
@@ -61,6 +94,7 @@ pub async fn handler<B>(req: Request<B>) -> Reply {
     let path = req.uri().path().to_owned();
     match path.as_str() {
         "/" => Ok(text(StatusCode::OK, "hello\n")),
+        "/pid" => Ok(text(StatusCode::OK, std::process::id().to_string())),
         "/fail" => Err("the handler failed".into()),
         "/panic" => panic!("the handler panicked"),
         "/slow" => {

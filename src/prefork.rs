@@ -1,0 +1,632 @@
+//! A prefork server: a master forks its workers from a clean state, as
+//! Apache prefork, flup and gunicorn do.
+//!
+//! Call [`Prefork::run_http`] or [`Prefork::run_fastcgi`] at the top of
+//! `main`, before any tokio runtime or thread exists. The master binds the
+//! listener, forks the workers and then only watches them: it never creates
+//! a runtime and handles its signals synchronously (blocked, then taken
+//! with `sigtimedwait`), so no signal handler and no inherited runtime state
+//! reaches a worker. Each worker builds its own single-threaded runtime and
+//! serves the service its factory builds: run as many workers as cores.
+//!
+//! - **Recycling**: a worker that served `max_requests` (plus up to
+//!   `max_requests_jitter`) requests records an [`Exit::success`] in its
+//!   supervisor: it stops accepting, drains, exits 0, and the master starts
+//!   a fresh one (gunicorn's `max_requests`).
+//! - **Failures**: a worker that dies (signal) or exits non-zero is logged
+//!   and replaced, with a growing delay while workers keep failing fast.
+//! - **Stop all**: a worker that exits with the configured
+//!   [`stop_all_code`](Prefork::stop_all_code) ends the whole server with
+//!   that code (the other workers drain first): a worker's `exit(N)` can
+//!   stop the server, which gunicorn cannot do.
+//! - **Signals** (gunicorn's set): SIGTERM stops gracefully (workers drain),
+//!   SIGINT and SIGQUIT stop at once, SIGHUP replaces every worker (new ones
+//!   first, old ones drain), SIGTTIN adds a worker, SIGTTOU removes one.
+//! - **No zombies, no orphans**: the master reaps each worker it forked (by
+//!   pid) and waits for all of them before it returns; a worker dies with
+//!   its master (`PR_SET_PDEATHSIG`), even if the master is killed.
+//!
+//! ```no_run
+//! use std::process::ExitCode;
+//! use tower_exit::prefork::Prefork;
+//! use tower_exit::ServiceBuilderExt;
+//!
+//! # async fn handler(_: http::Request<hyper::body::Incoming>) -> Result<http::Response<String>, std::convert::Infallible> { todo!() }
+//! fn main() -> std::io::Result<ExitCode> {
+//!     let exit = Prefork::new("127.0.0.1:8080".parse().unwrap())
+//!         .workers(4)
+//!         .max_requests(1000)
+//!         .stop_all_code(3)
+//!         .run_http(|supervisor| {
+//!             tower::ServiceBuilder::new()
+//!                 .boundary(supervisor)
+//!                 .catch_panic()
+//!                 .service_fn(handler)
+//!         })?;
+//!     Ok(exit.into())
+//! }
+//! ```
+
+use crate::fork::{self, Child};
+use crate::serve::{ListenAddr, Listener};
+use crate::{Exit, Supervisor};
+use http::{Request, Response};
+use http_body::Body;
+use std::future::{Future, IntoFuture};
+use std::io;
+use std::process::ExitStatus;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tower_service::Service;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+type OnBound = Arc<dyn Fn(&ListenAddr) + Send + Sync>;
+
+/// A prefork server's configuration. See [the module docs](self).
+#[derive(Clone)]
+pub struct Prefork {
+    listen: ListenAddr,
+    workers: usize,
+    max_requests: Option<u64>,
+    jitter: u64,
+    stop_all_code: Option<i32>,
+    grace: Duration,
+    on_bound: Option<OnBound>,
+}
+
+impl std::fmt::Debug for Prefork {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prefork")
+            .field("listen", &self.listen)
+            .field("workers", &self.workers)
+            .field("max_requests", &self.max_requests)
+            .field("jitter", &self.jitter)
+            .field("stop_all_code", &self.stop_all_code)
+            .field("grace", &self.grace)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Prefork {
+    /// A master that will listen on `listen` with 2 workers.
+    pub fn new(listen: ListenAddr) -> Self {
+        Prefork {
+            listen,
+            workers: 2,
+            max_requests: None,
+            jitter: 0,
+            stop_all_code: None,
+            grace: Duration::from_secs(30),
+            on_bound: None,
+        }
+    }
+
+    /// Called in the master once the listener is bound, with the address
+    /// actually bound (the port chosen for `:0`), before any worker starts.
+    pub fn on_bound(mut self, f: impl Fn(&ListenAddr) + Send + Sync + 'static) -> Self {
+        self.on_bound = Some(Arc::new(f));
+        self
+    }
+
+    /// How many workers to run (at least 1).
+    pub fn workers(mut self, workers: usize) -> Self {
+        self.workers = workers.max(1);
+        self
+    }
+
+    /// Recycle a worker after it served this many requests.
+    pub fn max_requests(mut self, max_requests: u64) -> Self {
+        self.max_requests = Some(max_requests.max(1));
+        self
+    }
+
+    /// Add up to this many requests to each worker's `max_requests`, so
+    /// that workers do not all recycle at once.
+    pub fn max_requests_jitter(mut self, jitter: u64) -> Self {
+        self.jitter = jitter;
+        self
+    }
+
+    /// A worker exiting with this code ends the whole server with it.
+    pub fn stop_all_code(mut self, code: i32) -> Self {
+        self.stop_all_code = Some(code);
+        self
+    }
+
+    /// How long draining workers get on a graceful stop (default 30 s);
+    /// after it, they are killed.
+    pub fn grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
+    /// Runs the master, serving HTTP in each worker. Returns when the server
+    /// stops: [`Exit::success`] after SIGTERM/SIGINT/SIGQUIT, or the
+    /// stop-all exit of a worker.
+    pub fn run_http<F, S, B>(self, factory: F) -> io::Result<Exit>
+    where
+        F: Fn(&Supervisor) -> S,
+        S: Service<Request<hyper::body::Incoming>, Response = Response<B>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        let grace = self.grace;
+        self.run(move |listener, supervisor, limit| {
+            let svc = Recycle::new(factory(supervisor), supervisor, limit);
+            crate::serve::http(listener, svc, supervisor)
+                .grace(grace)
+                .with_signals()
+                .into_future()
+        })
+    }
+
+    /// Runs the master, serving FastCGI in each worker. See
+    /// [`run_http`](Self::run_http).
+    pub fn run_fastcgi<F, S, B>(self, factory: F) -> io::Result<Exit>
+    where
+        F: Fn(&Supervisor) -> S,
+        S: Service<Request<crate::serve::fastcgi::RequestBody>, Response = Response<B>>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        let grace = self.grace;
+        self.run(move |listener, supervisor, limit| {
+            let svc = Recycle::new(factory(supervisor), supervisor, limit);
+            crate::serve::fastcgi(listener, svc, supervisor)
+                .grace(grace)
+                .with_signals()
+                .into_future()
+        })
+    }
+
+    fn run<W, Fut>(self, serve: W) -> io::Result<Exit>
+    where
+        W: Fn(Listener, &Supervisor, Option<u64>) -> Fut,
+        Fut: Future<Output = io::Result<Exit>>,
+    {
+        let signals = MasterSignals::block()?;
+        let listener = bind_std(&self.listen)?;
+        let bound = listener.local_addr()?;
+        tracing::info!(listen = %bound, workers = self.workers, "prefork master started");
+        if let Some(on_bound) = &self.on_bound {
+            on_bound(&bound);
+        }
+        let mut master = Master {
+            config: &self,
+            listener: &listener,
+            signals: &signals,
+            serve: &serve,
+            workers: Vec::new(),
+            wanted: self.workers,
+            failures: 0,
+            next_spawn: Instant::now(),
+            stop_code: None,
+        };
+        let exit = master.supervise();
+        drop(master);
+        signals.restore();
+        exit
+    }
+}
+
+/// The listener, bound before any worker exists, inherited by all.
+enum StdListener {
+    Tcp(std::net::TcpListener),
+    Unix(std::os::unix::net::UnixListener),
+}
+
+fn bind_std(addr: &ListenAddr) -> io::Result<StdListener> {
+    match addr {
+        ListenAddr::Tcp(addr) => Ok(StdListener::Tcp(std::net::TcpListener::bind(
+            addr.as_str(),
+        )?)),
+        ListenAddr::Unix(path) => {
+            if std::fs::symlink_metadata(path).is_ok() {
+                std::fs::remove_file(path)?;
+            }
+            Ok(StdListener::Unix(std::os::unix::net::UnixListener::bind(
+                path,
+            )?))
+        }
+    }
+}
+
+impl StdListener {
+    fn local_addr(&self) -> io::Result<ListenAddr> {
+        match self {
+            StdListener::Tcp(l) => Ok(ListenAddr::Tcp(l.local_addr()?.to_string())),
+            StdListener::Unix(l) => Ok(ListenAddr::Unix(
+                l.local_addr()?
+                    .as_pathname()
+                    .map(std::path::Path::to_path_buf)
+                    .unwrap_or_default(),
+            )),
+        }
+    }
+
+    /// The worker's tokio listener (the same socket, shared by all workers).
+    fn to_tokio(&self) -> io::Result<Listener> {
+        match self {
+            StdListener::Tcp(l) => {
+                let l = l.try_clone()?;
+                l.set_nonblocking(true)?;
+                Ok(Listener::Tcp(tokio::net::TcpListener::from_std(l)?))
+            }
+            StdListener::Unix(l) => {
+                let l = l.try_clone()?;
+                l.set_nonblocking(true)?;
+                Ok(Listener::Unix(tokio::net::UnixListener::from_std(l)?))
+            }
+        }
+    }
+}
+
+/// Why a worker is running, so its end is read right.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    Serving,
+    /// Told to drain (SIGHUP, SIGTTOU, stopping): its end is not a failure
+    /// and it is not replaced.
+    Retiring,
+}
+
+struct Worker {
+    child: Child,
+    role: Role,
+    started: Instant,
+}
+
+struct Master<'a, W> {
+    config: &'a Prefork,
+    listener: &'a StdListener,
+    signals: &'a MasterSignals,
+    serve: &'a W,
+    workers: Vec<Worker>,
+    wanted: usize,
+    /// Workers that failed in a row, for the respawn delay.
+    failures: u32,
+    next_spawn: Instant,
+    /// Set when a worker exits with the stop-all code.
+    stop_code: Option<i32>,
+}
+
+impl<W, Fut> Master<'_, W>
+where
+    W: Fn(Listener, &Supervisor, Option<u64>) -> Fut,
+    Fut: Future<Output = io::Result<Exit>>,
+{
+    fn supervise(&mut self) -> io::Result<Exit> {
+        loop {
+            self.reap()?;
+            if let Some(exit) = self.stop_requested_by_worker() {
+                return Ok(exit);
+            }
+            self.spawn_missing()?;
+            match self.signals.wait(Duration::from_millis(100)) {
+                Some(libc::SIGTERM) => {
+                    tracing::info!("SIGTERM: graceful stop");
+                    return self.stop_all(Exit::success().with_message("SIGTERM"), true);
+                }
+                Some(sig @ (libc::SIGINT | libc::SIGQUIT)) => {
+                    tracing::info!(signal = sig, "fast stop");
+                    return self.stop_all(Exit::success().with_message("fast stop"), false);
+                }
+                Some(libc::SIGHUP) => {
+                    tracing::info!("SIGHUP: replacing every worker");
+                    self.retire(self.serving().len());
+                }
+                Some(libc::SIGTTIN) => {
+                    self.wanted += 1;
+                    tracing::info!(workers = self.wanted, "SIGTTIN: one more worker");
+                }
+                Some(libc::SIGTTOU) => {
+                    if self.wanted > 1 {
+                        self.wanted -= 1;
+                        tracing::info!(workers = self.wanted, "SIGTTOU: one worker less");
+                        self.retire(1);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn serving(&self) -> Vec<usize> {
+        (0..self.workers.len())
+            .filter(|&i| self.workers[i].role == Role::Serving)
+            .collect()
+    }
+
+    /// Tells the `n` oldest serving workers to drain.
+    fn retire(&mut self, n: usize) {
+        for i in self.serving().into_iter().take(n) {
+            let worker = &mut self.workers[i];
+            worker.role = Role::Retiring;
+            let _ = worker.child.kill(libc::SIGTERM);
+        }
+    }
+
+    fn spawn_missing(&mut self) -> io::Result<()> {
+        while self.serving().len() < self.wanted {
+            if Instant::now() < self.next_spawn {
+                return Ok(());
+            }
+            let child = self.spawn_worker()?;
+            tracing::info!(pid = child.pid(), "worker started");
+            self.workers.push(Worker {
+                child,
+                role: Role::Serving,
+                started: Instant::now(),
+            });
+        }
+        Ok(())
+    }
+
+    fn spawn_worker(&self) -> io::Result<Child> {
+        let master = std::process::id();
+        let limit = self
+            .config
+            .max_requests
+            .map(|max| max + jitter(self.config.jitter));
+        let listener = self.listener;
+        let serve = self.serve;
+        let signals = self.signals;
+        fork::spawn(move || {
+            die_with_parent(master);
+            signals.restore();
+            // One thread per worker: processes are the unit of parallelism
+            // here, as in Apache prefork (run as many workers as cores).
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(err) => {
+                    tracing::error!(%err, "worker cannot build its runtime");
+                    crate::exit(1)
+                }
+            };
+            let exit = runtime.block_on(async {
+                let listener = listener.to_tokio()?;
+                let supervisor = Supervisor::new();
+                serve(listener, &supervisor, limit).await
+            });
+            // Let the runtime's threads go before the process ends.
+            runtime.shutdown_timeout(Duration::from_secs(1));
+            match exit {
+                Ok(exit) => exit.raise(),
+                Err(err) => {
+                    tracing::error!(%err, "worker failed");
+                    crate::exit(1)
+                }
+            }
+        })
+    }
+
+    /// Reaps every worker that ended, deciding what its end means.
+    fn reap(&mut self) -> io::Result<()> {
+        let mut i = 0;
+        while i < self.workers.len() {
+            let Some(status) = self.workers[i].child.try_wait()? else {
+                i += 1;
+                continue;
+            };
+            let worker = self.workers.swap_remove(i);
+            self.ended(&worker, status);
+        }
+        Ok(())
+    }
+
+    fn ended(&mut self, worker: &Worker, status: ExitStatus) {
+        let pid = worker.child.pid();
+        let lived = worker.started.elapsed();
+        match (worker.role, status.code()) {
+            (Role::Retiring, _) => tracing::info!(pid, %status, "worker retired"),
+            (Role::Serving, Some(0)) => {
+                tracing::info!(pid, "worker recycled");
+                self.failures = 0;
+            }
+            (Role::Serving, Some(code)) if Some(code) == self.config.stop_all_code => {
+                tracing::warn!(pid, code, "worker asked to stop the server");
+                self.stop_code = Some(code);
+            }
+            (Role::Serving, _) => {
+                // Fast failures in a row back off: 0.1 s, 0.2 s, ... up to
+                // 10 s; a worker that lived a while resets the count.
+                if lived > Duration::from_secs(5) {
+                    self.failures = 0;
+                }
+                self.failures += 1;
+                let delay = Duration::from_millis(100) * 2u32.saturating_pow(self.failures - 1);
+                let delay = delay.min(Duration::from_secs(10));
+                tracing::warn!(pid, %status, respawn_in = ?delay, "worker failed: replacing it");
+                self.next_spawn = Instant::now() + delay;
+            }
+        }
+    }
+
+    fn stop_requested_by_worker(&mut self) -> Option<Exit> {
+        let code = self.stop_code.take()?;
+        let exit = Exit::new(code).with_message("a worker asked to stop the server");
+        match self.stop_all(exit.clone(), true) {
+            Ok(exit) => Some(exit),
+            Err(err) => {
+                tracing::error!(%err, "stopping workers failed");
+                Some(exit)
+            }
+        }
+    }
+
+    /// Stops every worker (SIGTERM and a grace period, or SIGKILL at
+    /// once), reaps them all, and returns `exit`.
+    fn stop_all(&mut self, exit: Exit, graceful: bool) -> io::Result<Exit> {
+        let signal = if graceful {
+            libc::SIGTERM
+        } else {
+            libc::SIGKILL
+        };
+        for worker in &mut self.workers {
+            worker.role = Role::Retiring;
+            let _ = worker.child.kill(signal);
+        }
+        let deadline = Instant::now() + self.config.grace + Duration::from_secs(1);
+        while !self.workers.is_empty() {
+            self.reap()?;
+            if Instant::now() > deadline {
+                tracing::warn!(
+                    left = self.workers.len(),
+                    "grace period over: killing the workers left"
+                );
+                for worker in &mut self.workers {
+                    let _ = worker.child.kill(libc::SIGKILL);
+                }
+                for mut worker in self.workers.drain(..) {
+                    let _ = worker.child.wait_blocking();
+                }
+                break;
+            }
+            // SIGCHLD wakes us; other signals wait until we are done.
+            let _ = self.signals.wait(Duration::from_millis(50));
+        }
+        tracing::info!(%exit, "prefork master stopped");
+        Ok(exit)
+    }
+}
+
+/// A pseudo-random number in `0..=jitter`, different for each worker
+/// spawned (time and pid mixed); no need for a random number generator.
+fn jitter(jitter: u64) -> u64 {
+    if jitter == 0 {
+        return 0;
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::from(d.subsec_nanos()));
+    let mixed = nanos ^ u64::from(std::process::id()).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    mixed % (jitter + 1)
+}
+
+/// In a worker: die with the master, even if it is killed outright.
+fn die_with_parent(master: u32) {
+    // SAFETY: prctl with integer arguments; getppid cannot fail.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0);
+        if libc::getppid() as u32 != master {
+            // The master died before the line above: do not serve alone.
+            libc::_exit(1);
+        }
+    }
+}
+
+/// The master's signals, blocked and taken synchronously with
+/// `sigtimedwait`: no handler runs, nothing async-signal-unsafe can happen,
+/// and a forked worker restores the mask it had before.
+struct MasterSignals {
+    set: libc::sigset_t,
+    old: libc::sigset_t,
+}
+
+const MASTER_SIGNALS: [libc::c_int; 7] = [
+    libc::SIGTERM,
+    libc::SIGINT,
+    libc::SIGQUIT,
+    libc::SIGHUP,
+    libc::SIGTTIN,
+    libc::SIGTTOU,
+    libc::SIGCHLD,
+];
+
+impl MasterSignals {
+    fn block() -> io::Result<Self> {
+        // SAFETY: sigset_t is plain data, initialised by sigemptyset before
+        // use; pthread_sigmask only reads `set` and writes `old`.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for sig in MASTER_SIGNALS {
+                libc::sigaddset(&mut set, sig);
+            }
+            let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
+            if rc != 0 {
+                return Err(io::Error::from_raw_os_error(rc));
+            }
+            Ok(MasterSignals { set, old })
+        }
+    }
+
+    /// The next of our signals, or `None` after `timeout`.
+    fn wait(&self, timeout: Duration) -> Option<libc::c_int> {
+        let timeout = libc::timespec {
+            tv_sec: timeout.as_secs() as libc::time_t,
+            tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
+        };
+        // SAFETY: `set` is initialised; a null siginfo is allowed.
+        let sig = unsafe { libc::sigtimedwait(&self.set, std::ptr::null_mut(), &timeout) };
+        (sig > 0).then_some(sig)
+    }
+
+    fn restore(&self) {
+        // SAFETY: `old` was filled by pthread_sigmask in `block`.
+        unsafe {
+            libc::pthread_sigmask(libc::SIG_SETMASK, &self.old, std::ptr::null_mut());
+        }
+    }
+}
+
+/// Counts requests and records an exit when a worker served its share.
+#[derive(Clone)]
+struct Recycle<S> {
+    inner: S,
+    served: Arc<AtomicU64>,
+    limit: Option<u64>,
+    supervisor: Supervisor,
+}
+
+impl<S> Recycle<S> {
+    fn new(inner: S, supervisor: &Supervisor, limit: Option<u64>) -> Self {
+        Recycle {
+            inner,
+            served: Arc::new(AtomicU64::new(0)),
+            limit,
+            supervisor: supervisor.clone(),
+        }
+    }
+}
+
+impl<S, Req> Service<Req> for Recycle<S>
+where
+    S: Service<Req>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        if let Some(limit) = self.limit {
+            if self.served.fetch_add(1, Ordering::Relaxed) + 1 == limit {
+                // The worker's own exit: it stops accepting, drains, and
+                // ends with status 0 for the master to replace it.
+                self.supervisor
+                    .trigger(Exit::success().with_message("recycling: max_requests reached"));
+            }
+        }
+        self.inner.call(req)
+    }
+}

@@ -66,6 +66,8 @@ pub mod exit;
 pub mod fork;
 #[cfg(all(unix, feature = "fork"))]
 pub mod fork_guard;
+#[cfg(all(unix, feature = "fork"))]
+pub mod fork_server;
 #[cfg(all(unix, feature = "fork", feature = "http"))]
 pub mod prefork;
 pub mod report;

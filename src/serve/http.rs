@@ -29,12 +29,15 @@ use http_body::Body;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use std::future::{Future, IntoFuture};
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::task::JoinSet;
 use tower_service::Service;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -125,7 +128,7 @@ impl<S> Serve<S> {
             super::drain_on_signals(&supervisor)?;
         }
         let builder = auto::Builder::new(TokioExecutor::new());
-        let graceful = GracefulShutdown::new();
+        let mut connections = JoinSet::new();
         let shutdown = supervisor.shutdown_signal();
         tokio::pin!(shutdown);
 
@@ -144,34 +147,102 @@ impl<S> Serve<S> {
                     }
                 },
             };
+            while connections.try_join_next().is_some() {}
+            let started = Arc::new(AtomicBool::new(false));
+            let svc = FirstRequest {
+                inner: service.clone(),
+                started: started.clone(),
+            };
             let conn = builder
-                .serve_connection_with_upgrades(
-                    TokioIo::new(stream),
-                    TowerToHyperService::new(service.clone()),
-                )
+                .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(svc))
                 .into_owned();
-            let conn = graceful.watch(conn);
-            tokio::spawn(async move {
-                if let Err(err) = conn.await {
+            let drain = supervisor.shutdown_signal();
+            connections.spawn(async move {
+                // Serve; once draining starts, let the current request
+                // finish (`connection: close` on HTTP/1, GOAWAY on HTTP/2)
+                // and close. A connection that has not started its first
+                // request yet gets FIRST_REQUEST_WAIT to do so.
+                tokio::pin!(conn);
+                let result = tokio::select! {
+                    result = conn.as_mut() => Some(result),
+                    () = drain => None,
+                };
+                let result = match result {
+                    Some(result) => result,
+                    None => {
+                        let waited = tokio::time::Instant::now();
+                        let mut finished = None;
+                        while finished.is_none()
+                            && !started.load(Ordering::Acquire)
+                            && waited.elapsed() < FIRST_REQUEST_WAIT
+                        {
+                            tokio::select! {
+                                result = conn.as_mut() => finished = Some(result),
+                                () = tokio::time::sleep(Duration::from_millis(5)) => {}
+                            }
+                        }
+                        match finished {
+                            Some(result) => result,
+                            None => {
+                                conn.as_mut().graceful_shutdown();
+                                conn.await
+                            }
+                        }
+                    }
+                };
+                if let Err(err) = result {
                     tracing::debug!(%peer, err = %err, "connection ended with an error");
                 }
             });
         }
         drop(listener);
 
-        let open = graceful.count();
-        tracing::info!(open, "draining");
-        if tokio::time::timeout(grace, graceful.shutdown())
-            .await
-            .is_err()
-        {
+        tracing::info!(open = connections.len(), "draining");
+        let drained = tokio::time::timeout(grace, async {
+            while connections.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
             tracing::warn!(
                 ?grace,
+                open = connections.len(),
                 "grace period over: dropping the connections still open"
             );
+            connections.shutdown().await;
         }
         Ok(supervisor
             .exit()
             .expect("the loop only ends once an exit is recorded"))
+    }
+}
+
+/// How long a connection accepted just before draining started gets to
+/// send its first request. Without it, a request already on its way (in the
+/// socket buffer, not yet read) would be dropped with the connection: the
+/// client could not tell whether it was handled.
+const FIRST_REQUEST_WAIT: Duration = Duration::from_secs(1);
+
+/// Marks its connection as having started a request.
+#[derive(Clone)]
+struct FirstRequest<S> {
+    inner: S,
+    started: Arc<AtomicBool>,
+}
+
+impl<S, Req> Service<Req> for FirstRequest<S>
+where
+    S: Service<Req>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        self.started.store(true, Ordering::Release);
+        self.inner.call(req)
     }
 }

@@ -129,6 +129,7 @@ impl<S> Serve<S> {
         }
         let builder = auto::Builder::new(TokioExecutor::new());
         let mut connections = JoinSet::new();
+        let draining = Arc::new(AtomicBool::new(false));
         let shutdown = supervisor.shutdown_signal();
         tokio::pin!(shutdown);
 
@@ -148,20 +149,24 @@ impl<S> Serve<S> {
                 },
             };
             while connections.try_join_next().is_some() {}
-            let started = Arc::new(AtomicBool::new(false));
-            let svc = FirstRequest {
+            let http2 = Arc::new(AtomicBool::new(false));
+            let svc = DrainAware {
                 inner: service.clone(),
-                started: started.clone(),
+                draining: draining.clone(),
+                http2: http2.clone(),
             };
             let conn = builder
                 .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(svc))
                 .into_owned();
             let drain = supervisor.shutdown_signal();
             connections.spawn(async move {
-                // Serve; once draining starts, let the current request
-                // finish (`connection: close` on HTTP/1, GOAWAY on HTTP/2)
-                // and close. A connection that has not started its first
-                // request yet gets FIRST_REQUEST_WAIT to do so.
+                // Serve. Once draining starts, an HTTP/1 connection is left
+                // to end by itself: its next response carries `connection:
+                // close` (see `DrainAware`), so a request a client already
+                // sent on an idle keep-alive or a just-accepted connection is
+                // answered, not dropped. After NEXT_REQUEST_WAIT (or at once
+                // for HTTP/2, whose GOAWAY clients handle) it is shut down
+                // gracefully: a request in flight still finishes.
                 tokio::pin!(conn);
                 let result = tokio::select! {
                     result = conn.as_mut() => Some(result),
@@ -170,18 +175,14 @@ impl<S> Serve<S> {
                 let result = match result {
                     Some(result) => result,
                     None => {
-                        let waited = tokio::time::Instant::now();
-                        let mut finished = None;
-                        while finished.is_none()
-                            && !started.load(Ordering::Acquire)
-                            && waited.elapsed() < FIRST_REQUEST_WAIT
-                        {
-                            tokio::select! {
-                                result = conn.as_mut() => finished = Some(result),
-                                () = tokio::time::sleep(Duration::from_millis(5)) => {}
-                            }
-                        }
-                        match finished {
+                        let by_itself = if http2.load(Ordering::Acquire) {
+                            None
+                        } else {
+                            tokio::time::timeout(NEXT_REQUEST_WAIT, conn.as_mut())
+                                .await
+                                .ok()
+                        };
+                        match by_itself {
                             Some(result) => result,
                             None => {
                                 conn.as_mut().graceful_shutdown();
@@ -195,6 +196,7 @@ impl<S> Serve<S> {
                 }
             });
         }
+        draining.store(true, Ordering::Release);
         drop(listener);
 
         tracing::info!(open = connections.len(), "draining");
@@ -216,33 +218,69 @@ impl<S> Serve<S> {
     }
 }
 
-/// How long a connection accepted just before draining started gets to
-/// send its first request. Without it, a request already on its way (in the
-/// socket buffer, not yet read) would be dropped with the connection: the
-/// client could not tell whether it was handled.
-const FIRST_REQUEST_WAIT: Duration = Duration::from_secs(1);
+/// How long an HTTP/1 connection may stay open once draining starts, for a
+/// request its client may already have sent; then it is shut down.
+const NEXT_REQUEST_WAIT: Duration = Duration::from_secs(1);
 
-/// Marks its connection as having started a request.
+/// Marks responses `connection: close` (HTTP/1) once the server drains, so
+/// that keep-alive clients stop sending on this connection, and tells the
+/// connection task whether it speaks HTTP/2.
 #[derive(Clone)]
-struct FirstRequest<S> {
+struct DrainAware<S> {
     inner: S,
-    started: Arc<AtomicBool>,
+    draining: Arc<AtomicBool>,
+    http2: Arc<AtomicBool>,
 }
 
-impl<S, Req> Service<Req> for FirstRequest<S>
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for DrainAware<S>
 where
-    S: Service<Req>,
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = S::Future;
+    type Future = DrainAwareFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Req) -> Self::Future {
-        self.started.store(true, Ordering::Release);
-        self.inner.call(req)
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let http1 = req.version() <= http::Version::HTTP_11;
+        if req.version() == http::Version::HTTP_2 {
+            self.http2.store(true, Ordering::Release);
+        }
+        DrainAwareFuture {
+            inner: self.inner.call(req),
+            draining: http1.then(|| self.draining.clone()),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    struct DrainAwareFuture<F> {
+        #[pin]
+        inner: F,
+        draining: Option<Arc<AtomicBool>>,
+    }
+}
+
+impl<F, B, E> Future for DrainAwareFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut result = std::task::ready!(this.inner.poll(cx));
+        if let (Ok(res), Some(draining)) = (&mut result, this.draining) {
+            if draining.load(Ordering::Acquire) {
+                res.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+            }
+        }
+        Poll::Ready(result)
     }
 }

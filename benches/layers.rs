@@ -107,5 +107,89 @@ fn layers(c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, layers);
+/// An exit from the handler to the boundary through six layers, as unwind
+/// and as `Err`, against a plain error through the same stack; with a
+/// tunnel in the stack too.
+fn exit_propagation(c: &mut Criterion) {
+    type Reply = std::future::Ready<Result<Response<Full<Bytes>>, tower::BoxError>>;
+    fn raise(_: Request<Full<Bytes>>) -> Reply {
+        tower_exit::exit(3)
+    }
+    fn exit_err(_: Request<Full<Bytes>>) -> Reply {
+        ready(Err(tower_exit::Exit::new(3).into()))
+    }
+    fn plain_err(_: Request<Full<Bytes>>) -> Reply {
+        ready(Err("boom".into()))
+    }
+    let supervisor = tower_exit::Supervisor::new();
+    let reporter = |_: &Failure<'_>| {};
+    let six = |handler: fn(Request<Full<Bytes>>) -> Reply| {
+        ServiceBuilder::new()
+            .boundary(&supervisor)
+            .catch_panic()
+            .report(reporter)
+            .catch_panic()
+            .report(reporter)
+            .fork_guard()
+            .service_fn(handler)
+    };
+    let tunneled = |handler: fn(Request<Full<Bytes>>) -> Reply| {
+        ServiceBuilder::new()
+            .boundary(&supervisor)
+            .catch_panic()
+            .report(reporter)
+            .tunnel(tower_http::catch_panic::CatchPanicLayer::new())
+            .report(reporter)
+            .fork_guard()
+            .service_fn(handler)
+    };
+    // Each call ends in `Err` (a plain error) or a 503 (an exit).
+    fn run<S: Service<Request<Full<Bytes>>>>(svc: &mut S) {
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(matches!(svc.poll_ready(&mut cx), Poll::Ready(Ok(()))));
+        let mut fut = pin!(svc.call(black_box(Request::new(Full::default()))));
+        assert!(fut.as_mut().poll(&mut cx).is_ready());
+    }
+    let mut group = c.benchmark_group("exit through 6 layers");
+    let mut svc = six(plain_err);
+    group.bench_function("plain Err (baseline)", |b| b.iter(|| run(&mut svc)));
+    let mut svc = six(exit_err);
+    group.bench_function("exit as Err", |b| b.iter(|| run(&mut svc)));
+    let mut svc = six(raise);
+    group.bench_function("exit as unwind", |b| b.iter(|| run(&mut svc)));
+    let mut svc = tunneled(exit_err);
+    group.bench_function("exit as Err, tunneled", |b| b.iter(|| run(&mut svc)));
+    let mut svc = tunneled(raise);
+    group.bench_function("exit as unwind, tunneled", |b| b.iter(|| run(&mut svc)));
+    group.finish();
+}
+
+/// The tunnel's happy-path cost per request, next to the foreign layer alone.
+fn tunnel(c: &mut Criterion) {
+    bench(
+        c,
+        "tower-http catch_panic, tunneled",
+        ServiceBuilder::new()
+            .tunnel(tower_http::catch_panic::CatchPanicLayer::new())
+            .service(inner()),
+    );
+}
+
+/// `fork::spawn` of a child that returns at once, and waiting for it.
+fn fork_spawn(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    c.bench_function("fork::spawn + wait", |b| {
+        b.iter(|| {
+            runtime.block_on(async {
+                let mut child = tower_exit::fork::spawn(|| {}).unwrap();
+                assert!(child.wait().await.unwrap().success());
+            })
+        })
+    });
+}
+
+criterion_group!(benches, layers, exit_propagation, tunnel, fork_spawn);
 criterion_main!(benches);

@@ -331,12 +331,10 @@ where
                     self.wanted += 1;
                     tracing::info!(workers = self.wanted, "SIGTTIN: one more worker");
                 }
-                Some(libc::SIGTTOU) => {
-                    if self.wanted > 1 {
-                        self.wanted -= 1;
-                        tracing::info!(workers = self.wanted, "SIGTTOU: one worker less");
-                        self.retire(1);
-                    }
+                Some(libc::SIGTTOU) if self.wanted > 1 => {
+                    self.wanted -= 1;
+                    tracing::info!(workers = self.wanted, "SIGTTOU: one worker less");
+                    self.retire(1);
                 }
                 _ => {}
             }

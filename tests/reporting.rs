@@ -139,7 +139,7 @@ async fn every_policy_for_every_outcome() {
 }
 
 #[tokio::test]
-async fn a_storm_of_panics_sends_a_bounded_number_of_reports_and_one_exact_summary() {
+async fn a_storm_of_panics_sends_a_bounded_number_of_reports_and_exact_summaries() {
     std::panic::set_hook(Box::new(|_| {}));
     let recorder = Recorder::default();
     let limited = Arc::new(RateLimited::new(recorder.clone(), 10, 20));
@@ -171,22 +171,20 @@ async fn a_storm_of_panics_sends_a_bounded_number_of_reports_and_one_exact_summa
         "{sent} reports in {elapsed:.2}s, bound {bound}"
     );
     assert!(sent >= 20, "the burst goes through");
-    assert!(
-        recorder.dropped.lock().unwrap().is_empty(),
-        "no summary while the storm lasts"
-    );
 
     limited.flush();
+    // Summaries go out only just before a report let through, and once at
+    // the flush: bounded too. Together with what was sent, they account
+    // for every one of the 10,000 panics, exactly.
     let summaries = recorder.dropped.lock().unwrap().clone();
-    assert_eq!(
-        summaries,
-        [Dropped {
-            errors: 0,
-            panics: 10_000 - sent,
-            exits: 0
-        }],
-        "one exact summary"
+    assert!(
+        summaries.len() as u64 <= sent - 20 + 1,
+        "{} summaries",
+        summaries.len()
     );
+    let dropped: u64 = summaries.iter().map(|d| d.panics).sum();
+    assert!(summaries.iter().all(|d| d.errors == 0 && d.exits == 0));
+    assert_eq!(sent + dropped, 10_000, "the summaries are exact");
 }
 
 #[tokio::test]

@@ -47,9 +47,10 @@ async fn handler(
     }
 }
 
+/// The tests here count zombies: one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 async fn seed_scenario() {
-    // The two runtimes' tests count zombies: one at a time.
-    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let log = PidLog::new("seed");
     let report_log = log.path.clone();
@@ -125,4 +126,47 @@ fn seed_scenario_on_multi_thread_runtime() {
         .build()
         .unwrap()
         .block_on(seed_scenario());
+}
+
+/// The seed scenario a thousand times in a row on one server: the
+/// parent-only code runs exactly once per request, every child is reaped.
+#[test]
+fn seed_scenario_a_thousand_times() {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+            let log = PidLog::new("seed-1000");
+            let handler_log = log.path.clone();
+            let supervisor = Supervisor::new();
+            let svc = ServiceBuilder::new()
+                .layer(tower_http::catch_panic::CatchPanicLayer::new())
+                .fork_guard()
+                .service_fn(move |req| handler(handler_log.clone(), req));
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let server =
+                tokio::spawn(tower_exit::serve::http(listener, svc, &supervisor).into_future());
+            let parent = std::process::id().to_string();
+            for _ in 0..1000 {
+                let reply = get(addr, "/fork").await.unwrap();
+                assert_eq!(reply.body, parent);
+            }
+            let lines = log.lines();
+            let parent_only = lines
+                .iter()
+                .filter(|l| l.starts_with("parent-only child-signal=Some(15) pid="))
+                .count();
+            let children = lines.iter().filter(|l| l.starts_with("child ")).count();
+            assert_eq!((parent_only, children), (1000, 1000));
+            assert!(lines
+                .iter()
+                .filter(|l| l.starts_with("parent-only"))
+                .all(|l| l.ends_with(&format!("pid={parent}"))));
+            assert!(zombies().is_empty());
+            supervisor.trigger(Exit::success());
+            assert_eq!(server.await.unwrap().unwrap().code(), 0);
+        });
 }

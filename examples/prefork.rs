@@ -26,6 +26,6 @@ fn main() -> std::io::Result<ExitCode> {
     if let Some(max) = args.max_requests {
         prefork = prefork.max_requests(max);
     }
-    let exit = prefork.run_http(|supervisor| demo::service(supervisor))?;
+    let exit = prefork.run_http(demo::service)?;
     Ok(exit.into())
 }

@@ -15,7 +15,7 @@
 //!   pair) to fork a job and returns a [`Job`] to wait on.
 //! - The fork server dies with its parent (`PR_SET_PDEATHSIG`, and it ends
 //!   when its socket closes), its jobs die with it, and it reaps every job
-//!   it forked. A job runs under [`fork::spawn`](crate::fork::spawn): it can
+//!   it forked. A job runs under [`fork::spawn`]: it can
 //!   never return into anyone's code.
 //!
 //! ```no_run

@@ -361,7 +361,16 @@ where
             if Instant::now() < self.next_spawn {
                 return Ok(());
             }
-            let child = self.spawn_worker()?;
+            let child = match self.spawn_worker() {
+                Ok(child) => child,
+                Err(err) => {
+                    // Out of processes or memory: keep the workers we have
+                    // and try again in a second.
+                    tracing::error!(%err, "cannot fork a worker: trying again in 1 s");
+                    self.next_spawn = Instant::now() + Duration::from_secs(1);
+                    return Ok(());
+                }
+            };
             tracing::info!(pid = child.pid(), "worker started");
             self.workers.push(Worker {
                 child,

@@ -25,10 +25,23 @@ pub struct Reply {
 
 pub async fn get(addr: SocketAddr, path: &str) -> Result<Reply, BoxError> {
     let stream = tokio::net::TcpStream::connect(addr).await?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    exchange(stream, &addr.to_string(), path).await
+}
+
+/// One HTTP/1.1 exchange over a fresh unix-socket connection.
+pub async fn get_unix(socket: &std::path::Path, path: &str) -> Result<Reply, BoxError> {
+    let stream = tokio::net::UnixStream::connect(socket).await?;
+    exchange(stream, "localhost", path).await
+}
+
+async fn exchange<IO>(io: IO, host: &str, path: &str) -> Result<Reply, BoxError>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
     tokio::spawn(conn);
     let req = Request::get(path)
-        .header("host", addr.to_string())
+        .header("host", host)
         .body(Empty::<Bytes>::new())?;
     let res = sender.send_request(req).await?;
     let status = res.status();
@@ -208,23 +221,4 @@ impl Drop for PidLog {
         }
         let _ = std::fs::remove_file(&self.path);
     }
-}
-
-/// One HTTP/1.1 exchange over a fresh unix-socket connection.
-pub async fn get_unix(socket: &std::path::Path, path: &str) -> Result<Reply, BoxError> {
-    let stream = tokio::net::UnixStream::connect(socket).await?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
-    let req = Request::get(path)
-        .header("host", "localhost")
-        .body(Empty::<Bytes>::new())?;
-    let res = sender.send_request(req).await?;
-    let status = res.status();
-    let headers = res.headers().clone();
-    let body = res.into_body().collect().await?.to_bytes();
-    Ok(Reply {
-        status,
-        headers,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    })
 }

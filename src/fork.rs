@@ -384,9 +384,13 @@ impl Child {
             return Ok(status);
         }
         if let Some(fd) = self.pidfd.as_ref().map(AsRawFd::as_raw_fd) {
-            // SAFETY: `fd` is owned by `self.pidfd`, which stays open and
-            // untouched while `self` is mutably borrowed by this future, and
-            // the registration is dropped before this function returns.
+            // SAFETY: `fd` is owned by `self.pidfd`, which is neither closed
+            // nor replaced while the registration lives: the loop below
+            // reaps with `try_reap`, which leaves `self.pidfd` alone, and
+            // the registration is dropped before `self.pidfd` is cleared.
+            // (Closing a registered fd first would let its number be reused
+            // by a socket that the deregistration then removes from the
+            // runtime's epoll: that socket would never be woken again.)
             let registered = unsafe {
                 tokio::io::unix::AsyncFd::register_with_interest(
                     PidFd(fd),
@@ -394,14 +398,18 @@ impl Child {
                 )
             };
             if let Ok(readable) = registered {
-                loop {
+                let status = loop {
                     // A pidfd becomes readable when the process ends.
                     let mut ready = readable.readable().await?;
-                    if let Some(status) = self.try_wait()? {
-                        return Ok(status);
+                    if let Some(status) = try_reap(self.pid)? {
+                        break status;
                     }
                     ready.clear_ready();
-                }
+                };
+                drop(readable);
+                self.status = Some(status);
+                self.pidfd = None;
+                return Ok(status);
             }
         }
         let mut pause = Duration::from_millis(1);

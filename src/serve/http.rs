@@ -60,9 +60,12 @@ pub fn http<S>(listener: impl Into<Listener>, service: S, supervisor: &Superviso
 /// An HTTP server that ends with the first [`Exit`]. Await it.
 ///
 /// On the first exit (recorded by the [`BoundaryLayer`](crate::BoundaryLayer)
-/// or by [`Supervisor::trigger`]) the server stops accepting, closes idle
-/// keep-alive connections (HTTP/2: GOAWAY), lets in-flight requests finish
-/// within the [grace period](Self::grace), and resolves to that exit.
+/// or by [`Supervisor::trigger`]) the server stops accepting and drains:
+/// on HTTP/1 every response carries `connection: close` and an idle
+/// keep-alive connection is closed after 1 s without a new request (so a
+/// request a client already sent is answered, not dropped); on HTTP/2 it
+/// sends GOAWAY. In-flight requests finish within the
+/// [grace period](Self::grace); then the server resolves to that exit.
 #[derive(Debug)]
 #[must_use = "a server does nothing until awaited"]
 pub struct Serve<S> {

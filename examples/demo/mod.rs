@@ -1,4 +1,4 @@
-//! What `examples/http.rs` and `examples/fastcgi.rs` share: the routes, the
+//! What `examples/http.rs`, `examples/fastcgi.rs` and `examples/prefork.rs` share: the routes, the
 //! stack, and `--listen ADDR`.
 
 use bytes::Bytes;

@@ -12,7 +12,9 @@
 //!   exactly once with the expected status, every real failure reported
 //!   exactly once, no exit reported, no zombie, resident memory flat;
 //! - SIGTERM during load: every request answered before the drain is
-//!   answered right, the process exits 0.
+//!   answered right, the process exits 0;
+//! - a prefork worker killed under load: every answer is right, only the
+//!   killed worker's unacknowledged requests fail, the master goes on.
 
 mod common;
 
@@ -257,5 +259,66 @@ async fn sigterm_during_load_answers_what_it_accepted_and_exits_0() {
     println!(
         "SIGTERM during load: {} requests answered right before the drain, then connections refused; exit 0",
         answered.load(Ordering::Relaxed)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "load: run with --ignored"]
+async fn a_prefork_worker_killed_under_load_loses_nothing_acknowledged() {
+    let mut command = Command::new(example("prefork"));
+    command.args(["--listen", "127.0.0.1:0", "--workers", "2"]);
+    let mut master = Proc::spawn(command);
+    let addr = master.wait_for_line("listening on ");
+    let base = format!("http://{addr}");
+    let answered = Arc::new(AtomicUsize::new(0));
+    let cut = Arc::new(AtomicUsize::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..CONCURRENCY {
+        let (base, answered, cut) = (base.clone(), answered.clone(), cut.clone());
+        tasks.spawn(async move {
+            let client: Client<_, Empty<bytes::Bytes>> =
+                Client::builder(TokioExecutor::new()).build_http();
+            for _ in 0..5_000 {
+                match client.get(format!("{base}/pid").parse().unwrap()).await {
+                    Ok(res) => {
+                        assert_eq!(res.status(), StatusCode::OK, "an answer is always right");
+                        let body = res.into_body().collect().await.unwrap().to_bytes();
+                        assert!(std::str::from_utf8(&body).unwrap().parse::<u32>().is_ok());
+                        answered.fetch_add(1, Ordering::Relaxed);
+                    }
+                    // The killed worker's connections: never acknowledged.
+                    Err(_) => {
+                        cut.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before_kill = answered.load(Ordering::Relaxed);
+    let victim: u32 = {
+        let res = Client::builder(TokioExecutor::new())
+            .build_http::<Empty<bytes::Bytes>>()
+            .get(format!("{base}/pid").parse().unwrap())
+            .await
+            .unwrap();
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        std::str::from_utf8(&body).unwrap().parse().unwrap()
+    };
+    // SAFETY: plain syscall to a worker of the master this test started.
+    unsafe { libc::kill(victim as i32, libc::SIGKILL) };
+    while let Some(joined) = tasks.join_next().await {
+        joined.unwrap();
+    }
+    // SAFETY: as above, to the master.
+    unsafe { libc::kill(master.pid() as i32, libc::SIGTERM) };
+    let status = tokio::task::block_in_place(|| master.wait_exit(Duration::from_secs(15)));
+    assert_eq!(status.code(), Some(0));
+    assert!(master.stderr_count("worker failed: replacing it") >= 1);
+    let total = answered.load(Ordering::Relaxed);
+    assert!(total > before_kill, "the load went on after the kill");
+    println!(
+        "prefork worker killed under load after {before_kill} requests: {total} answered in all, every one right; {} cut with the worker (never acknowledged); master exit 0",
+        cut.load(Ordering::Relaxed)
     );
 }

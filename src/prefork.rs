@@ -48,10 +48,8 @@
 //! ```
 
 use crate::fork::{self, Child};
-use crate::serve::{ListenAddr, Listener};
+use crate::serve::{ListenAddr, Listener, ServeService};
 use crate::{Exit, Supervisor};
-use http::{Request, Response};
-use http_body::Body;
 use std::future::{Future, IntoFuture};
 use std::io;
 use std::process::ExitStatus;
@@ -60,8 +58,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tower_service::Service;
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 type OnBound = Arc<dyn Fn(&ListenAddr) + Send + Sync>;
 
@@ -146,15 +142,10 @@ impl Prefork {
     /// Runs the master, serving HTTP in each worker. Returns when the server
     /// stops: [`Exit::success`] after SIGTERM/SIGINT/SIGQUIT, or the
     /// stop-all exit of a worker.
-    pub fn run_http<F, S, B>(self, factory: F) -> io::Result<Exit>
+    pub fn run_http<F, S>(self, factory: F) -> io::Result<Exit>
     where
         F: Fn(&Supervisor) -> S,
-        S: Service<Request<hyper::body::Incoming>, Response = Response<B>> + Clone + Send + 'static,
-        S::Future: Send + 'static,
-        S::Error: Into<BoxError>,
-        B: Body + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<BoxError>,
+        S: ServeService<hyper::body::Incoming>,
     {
         let grace = self.grace;
         self.run(move |listener, supervisor, limit| {
@@ -168,18 +159,10 @@ impl Prefork {
 
     /// Runs the master, serving FastCGI in each worker. See
     /// [`run_http`](Self::run_http).
-    pub fn run_fastcgi<F, S, B>(self, factory: F) -> io::Result<Exit>
+    pub fn run_fastcgi<F, S>(self, factory: F) -> io::Result<Exit>
     where
         F: Fn(&Supervisor) -> S,
-        S: Service<Request<crate::serve::fastcgi::RequestBody>, Response = Response<B>>
-            + Clone
-            + Send
-            + 'static,
-        S::Future: Send + 'static,
-        S::Error: Into<BoxError>,
-        B: Body + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<BoxError>,
+        S: ServeService<crate::serve::fastcgi::RequestBody>,
     {
         let grace = self.grace;
         self.run(move |listener, supervisor, limit| {

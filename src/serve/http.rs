@@ -23,9 +23,9 @@
 //! ```
 
 use super::listen::Listener;
+use super::ServeService;
 use crate::{Exit, Supervisor};
 use http::{Request, Response};
-use http_body::Body;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -39,8 +39,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::task::JoinSet;
 use tower_service::Service;
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Default time in-flight requests get to finish once the server drains.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(30);
@@ -93,14 +91,9 @@ impl<S> Serve<S> {
     }
 }
 
-impl<S, B> IntoFuture for Serve<S>
+impl<S> IntoFuture for Serve<S>
 where
-    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
+    S: ServeService<Incoming>,
 {
     type Output = io::Result<Exit>;
     type IntoFuture = Pin<Box<dyn Future<Output = io::Result<Exit>> + Send>>;
@@ -111,14 +104,9 @@ where
 }
 
 impl<S> Serve<S> {
-    async fn run<B>(self) -> io::Result<Exit>
+    async fn run(self) -> io::Result<Exit>
     where
-        S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
-        S::Future: Send + 'static,
-        S::Error: Into<BoxError>,
-        B: Body + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<BoxError>,
+        S: ServeService<Incoming>,
     {
         let Serve {
             listener,

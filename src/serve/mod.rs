@@ -18,6 +18,41 @@ pub use self::http::{http, Serve};
 pub use self::listen::{BadListenAddr, ListenAddr, Listener, Peer};
 
 use crate::{Exit, Supervisor};
+use ::http::{Request, Response};
+use http_body::Body;
+use tower_service::Service;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What the servers here need of a tower service taking `Request<ReqBody>`:
+/// cloneable and `Send`, a `Send` future, errors and a response body hyper
+/// can handle. Implemented for every service that fits; you never
+/// implement it, it only names these bounds once.
+pub trait ServeService<ReqBody>:
+    Service<
+        Request<ReqBody>,
+        Response = Response<Self::ResBody>,
+        Future: Send + 'static,
+        Error: Into<BoxError>,
+    > + Clone
+    + Send
+    + 'static
+{
+    /// The response body.
+    type ResBody: Body<Data: Send, Error: Into<BoxError>> + Send + 'static;
+}
+
+impl<S, ReqBody, B> ServeService<ReqBody> for S
+where
+    S: Service<Request<ReqBody>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    type ResBody = B;
+}
 
 /// Records `Exit::success()` on the first SIGTERM or SIGINT.
 fn drain_on_signals(supervisor: &Supervisor) -> std::io::Result<()> {

@@ -10,7 +10,7 @@ use super::request::{
     body_channel, cgi_head, content_length, request_from_params, BodyError, RequestBody,
 };
 use super::Limits;
-use crate::serve::Peer;
+use crate::serve::{Peer, ServeService};
 use bytes::{Bytes, BytesMut};
 use http::{Request, Response, StatusCode};
 use http_body::Body;
@@ -62,7 +62,7 @@ pub(crate) enum Ended {
 
 /// Serves one connection until the web server closes it, a request without
 /// `FCGI_KEEP_CONN` is done, or draining starts and no request is active.
-pub(crate) async fn serve<IO, S, B>(
+pub(crate) async fn serve<IO, S>(
     io: IO,
     peer: Peer,
     service: S,
@@ -71,12 +71,7 @@ pub(crate) async fn serve<IO, S, B>(
 ) -> Ended
 where
     IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-    S: Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
+    S: ServeService<RequestBody>,
 {
     let (mut reader, writer) = tokio::io::split(io);
     let (out, out_rx) = mpsc::channel::<Bytes>(64);
@@ -175,14 +170,9 @@ struct Conn<S> {
     close_when_idle: bool,
 }
 
-impl<S, B> Conn<S>
+impl<S> Conn<S>
 where
-    S: Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
+    S: ServeService<RequestBody>,
 {
     async fn send(&mut self, records: BytesMut) {
         // A failed send means the writer is gone (the peer closed); the

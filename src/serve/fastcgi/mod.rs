@@ -52,9 +52,8 @@ pub use self::record::ProtocolError;
 pub use self::request::{BodyError, Params, RemoteAddr, RequestBody};
 
 use super::listen::{Listener, Peer};
+use super::ServeService;
 use crate::{Exit, Supervisor};
-use http::{Request, Response};
-use http_body::Body;
 use std::future::{Future, IntoFuture};
 use std::io;
 use std::net::IpAddr;
@@ -63,9 +62,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
-use tower_service::Service;
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Limits on what a web server may make this server hold.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -181,14 +177,9 @@ fn allow_list_from_env() -> io::Result<Option<Vec<IpAddr>>> {
         .map(Some)
 }
 
-impl<S, B> IntoFuture for ServeFastCgi<S>
+impl<S> IntoFuture for ServeFastCgi<S>
 where
-    S: Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
+    S: ServeService<RequestBody>,
 {
     type Output = io::Result<Exit>;
     type IntoFuture = Pin<Box<dyn Future<Output = io::Result<Exit>> + Send>>;
@@ -199,14 +190,9 @@ where
 }
 
 impl<S> ServeFastCgi<S> {
-    async fn run<B>(self) -> io::Result<Exit>
+    async fn run(self) -> io::Result<Exit>
     where
-        S: Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
-        S::Future: Send + 'static,
-        S::Error: Into<BoxError>,
-        B: Body + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<BoxError>,
+        S: ServeService<RequestBody>,
     {
         let allow = match self.allow {
             Some(allow) => Some(allow),

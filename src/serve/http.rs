@@ -125,19 +125,9 @@ impl<S> Serve<S> {
         tokio::pin!(shutdown);
 
         loop {
-            let (stream, peer) = tokio::select! {
-                biased;
-                _ = &mut shutdown => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(err) => {
-                        // EMFILE and friends: keep serving the open
-                        // connections, try again shortly.
-                        tracing::warn!(%err, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                        continue;
-                    }
-                },
+            let Some((stream, peer)) = super::accept_until(&listener, shutdown.as_mut()).await
+            else {
+                break;
             };
             while connections.try_join_next().is_some() {}
             let http2 = Arc::new(AtomicBool::new(false));
@@ -190,22 +180,7 @@ impl<S> Serve<S> {
         draining.store(true, Ordering::Release);
         drop(listener);
 
-        tracing::info!(open = connections.len(), "draining");
-        let drained = tokio::time::timeout(grace, async {
-            while connections.join_next().await.is_some() {}
-        })
-        .await;
-        if drained.is_err() {
-            tracing::warn!(
-                ?grace,
-                open = connections.len(),
-                "grace period over: dropping the connections still open"
-            );
-            connections.shutdown().await;
-        }
-        Ok(supervisor
-            .exit()
-            .expect("the loop only ends once an exit is recorded"))
+        Ok(super::drain(connections, grace, &supervisor).await)
     }
 }
 

@@ -54,6 +54,56 @@ where
     type ResBody = B;
 }
 
+/// The next connection, or `None` once `shutdown` resolves. Accept errors
+/// (EMFILE and friends) are logged and retried shortly: the open
+/// connections keep being served meanwhile.
+async fn accept_until<F>(
+    listener: &Listener,
+    mut shutdown: std::pin::Pin<&mut F>,
+) -> Option<(listen::Stream, Peer)>
+where
+    F: std::future::Future<Output = ()>,
+{
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.as_mut() => return None,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => return Some(accepted),
+                Err(err) => {
+                    tracing::warn!(%err, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+            },
+        }
+    }
+}
+
+/// Lets the connection tasks finish within `grace`, then drops the rest;
+/// returns the exit that started the drain.
+async fn drain(
+    mut connections: tokio::task::JoinSet<()>,
+    grace: std::time::Duration,
+    supervisor: &Supervisor,
+) -> Exit {
+    tracing::info!(open = connections.len(), "draining");
+    let drained = tokio::time::timeout(grace, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            ?grace,
+            open = connections.len(),
+            "grace period over: dropping the connections still open"
+        );
+        connections.shutdown().await;
+    }
+    supervisor
+        .exit()
+        .expect("servers drain only once an exit is recorded")
+}
+
 /// Records `Exit::success()` on the first SIGTERM or SIGINT.
 fn drain_on_signals(supervisor: &Supervisor) -> std::io::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};

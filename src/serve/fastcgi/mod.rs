@@ -214,17 +214,9 @@ impl<S> ServeFastCgi<S> {
                 _ = &mut shutdown => break,
                 slot = slots.clone().acquire_owned() => slot.expect("semaphore never closed"),
             };
-            let (stream, peer) = tokio::select! {
-                biased;
-                _ = &mut shutdown => break,
-                accepted = self.listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(err) => {
-                        tracing::warn!(%err, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                        continue;
-                    }
-                },
+            let Some((stream, peer)) = super::accept_until(&self.listener, shutdown.as_mut()).await
+            else {
+                break;
             };
             if let (Some(allow), Peer::Tcp(addr)) = (&allow, peer) {
                 if !allow.contains(&addr.ip()) {
@@ -253,18 +245,6 @@ impl<S> ServeFastCgi<S> {
         }
         drop(self.listener);
 
-        tracing::info!(open = connections.len(), "draining");
-        let drained = tokio::time::timeout(self.grace, async {
-            while connections.join_next().await.is_some() {}
-        })
-        .await;
-        if drained.is_err() {
-            tracing::warn!(grace = ?self.grace, open = connections.len(), "grace period over: dropping the connections still open");
-            connections.shutdown().await;
-        }
-        Ok(self
-            .supervisor
-            .exit()
-            .expect("the loop only ends once an exit is recorded"))
+        Ok(super::drain(connections, self.grace, &self.supervisor).await)
     }
 }

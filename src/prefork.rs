@@ -216,9 +216,7 @@ fn bind_std(addr: &ListenAddr) -> io::Result<StdListener> {
             addr.as_str(),
         )?)),
         ListenAddr::Unix(path) => {
-            if std::fs::symlink_metadata(path).is_ok() {
-                std::fs::remove_file(path)?;
-            }
+            crate::serve::remove_stale_socket(path)?;
             Ok(StdListener::Unix(std::os::unix::net::UnixListener::bind(
                 path,
             )?))
@@ -308,7 +306,7 @@ where
                 }
                 Some(libc::SIGHUP) => {
                     tracing::info!("SIGHUP: replacing every worker");
-                    self.retire(self.serving().len());
+                    self.retire(self.serving_count());
                 }
                 Some(libc::SIGTTIN) => {
                     self.wanted += 1;
@@ -322,6 +320,13 @@ where
                 _ => {}
             }
         }
+    }
+
+    fn serving_count(&self) -> usize {
+        self.workers
+            .iter()
+            .filter(|w| w.role == Role::Serving)
+            .count()
     }
 
     fn serving(&self) -> Vec<usize> {
@@ -340,7 +345,7 @@ where
     }
 
     fn spawn_missing(&mut self) -> io::Result<()> {
-        while self.serving().len() < self.wanted {
+        while self.serving_count() < self.wanted {
             if Instant::now() < self.next_spawn {
                 return Ok(());
             }

@@ -133,7 +133,9 @@ impl Listener {
     }
 }
 
-fn remove_stale_socket(path: &Path) -> io::Result<()> {
+/// Removes a socket file left by an earlier run at `path`; any other file
+/// there is an error, never deleted.
+pub(crate) fn remove_stale_socket(path: &Path) -> io::Result<()> {
     use std::os::unix::fs::FileTypeExt;
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path),

@@ -15,6 +15,7 @@ mod listen;
 
 pub use self::fastcgi::fastcgi;
 pub use self::http::{http, Serve};
+pub(crate) use self::listen::remove_stale_socket;
 pub use self::listen::{BadListenAddr, ListenAddr, Listener, Peer};
 
 use crate::{Exit, Supervisor};

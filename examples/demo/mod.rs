@@ -103,14 +103,23 @@ pub async fn handler<B>(req: Request<B>) -> Reply {
         }
         "/fork" => match fork::fork()? {
             Forked::Child => {
-                println!("child {} of /fork: my work is done", std::process::id());
+                child_line(format_args!(
+                    "child {} of /fork: my work is done\n",
+                    std::process::id()
+                ));
                 tower_exit::exit(0)
             }
             Forked::Parent(mut child) => {
                 let status = child.wait().await?;
+                // Parent-only code: a child that ran on into it would answer
+                // with its own pid here.
                 Ok(text(
                     StatusCode::OK,
-                    format!("forked child {} ended with {status}\n", child.pid()),
+                    format!(
+                        "parent {}: forked child {} ended with {status}\n",
+                        std::process::id(),
+                        child.pid()
+                    ),
                 ))
             }
         },
@@ -121,6 +130,22 @@ pub async fn handler<B>(req: Request<B>) -> Reply {
             _ => Ok(text(StatusCode::NOT_FOUND, "not found\n")),
         },
     }
+}
+
+/// Writes one line to stdout from a child forked by a multi-threaded
+/// process, the way such a child must: no allocation, no lock (`println!`
+/// takes stdout's lock, which another thread may have held at the fork, and
+/// the child would wait for it forever), one `write(2)`. Lines longer than
+/// 256 bytes are cut.
+fn child_line(line: std::fmt::Arguments<'_>) {
+    let mut buf = [0u8; 256];
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    // Formatting into a slice neither allocates nor locks; a line too long
+    // for it is cut, not lost.
+    let _ = std::io::Write::write_fmt(&mut cursor, line);
+    let len = cursor.position() as usize;
+    // SAFETY: write(2) is async-signal-safe; `buf` is valid for `len` bytes.
+    let _ = unsafe { libc::write(1, buf.as_ptr().cast(), len) };
 }
 
 /// A real failure that gets this far becomes a `500`; an exit (as `Err`)

@@ -80,13 +80,48 @@ fn start(setup: Setup) -> (SocketAddr, Box<dyn FnOnce()>) {
     (addr, Box::new(stop))
 }
 
-/// wrk's requests/s and p99 latency (µs).
-fn load(addr: SocketAddr, duration: &str) -> (f64, f64) {
-    let out = Command::new("wrk")
-        .args(["-t1", "-c32", "-d", duration, "--latency"])
+/// What one load run measured.
+#[derive(Clone, Copy, Debug)]
+struct Measured {
+    /// wrk's requests per second.
+    rps: f64,
+    /// wrk's 99th percentile latency, µs.
+    p99: f64,
+    /// CPU time of the server (every thread of this process, user and
+    /// system) per request, µs: the steadiest of the three figures, as it
+    /// does not depend on how the VM's scheduler shares the cores.
+    cpu: f64,
+}
+
+/// CPU time so far of every thread of this process, ns
+/// (`/proc/self/task/*/schedstat`).
+fn cpu_ns() -> u64 {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("schedstat")).ok())
+        .filter_map(|stat| stat.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Loads `addr` with wrk for `duration`.
+fn load(addr: SocketAddr, duration: &str) -> Measured {
+    let cpu_before = cpu_ns();
+    let out = Command::new("taskset")
+        .args([
+            "-c",
+            WRK_CPU,
+            "wrk",
+            "-t1",
+            "-c32",
+            "-d",
+            duration,
+            "--latency",
+        ])
         .arg(format!("http://{addr}/"))
         .output()
-        .expect("wrk on the PATH (benches/http/run.sh installs it)");
+        .expect("taskset and wrk on the PATH (benches/http/run.sh installs wrk)");
+    let cpu = cpu_ns() - cpu_before;
     let text = String::from_utf8_lossy(&out.stdout);
     let rps = text
         .lines()
@@ -98,8 +133,17 @@ fn load(addr: SocketAddr, duration: &str) -> (f64, f64) {
         .find_map(|l| l.trim().strip_prefix("99%"))
         .map(|v| to_micros(v.trim()))
         .expect("wrk --latency output");
+    let requests: f64 = text
+        .lines()
+        .find(|l| l.contains(" requests in "))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .expect("wrk's request count");
     assert!(!text.contains("Socket errors"), "{text}");
-    (rps, p99)
+    Measured {
+        rps,
+        p99,
+        cpu: cpu as f64 / 1000.0 / requests,
+    }
 }
 
 fn to_micros(value: &str) -> f64 {
@@ -117,44 +161,104 @@ fn to_micros(value: &str) -> f64 {
     }
 }
 
+/// The CPU the servers run on, and the CPU wrk runs on: pinned apart, so
+/// that the scheduler moving them around does not add its own noise.
+const SERVER_CPU: &str = "0";
+const WRK_CPU: &str = "1";
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // `cargo bench -- --list`
     }
+    // Every thread of this process (the servers' runtimes start later and
+    // inherit it) on SERVER_CPU.
+    let pinned = Command::new("taskset")
+        .args(["-a", "-p", "-c", SERVER_CPU])
+        .arg(std::process::id().to_string())
+        .output()
+        .expect("taskset (util-linux)");
+    assert!(pinned.status.success(), "{pinned:?}");
     let duration = std::env::var("DURATION").unwrap_or_else(|_| "5s".into());
     let rounds: usize = std::env::var("ROUNDS")
         .ok()
         .and_then(|r| r.parse().ok())
         .unwrap_or(3);
     let setups = [Setup::Bare, Setup::ServeOnly, Setup::Full];
-    let mut measured: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); setups.len()];
+    // `ONLY=Full` (or `Bare`, `ServeOnly`): load that server alone, e.g.
+    // under `perf record`; no table.
+    if let Ok(only) = std::env::var("ONLY") {
+        let setup = *setups
+            .iter()
+            .find(|s| format!("{s:?}") == only)
+            .expect("ONLY is Bare, ServeOnly or Full");
+        let (addr, stop) = start(setup);
+        let m = load(addr, &duration);
+        stop();
+        println!("{setup:?}: {m:?}");
+        return;
+    }
+    let mut measured: Vec<Vec<Measured>> = vec![Vec::new(); setups.len()];
     for round in 0..rounds {
         // Rotate the order from round to round.
         for i in 0..setups.len() {
             let which = (i + round) % setups.len();
             let (addr, stop) = start(setups[which]);
-            let (rps, p99) = load(addr, &duration);
+            let m = load(addr, &duration);
             stop();
-            measured[which].0.push(rps);
-            measured[which].1.push(p99);
+            eprintln!(
+                "round {round}: {:?}: {:.0} req/s, p99 {:.0} µs, {:.2} µs CPU/request",
+                setups[which], m.rps, m.p99, m.cpu
+            );
+            measured[which].push(m);
         }
     }
-    let median = |v: &mut Vec<f64>| {
+    // Each round measures the three servers back to back: the ratio to the
+    // bare server of the same round cancels most of the machine's drift.
+    // Report the median over rounds of those paired ratios.
+    let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let medians: Vec<(f64, f64)> = measured
-        .iter_mut()
-        .map(|(r, p)| (median(r), median(p)))
-        .collect();
-    let (br, bp) = medians[0];
-    println!("| server | req/s (median of {rounds}) | ratio | p99 latency | ratio |");
-    println!("|---|---:|---:|---:|---:|");
-    for (setup, (r, p)) in setups.iter().zip(&medians) {
+    let figure = |which: usize, field: fn(&Measured) -> f64| {
+        let value = median(measured[which].iter().map(field).collect());
+        let ratio = median(
+            measured[which]
+                .iter()
+                .zip(&measured[0])
+                .map(|(m, bare)| field(m) / field(bare))
+                .collect(),
+        );
+        (value, ratio)
+    };
+    // Interference from the rest of the machine only ever slows a run
+    // down, so the best run of each server is the other robust figure.
+    let best = |which: usize, field: fn(&Measured) -> f64, better: fn(f64, f64) -> f64| {
+        measured[which].iter().map(field).reduce(better).unwrap()
+    };
+    println!("Medians of {rounds} rounds; ratios are medians of per-round ratios to Bare.");
+    println!("| server | req/s | ratio | p99 latency | ratio | server CPU per request | ratio |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for (which, setup) in setups.iter().enumerate() {
+        let (rps, rps_ratio) = figure(which, |m| m.rps);
+        let (p99, p99_ratio) = figure(which, |m| m.p99);
+        let (cpu, cpu_ratio) = figure(which, |m| m.cpu);
         println!(
-            "| {setup:?} | {r:.0} | {:.3} | {p:.0} µs | {:.3} |",
-            r / br,
-            p / bp
+            "| {setup:?} | {rps:.0} | {rps_ratio:.3} | {p99:.0} µs | {p99_ratio:.3} | {cpu:.2} µs | {cpu_ratio:.3} |"
+        );
+    }
+    println!();
+    println!("Best run of each server (most req/s, lowest p99, least CPU), ratios to Bare's best.");
+    println!("| server | req/s | ratio | p99 latency | ratio | server CPU per request | ratio |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for (which, setup) in setups.iter().enumerate() {
+        let rps = best(which, |m| m.rps, f64::max);
+        let p99 = best(which, |m| m.p99, f64::min);
+        let cpu = best(which, |m| m.cpu, f64::min);
+        println!(
+            "| {setup:?} | {rps:.0} | {:.3} | {p99:.0} µs | {:.3} | {cpu:.2} µs | {:.3} |",
+            rps / best(0, |m| m.rps, f64::max),
+            p99 / best(0, |m| m.p99, f64::min),
+            cpu / best(0, |m| m.cpu, f64::min),
         );
     }
 }

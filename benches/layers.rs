@@ -100,8 +100,8 @@ fn layers(c: &mut Criterion) {
         "tower-exit full stack",
         ServiceBuilder::new()
             .boundary(&supervisor)
-            .report(reporter)
             .catch_panic()
+            .report(reporter)
             .fork_guard()
             .service(inner()),
     );
@@ -151,6 +151,20 @@ fn exit_propagation(c: &mut Criterion) {
         assert!(fut.as_mut().poll(&mut cx).is_ready());
     }
     let mut group = c.benchmark_group("exit through 6 layers");
+    // The floor under "exit as unwind": what one unwind costs in Rust here,
+    // raised with `resume_unwind` and caught once by `catch_unwind`, no
+    // layer at all. Each layer that must look at an unwind pays about this.
+    group.bench_function(
+        "one bare unwind, caught once (floor per catching layer)",
+        |b| {
+            b.iter(|| {
+                let caught = std::panic::catch_unwind(|| {
+                    std::panic::resume_unwind(Box::new(black_box(tower_exit::Exit::new(3))))
+                });
+                black_box(caught.is_err())
+            })
+        },
+    );
     let mut svc = six(plain_err);
     group.bench_function("plain Err (baseline)", |b| b.iter(|| run(&mut svc)));
     let mut svc = six(exit_err);

@@ -42,8 +42,8 @@
 //! let supervisor = Supervisor::new();
 //! let svc = ServiceBuilder::new()
 //!     .boundary(&supervisor)
-//!     .report(TracingReporter) // never sees the exit
-//!     .catch_panic() // does not turn it into a 500
+//!     .catch_panic() // does not turn the exit into a 500
+//!     .report(TracingReporter) // reports panics and errors, never the exit
 //!     .service_fn(handler);
 //!
 //! let res = svc.oneshot(Request::new(())).await.unwrap();

@@ -1,6 +1,7 @@
 //! Load and fault runs against the demo apps, as separate processes, with
-//! real peers. Too long for every `cargo test` (about a minute in release
-//! mode), so they are `#[ignore]`d; run them with:
+//! real peers. Too long for every `cargo test` in debug mode, so they are
+//! `#[ignore]`d; `.ci/run` runs them in release mode (`.ci/reliability`,
+//! about 35 s after the build):
 //!
 //! ```sh
 //! cargo build --release --all-features --examples
@@ -11,8 +12,8 @@
 //!   HTTP demo and the FastCGI demo behind nginx: every request answered
 //!   exactly once with the expected status, every real failure reported
 //!   exactly once, no exit reported, no zombie, resident memory flat;
-//! - SIGTERM during load: every request answered before the drain is
-//!   answered right, the process exits 0;
+//! - SIGTERM, or a request to `/exit/7`, during load: every request
+//!   answered is answered right, the process exits 0, or 7;
 //! - a prefork worker killed under load: every answer is right, only the
 //!   killed worker's unacknowledged requests fail, the master goes on;
 //! - clients hanging up mid-request under load (HTTP demo, and FastCGI demo
@@ -224,9 +225,19 @@ async fn load_on_the_fastcgi_demo_behind_nginx() {
     load_run(&mut app, format!("http://127.0.0.1:{port}")).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "load: run with --ignored"]
-async fn sigterm_during_load_answers_what_it_accepted_and_exits_0() {
+/// How the server is told to end, in [`drain_during_load`].
+enum Ending {
+    Sigterm,
+    /// A request to `/exit/N`.
+    Exit(i32),
+}
+
+/// 32 clients, a new connection per request, against the HTTP demo; after
+/// 1.5 s the server is told to end. Every request answered is answered
+/// right; the others fail on the client's side (never acknowledged); the
+/// process exits with the code of its ending. Returns how many were
+/// answered, how many clients then found the port closed, and the code.
+async fn drain_during_load(ending: Ending) -> (usize, usize, i32) {
     let mut app = spawn_example("http", "127.0.0.1:0");
     let addr = app.wait_for_line("listening on ");
     let base = format!("http://{addr}");
@@ -280,14 +291,55 @@ async fn sigterm_during_load_answers_what_it_accepted_and_exits_0() {
         });
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    // SAFETY: plain syscall to the process this test started.
-    unsafe { libc::kill(app.pid() as i32, libc::SIGTERM) };
-    while tasks.join_next().await.is_some() {}
+    let expected_code = match ending {
+        Ending::Sigterm => {
+            // SAFETY: plain syscall to the process this test started.
+            unsafe { libc::kill(app.pid() as i32, libc::SIGTERM) };
+            0
+        }
+        Ending::Exit(code) => {
+            let client: Client<_, Empty<bytes::Bytes>> =
+                Client::builder(TokioExecutor::new()).build_http();
+            let res = client
+                .get(format!("{base}/exit/{code}").parse().unwrap())
+                .await
+                .unwrap();
+            assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+            code
+        }
+    };
+    while let Some(joined) = tasks.join_next().await {
+        joined.unwrap();
+    }
     let status = tokio::task::block_in_place(|| app.wait_exit(Duration::from_secs(15)));
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(status.code(), Some(expected_code));
+    assert_eq!(
+        app.stderr_count("service exited"),
+        0,
+        "an exit is not reported"
+    );
+    (
+        answered.load(Ordering::Relaxed),
+        refused.load(Ordering::Relaxed),
+        expected_code,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "load: run with --ignored"]
+async fn sigterm_during_load_answers_what_it_accepted_and_exits_0() {
+    let (answered, refused, code) = drain_during_load(Ending::Sigterm).await;
     println!(
-        "SIGTERM during load: {} requests answered right before the drain, then connections refused; exit 0",
-        answered.load(Ordering::Relaxed)
+        "SIGTERM during load: {answered} requests answered right before the drain, then {refused} clients refused; exit {code}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "load: run with --ignored"]
+async fn an_exit_during_load_answers_what_was_accepted_and_becomes_the_exit_code() {
+    let (answered, refused, code) = drain_during_load(Ending::Exit(7)).await;
+    println!(
+        "/exit/7 during load: {answered} requests answered right before the drain, then {refused} clients refused; exit {code}"
     );
 }
 

@@ -4,7 +4,8 @@
 //!
 //! Run: `benches/http/run.sh` (installs wrk), or `cargo bench --bench
 //! http_e2e` with wrk on the PATH. Environment: `DURATION` (default 5s per
-//! round), `ROUNDS` (default 3; rounds alternate the two servers).
+//! round), `ROUNDS` (default 3; rounds rotate the servers' order),
+//! `CONNECTIONS` (wrk's, default 32), `ONLY` (one server alone, no table).
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -93,6 +94,14 @@ struct Measured {
     cpu: f64,
 }
 
+/// wrk's connections: `CONNECTIONS`, default 32.
+fn connections() -> usize {
+    std::env::var("CONNECTIONS")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(32)
+}
+
 /// CPU time so far of every thread of this process, ns
 /// (`/proc/self/task/*/schedstat`).
 fn cpu_ns() -> u64 {
@@ -108,16 +117,8 @@ fn cpu_ns() -> u64 {
 fn load(addr: SocketAddr, duration: &str) -> Measured {
     let cpu_before = cpu_ns();
     let out = Command::new("taskset")
-        .args([
-            "-c",
-            WRK_CPU,
-            "wrk",
-            "-t1",
-            "-c32",
-            "-d",
-            duration,
-            "--latency",
-        ])
+        .args(["-c", WRK_CPU, "wrk", "-t1", "--latency", "-d", duration])
+        .arg(format!("-c{}", connections()))
         .arg(format!("http://{addr}/"))
         .output()
         .expect("taskset and wrk on the PATH (benches/http/run.sh installs wrk)");

@@ -21,7 +21,9 @@ use tower_exit::serve::fastcgi::{Limits, Params, RemoteAddr, RequestBody};
 use tower_exit::Supervisor;
 
 mod common;
-use common::fcgi::{begin, pairs, read_until_end, record, request, response_of};
+use common::fcgi::{
+    begin, pairs, partial_post, read_until_end, record, request, response_of, rest_of_partial,
+};
 
 // ---------------------------------------------------------------------------
 // The server under test.
@@ -277,19 +279,7 @@ async fn abort_in_the_middle_of_a_body_drops_the_request_and_the_connection_serv
     let server = server(Limits::default(), None).await;
     let mut stream = TcpStream::connect(server.addr).await.unwrap();
     // Begin and params, then half a body, then the abort.
-    let mut partial = begin(1, 1, true);
-    partial.extend(record(
-        4,
-        1,
-        &pairs(&[
-            ("REQUEST_METHOD", "POST"),
-            ("REQUEST_URI", "/wait"),
-            ("CONTENT_LENGTH", "100000"),
-        ]),
-    ));
-    partial.extend(record(4, 1, b""));
-    partial.extend(record(5, 1, &[0u8; 50_000]));
-    stream.write_all(&partial).await.unwrap();
+    stream.write_all(&partial_post(1, "/wait")).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     stream.write_all(&record(2, 1, b"")).await.unwrap();
     let recs = read_until_end(&mut stream, &[1]).await;
@@ -300,11 +290,7 @@ async fn abort_in_the_middle_of_a_body_drops_the_request_and_the_connection_serv
         "the handler's future was dropped"
     );
     // The rest of that body, still in flight from the web server, is ignored.
-    stream
-        .write_all(&record(5, 1, &[0u8; 50_000]))
-        .await
-        .unwrap();
-    stream.write_all(&record(5, 1, b"")).await.unwrap();
+    stream.write_all(&rest_of_partial(1)).await.unwrap();
     stream.write_all(&request(2, true, "/", b"")).await.unwrap();
     let (stdout, end) = response_of(&read_until_end(&mut stream, &[2]).await, 2);
     assert!(stdout.ends_with("hello"));

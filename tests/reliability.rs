@@ -201,6 +201,16 @@ async fn load_run(app: &mut Proc, base: String) {
     );
 }
 
+/// The FastCGI demo behind nginx: the demo, nginx, nginx's directory, the
+/// demo's address and nginx's port. Drop them to stop both.
+fn fastcgi_demo_behind_nginx(name: &str) -> (Proc, Proc, TempDir, String, u16) {
+    let dir = TempDir::new(name);
+    let app = spawn_example("fastcgi", "127.0.0.1:0");
+    let upstream = app.wait_for_line("listening on ");
+    let (nginx, port) = nginx(&dir, &upstream);
+    (app, nginx, dir, upstream, port)
+}
+
 fn spawn_example(name: &str, listen: &str) -> Proc {
     let mut command = Command::new(example(name));
     command.args(["--listen", listen]);
@@ -218,10 +228,7 @@ async fn load_on_the_http_demo() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a minute of load: run with --ignored"]
 async fn load_on_the_fastcgi_demo_behind_nginx() {
-    let dir = TempDir::new("reliability-nginx");
-    let mut app = spawn_example("fastcgi", "127.0.0.1:0");
-    let upstream = app.wait_for_line("listening on ");
-    let (_nginx, port) = nginx(&dir, &upstream);
+    let (mut app, _nginx, _dir, _, port) = fastcgi_demo_behind_nginx("reliability-nginx");
     load_run(&mut app, format!("http://127.0.0.1:{port}")).await;
 }
 
@@ -548,10 +555,7 @@ async fn client_hang_ups_under_load_on_the_http_demo() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "load: run with --ignored"]
 async fn client_hang_ups_under_load_on_the_fastcgi_demo_behind_nginx() {
-    let dir = TempDir::new("reliability-hangup");
-    let app = spawn_example("fastcgi", "127.0.0.1:0");
-    let upstream = app.wait_for_line("listening on ");
-    let (_nginx, port) = nginx(&dir, &upstream);
+    let (app, _nginx, _dir, _, port) = fastcgi_demo_behind_nginx("reliability-hangup");
     let front = format!("127.0.0.1:{port}");
     hang_ups_under_load(&app, format!("http://{front}"), front).await;
 }
@@ -564,12 +568,11 @@ async fn client_hang_ups_under_load_on_the_fastcgi_demo_behind_nginx() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "load: run with --ignored"]
 async fn fastcgi_aborts_mid_body_under_load() {
-    use common::fcgi::{begin, pairs, read_until_end, record, request, response_of};
+    use common::fcgi::{
+        partial_post, read_until_end, record, request, response_of, rest_of_partial,
+    };
 
-    let dir = TempDir::new("reliability-abort");
-    let app = spawn_example("fastcgi", "127.0.0.1:0");
-    let upstream = app.wait_for_line("listening on ");
-    let (_nginx, port) = nginx(&dir, &upstream);
+    let (app, _nginx, _dir, upstream, port) = fastcgi_demo_behind_nginx("reliability-abort");
     const LOAD: usize = 30_000;
     let tally = Arc::new(Tally::default());
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -579,20 +582,8 @@ async fn fastcgi_aborts_mid_body_under_load() {
         let (done, aborts, upstream) = (done.clone(), aborts.clone(), upstream.clone());
         aborters.spawn(async move {
             let mut stream = tokio::net::TcpStream::connect(&upstream).await.unwrap();
-            let mut partial = begin(1, 1, true);
-            partial.extend(record(
-                4,
-                1,
-                &pairs(&[
-                    ("REQUEST_METHOD", "POST"),
-                    ("REQUEST_URI", "/slow"),
-                    ("CONTENT_LENGTH", "100000"),
-                ]),
-            ));
-            partial.extend(record(4, 1, b""));
-            partial.extend(record(5, 1, &[0u8; 50_000]));
-            let mut rest = record(5, 1, &[0u8; 50_000]);
-            rest.extend(record(5, 1, b""));
+            let partial = partial_post(1, "/slow");
+            let mut rest = rest_of_partial(1);
             rest.extend(request(2, true, "/", b""));
             while !done.load(Ordering::Relaxed) {
                 use tokio::io::AsyncWriteExt;

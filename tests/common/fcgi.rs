@@ -69,6 +69,32 @@ pub fn request(id: u16, keep: bool, uri: &str, body: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The start of a POST to `uri` announcing a 100,000-byte body: begin
+/// (keep-conn), params, and the first 50,000 bytes of stdin. The rest
+/// would be [`rest_of_partial`].
+pub fn partial_post(id: u16, uri: &str) -> Vec<u8> {
+    let mut out = begin(id, 1, true);
+    out.extend(record(
+        4,
+        id,
+        &pairs(&[
+            ("REQUEST_METHOD", "POST"),
+            ("REQUEST_URI", uri),
+            ("CONTENT_LENGTH", "100000"),
+        ]),
+    ));
+    out.extend(record(4, id, b""));
+    out.extend(record(5, id, &[0u8; 50_000]));
+    out
+}
+
+/// The other 50,000 bytes of a [`partial_post`], and the end of its stdin.
+pub fn rest_of_partial(id: u16) -> Vec<u8> {
+    let mut out = record(5, id, &[0u8; 50_000]);
+    out.extend(record(5, id, b""));
+    out
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rec {
     pub kind: u8,

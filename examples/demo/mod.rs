@@ -141,7 +141,7 @@ fn child_line(line: std::fmt::Arguments<'_>) {
     let mut buf = [0u8; 256];
     let mut cursor = std::io::Cursor::new(&mut buf[..]);
     // Formatting into a slice neither allocates nor locks; a line too long
-    // for it is cut, not lost.
+    // for the buffer is cut short (the write reports an error, ignored).
     let _ = std::io::Write::write_fmt(&mut cursor, line);
     let len = cursor.position() as usize;
     // SAFETY: write(2) is async-signal-safe; `buf` is valid for `len` bytes.

@@ -218,7 +218,7 @@ fn spawn_example(name: &str, listen: &str) -> Proc {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a minute of load: run with --ignored"]
+#[ignore = "load: run with --ignored"]
 async fn load_on_the_http_demo() {
     let mut app = spawn_example("http", "127.0.0.1:0");
     let addr = app.wait_for_line("listening on ");
@@ -226,7 +226,7 @@ async fn load_on_the_http_demo() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a minute of load: run with --ignored"]
+#[ignore = "load: run with --ignored"]
 async fn load_on_the_fastcgi_demo_behind_nginx() {
     let (mut app, _nginx, _dir, _, port) = fastcgi_demo_behind_nginx("reliability-nginx");
     load_run(&mut app, format!("http://127.0.0.1:{port}")).await;

@@ -5,7 +5,8 @@
 //! Run: `benches/http/run.sh` (installs wrk), or `cargo bench --bench
 //! http_e2e` with wrk on the PATH. Environment: `DURATION` (default 5s per
 //! round), `ROUNDS` (default 3; rounds rotate the servers' order),
-//! `CONNECTIONS` (wrk's, default 32), `ONLY` (one server alone, no table).
+//! `CONNECTIONS` (the load tool's, default 32), `ONLY` (one server alone,
+//! no table), `RATE` (a fixed rate in requests/s, with oha instead of wrk).
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -113,16 +114,38 @@ fn cpu_ns() -> u64 {
         .sum()
 }
 
-/// Loads `addr` with wrk for `duration`.
+/// `RATE`: requests per second of an open-loop run with oha (a fixed rate,
+/// latencies corrected for coordinated omission); unset: a closed loop with
+/// wrk (as fast as the server answers).
+fn rate() -> Option<u32> {
+    std::env::var("RATE")
+        .ok()
+        .map(|r| r.parse().expect("RATE is a number"))
+}
+
+/// Loads `addr` for `duration`, with wrk or, given `RATE`, oha.
 fn load(addr: SocketAddr, duration: &str) -> Measured {
     let cpu_before = cpu_ns();
+    let (rps, p99, requests) = match rate() {
+        None => wrk(addr, duration),
+        Some(rate) => oha(addr, duration, rate),
+    };
+    let cpu = cpu_ns() - cpu_before;
+    Measured {
+        rps,
+        p99,
+        cpu: cpu as f64 / 1000.0 / requests,
+    }
+}
+
+/// wrk's requests/s, p99 (µs) and request count.
+fn wrk(addr: SocketAddr, duration: &str) -> (f64, f64, f64) {
     let out = Command::new("taskset")
         .args(["-c", WRK_CPU, "wrk", "-t1", "--latency", "-d", duration])
         .arg(format!("-c{}", connections()))
         .arg(format!("http://{addr}/"))
         .output()
         .expect("taskset and wrk on the PATH (benches/http/run.sh installs wrk)");
-    let cpu = cpu_ns() - cpu_before;
     let text = String::from_utf8_lossy(&out.stdout);
     let rps = text
         .lines()
@@ -140,11 +163,33 @@ fn load(addr: SocketAddr, duration: &str) -> Measured {
         .and_then(|l| l.split_whitespace().next()?.parse().ok())
         .expect("wrk's request count");
     assert!(!text.contains("Socket errors"), "{text}");
-    Measured {
-        rps,
-        p99,
-        cpu: cpu as f64 / 1000.0 / requests,
-    }
+    assert!(!text.contains("Non-2xx"), "{text}");
+    (rps, p99, requests)
+}
+
+/// oha's requests/s, p99 (µs) and request count, at `rate` requests/s.
+fn oha(addr: SocketAddr, duration: &str, rate: u32) -> (f64, f64, f64) {
+    let out = Command::new("taskset")
+        .args(["-c", WRK_CPU, "oha", "--no-tui", "--latency-correction"])
+        .args(["--output-format", "json", "-z", duration, "-q"])
+        .arg(rate.to_string())
+        .arg(format!("-c{}", connections()))
+        .arg(format!("http://{addr}/"))
+        .output()
+        .expect("taskset and oha on the PATH (benches/http/run.sh installs oha)");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("oha's JSON");
+    let statuses = report["statusCodeDistribution"]
+        .as_object()
+        .expect("statuses");
+    assert!(
+        statuses.keys().all(|status| status == "200"),
+        "{statuses:?}"
+    );
+    assert_eq!(report["summary"]["successRate"].as_f64(), Some(1.0));
+    let requests = statuses["200"].as_f64().expect("a count of 200s");
+    let rps = report["summary"]["requestsPerSec"].as_f64().expect("req/s");
+    let p99 = report["latencyPercentiles"]["p99"].as_f64().expect("p99") * 1e6;
+    (rps, p99, requests)
 }
 
 fn to_micros(value: &str) -> f64 {

@@ -483,7 +483,7 @@ async fn hang_ups_under_load(app: &Proc, base: String, quit_to: String) {
     // Idle: the listener and the runtime's own descriptors.
     let fds_before = open_fds(pid);
 
-    const LOAD: usize = 30_000;
+    const LOAD: usize = 45_000;
     let tally = Arc::new(Tally::default());
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let quits = Arc::new(AtomicUsize::new(0));
@@ -509,9 +509,9 @@ async fn hang_ups_under_load(app: &Proc, base: String, quit_to: String) {
         });
     }
     // The memory baseline is taken under the same traffic, once warm.
-    drive(base.clone(), 0..10_000, tally.clone()).await;
+    drive(base.clone(), 0..15_000, tally.clone()).await;
     let rss_before = resident_kib(pid);
-    drive(base.clone(), 10_000..LOAD, tally.clone()).await;
+    drive(base.clone(), 15_000..LOAD, tally.clone()).await;
     let rss_after = resident_kib(pid);
     done.store(true, Ordering::Relaxed);
     while let Some(joined) = quitters.join_next().await {

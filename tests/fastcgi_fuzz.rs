@@ -56,9 +56,7 @@ fn server() -> SocketAddr {
 }
 
 fn resident_bytes() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
-    let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
-    pages * 4096
+    common::resident_kib(std::process::id()) * 1024
 }
 
 /// A record of any type for a few request ids, or a well-formed piece of a

@@ -26,6 +26,7 @@
 mod common;
 
 use common::demo::{example, nginx, Proc, TempDir};
+use common::{children_of, resident_kib};
 use http::StatusCode;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
@@ -48,34 +49,6 @@ fn route(i: usize) -> (&'static str, StatusCode) {
         n if n % 50 == 3 => ("/panic", StatusCode::INTERNAL_SERVER_ERROR),
         _ => ("/", StatusCode::OK),
     }
-}
-
-fn resident_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
-/// The children of `pid`, with their state letter (`Z` for a zombie).
-fn children_of(pid: u32) -> Vec<(u32, String)> {
-    let mut children = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        let Some((head, rest)) = stat.rsplit_once(')') else {
-            continue;
-        };
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        if fields.len() > 1 && fields[1] == pid.to_string() {
-            let child = head.split_whitespace().next().unwrap().parse().unwrap();
-            children.push((child, fields[0].to_owned()));
-        }
-    }
-    children
 }
 
 fn zombie_children(pid: u32) -> usize {

@@ -138,10 +138,10 @@ pub fn read_lines(path: &std::path::Path) -> Vec<String> {
         .collect()
 }
 
-/// The zombie children of this process, from `/proc`.
-pub fn zombies() -> Vec<u32> {
-    let me = std::process::id();
-    let mut found = Vec::new();
+/// The children of `pid`, with their state letter (`Z` for a zombie),
+/// from `/proc`.
+pub fn children_of(pid: u32) -> Vec<(u32, String)> {
+    let mut children = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
             continue;
@@ -151,11 +151,31 @@ pub fn zombies() -> Vec<u32> {
             continue;
         };
         let fields: Vec<&str> = rest.split_whitespace().collect();
-        if fields.len() > 1 && fields[0] == "Z" && fields[1] == me.to_string() {
-            found.push(head.split_whitespace().next().unwrap().parse().unwrap());
+        if fields.len() > 1 && fields[1] == pid.to_string() {
+            let child = head.split_whitespace().next().unwrap().parse().unwrap();
+            children.push((child, fields[0].to_owned()));
         }
     }
-    found
+    children
+}
+
+/// The zombie children of this process, from `/proc`.
+pub fn zombies() -> Vec<u32> {
+    children_of(std::process::id())
+        .into_iter()
+        .filter(|(_, state)| state == "Z")
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+/// The resident memory of `pid`, KiB (`VmRSS`).
+pub fn resident_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
 }
 
 /// The parent pid of a process, from `/proc`.

@@ -39,7 +39,7 @@
 //! ```
 
 use crate::body::ResponseBody;
-use crate::exit::{AsError, ConcreteError};
+use crate::exit::{catching, AsError, ConcreteError};
 use crate::Exit;
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode, Version};
@@ -217,7 +217,7 @@ where
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let version = req.version();
         let inner = &mut self.inner;
-        let state = match catch_unwind(AssertUnwindSafe(|| inner.call(req))) {
+        let state = match catch_unwind(AssertUnwindSafe(|| catching(|| inner.call(req)))) {
             Ok(future) => State::Running { future },
             Err(payload) => match Exit::from_panic(&*payload) {
                 Some(exit) => {
@@ -266,7 +266,7 @@ where
         let this = self.project();
         let exit = match this.state.project() {
             StateProj::Running { future } => {
-                match catch_unwind(AssertUnwindSafe(|| future.poll(cx))) {
+                match catch_unwind(AssertUnwindSafe(|| catching(|| future.poll(cx)))) {
                     Ok(poll) => match ready!(poll) {
                         Ok(res) => return Poll::Ready(Ok(res.map(ResponseBody::inner))),
                         Err(err) => match Exit::from_service_error(&err) {
@@ -290,7 +290,7 @@ where
 /// Records `exit` as the server's end. An exit armed by a fork guard in a
 /// forked child ends that child here instead: it must not answer the
 /// parent's client nor stop the parent's server.
-fn record(supervisor: &Supervisor, exit: &Exit) {
+pub(crate) fn record(supervisor: &Supervisor, exit: &Exit) {
     #[cfg(all(unix, feature = "fork"))]
     crate::fork::end_if_armed(exit);
     supervisor.trigger(exit.clone());
@@ -298,7 +298,7 @@ fn record(supervisor: &Supervisor, exit: &Exit) {
 
 /// `503`, and `connection: close` where HTTP/1 has it (HTTP/2 forbids the
 /// header; the server's graceful shutdown sends GOAWAY there).
-fn exit_response<B>(version: Version) -> Response<ResponseBody<B>> {
+pub(crate) fn exit_response<B>(version: Version) -> Response<ResponseBody<B>> {
     let mut res = Response::new(ResponseBody::full(Bytes::from_static(
         b"Service Unavailable\n",
     )));

@@ -26,6 +26,9 @@ use std::any::Any;
 use std::borrow::Cow;
 use std::error::Error;
 use std::fmt;
+use std::future::Future;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use crate::hooks::HookList;
 
@@ -137,10 +140,34 @@ impl Exit {
 
     /// Raises this exit as an unwind, without running the panic hook.
     ///
-    /// Under `panic = "abort"` there is no unwinding: the hooks registered
-    /// with [`on_abort_exit`] run, then the process ends with
-    /// [`status`](Self::status) through [`std::process::exit`].
+    /// Where it is raised decides what happens:
+    ///
+    /// - in a child forked during a request guarded by a
+    ///   [`ForkGuardLayer`](crate::ForkGuardLayer), or inside
+    ///   [`fork::spawn`](crate::fork::spawn), the child ends right here
+    ///   (its cleanup hooks, then `SIGTERM` or `_exit`): no allocation, no
+    ///   unwinding through the parent's frames, whose destructors would take
+    ///   locks other threads held at the fork;
+    /// - where nothing exit-aware will catch it (no boundary, server,
+    ///   [`exit::spawn`](spawn) task or [`exit::main`](main) on this
+    ///   thread's stack), it is logged once at ERROR with its code, message
+    ///   and this call's location, then unwinds like a panic;
+    /// - under `panic = "abort"` there is no unwinding: the hooks registered
+    ///   with [`on_abort_exit`] in this process run, then the process ends
+    ///   with [`status`](Self::status) through [`std::process::exit`].
+    ///
+    /// Raising an exit in a `Drop` that runs while the thread is already
+    /// unwinding aborts the process, as any panic there does.
+    #[track_caller]
     pub fn raise(self) -> ! {
+        let context = CONTEXT.get();
+        #[cfg(all(unix, feature = "fork"))]
+        if let Some(rule) = context.child {
+            crate::fork::end_child_at_raise(rule, &self);
+        }
+        if !context.caught {
+            unhandled(&self, std::panic::Location::caller());
+        }
         #[cfg(panic = "abort")]
         {
             run_abort_hooks(&self);
@@ -148,6 +175,36 @@ impl Exit {
         }
         #[cfg(not(panic = "abort"))]
         std::panic::resume_unwind(Box::new(self))
+    }
+
+    /// Raises the [`Exit`] found in `err` or its `source()` chain (see
+    /// [`from_error`](Self::from_error)); returns when there is none.
+    ///
+    /// The one line an application error's conversion into a response
+    /// needs, so that an exit carried by the error (via `?`) is not turned
+    /// into a `500`:
+    ///
+    /// ```
+    /// # use tower_exit::Exit;
+    /// #[derive(Debug, thiserror::Error)]
+    /// enum AppError {
+    ///     #[error("stopping")]
+    ///     Stop(#[from] Exit),
+    ///     #[error("database: {0}")]
+    ///     Db(String),
+    /// }
+    ///
+    /// fn into_status(err: AppError) -> u16 {
+    ///     Exit::raise_if_found(&err); // an exit travels on to the boundary
+    ///     500
+    /// }
+    /// # assert_eq!(into_status(AppError::Db("down".into())), 500);
+    /// ```
+    #[track_caller]
+    pub fn raise_if_found(err: &(dyn Error + 'static)) {
+        if let Some(exit) = Exit::from_error(err) {
+            exit.clone().raise()
+        }
     }
 
     #[cfg(all(unix, feature = "fork"))]
@@ -233,6 +290,7 @@ impl From<Exit> for std::process::ExitCode {
 /// let payload = result.unwrap_err();
 /// assert_eq!(tower_exit::Exit::from_panic(&*payload).unwrap().code(), 2);
 /// ```
+#[track_caller]
 pub fn exit(code: i32) -> ! {
     Exit::new(code).raise()
 }
@@ -286,6 +344,99 @@ impl AsError<BoxedError> for Box<dyn Error> {
     }
 }
 
+// ---------------------------------------------------------------------------
+// Where an exit raised on this thread goes
+// ---------------------------------------------------------------------------
+//
+// `Exit::raise` must decide, before it allocates anything, whether it runs
+// in a forked child that must end in place, and whether anything will catch
+// the unwind at all. Exit-aware frames (a boundary, a server, the fork
+// guard, `fork::spawn`, `exit::spawn`, `exit::main`) say so in a
+// thread-local while they call and poll what they wrap, and restore what was
+// there before when they return: the innermost frame decides. The
+// thread-local is a `Cell` of a `Copy` value with a const initializer, so
+// reading it allocates nothing and registers no destructor, which keeps it
+// usable in a forked child (only the forking thread exists there, with its
+// thread-locals).
+
+/// Who catches an exit raised on this thread right now.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct RaiseContext {
+    /// An exit-aware frame will catch an unwinding exit.
+    pub(crate) caught: bool,
+    /// In a child forked below this frame, a raise ends the child in place.
+    #[cfg(all(unix, feature = "fork"))]
+    pub(crate) child: Option<crate::fork::ChildRule>,
+}
+
+impl RaiseContext {
+    const NONE: RaiseContext = RaiseContext {
+        caught: false,
+        #[cfg(all(unix, feature = "fork"))]
+        child: None,
+    };
+
+    /// The context inside an exit-aware frame that catches exits: a rule
+    /// set by a fork guard around it still holds (a child forked during a
+    /// guarded request ends at the raise, whatever catches above), one set
+    /// by `fork::spawn` gives way (a spawned child may serve with its own
+    /// boundary).
+    fn catching(self) -> RaiseContext {
+        RaiseContext {
+            caught: true,
+            #[cfg(all(unix, feature = "fork"))]
+            child: self.child.filter(|rule| rule.holds_inside_boundaries()),
+        }
+    }
+}
+
+thread_local! {
+    static CONTEXT: std::cell::Cell<RaiseContext> = const { std::cell::Cell::new(RaiseContext::NONE) };
+}
+
+/// Restores the outer context when a frame returns, also while unwinding.
+struct Restore(RaiseContext);
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        CONTEXT.set(self.0);
+    }
+}
+
+/// The context of the frame this is called from.
+#[cfg(all(unix, feature = "fork"))]
+pub(crate) fn context() -> RaiseContext {
+    CONTEXT.get()
+}
+
+/// Runs `f` with `context` as this thread's raise context.
+#[inline]
+pub(crate) fn with_context<R>(context: RaiseContext, f: impl FnOnce() -> R) -> R {
+    let _restore = Restore(CONTEXT.replace(context));
+    f()
+}
+
+/// Runs `f` inside an exit-aware frame that catches exits.
+#[inline]
+pub(crate) fn catching<R>(f: impl FnOnce() -> R) -> R {
+    with_context(CONTEXT.get().catching(), f)
+}
+
+/// Rule 4: an exit raised where nothing exit-aware will catch it is said
+/// once, here, where the location is still known.
+#[cold]
+#[inline(never)]
+fn unhandled(exit: &Exit, at: &std::panic::Location<'_>) {
+    const WHY: &str = "exit raised where nothing exit-aware catches it (no boundary, server, \
+                       exit::spawn or exit::main): it unwinds like a panic";
+    if tracing::enabled!(tracing::Level::ERROR) {
+        tracing::error!(exit.code = exit.code(), exit.message = exit.message(), at = %at, "{WHY}");
+    } else {
+        // No subscriber would show it: never silent, so stderr.
+        eprintln!("tower-exit: {exit} at {at}: {WHY}");
+    }
+}
+
 /// What a failed [`tokio::task::JoinHandle`] carried, told apart by
 /// [`classify_join`].
 #[derive(Debug)]
@@ -310,6 +461,7 @@ impl JoinFailure {
 
     /// Continues the failure in the current task: raises the exit, resumes
     /// the panic with its payload; a cancellation becomes a panic.
+    #[track_caller]
     pub fn resume(self) -> ! {
         match self {
             JoinFailure::Exit(exit) => exit.raise(),
@@ -345,14 +497,231 @@ pub fn classify_join(err: tokio::task::JoinError) -> JoinFailure {
 
 /// Joins a spawned task, raising again in this task an [`Exit`] it raised.
 ///
-/// Other failures are returned as they are (a panic as
-/// [`JoinFailure::Panic`]), so the caller decides what to do with them.
-pub async fn join<T>(handle: tokio::task::JoinHandle<T>) -> Result<T, JoinFailure> {
-    match handle.await {
-        Ok(value) => Ok(value),
-        Err(err) => match classify_join(err) {
-            JoinFailure::Exit(exit) => exit.raise(),
-            other => Err(other),
+/// Takes a [`tokio::task::JoinHandle`] or the [`JoinHandle`] of
+/// [`exit::spawn`](spawn). Other failures are returned as they are (a panic
+/// as [`JoinFailure::Panic`]), so the caller decides what to do with them.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use tower_exit::exit;
+///
+/// let handle = exit::spawn(async { 40 + 2 });
+/// assert_eq!(exit::join(handle).await.unwrap(), 42);
+/// # }
+/// ```
+#[track_caller]
+pub fn join<T, H>(handle: H) -> impl Future<Output = Result<T, JoinFailure>>
+where
+    H: Future<Output = Result<T, tokio::task::JoinError>>,
+{
+    let at = std::panic::Location::caller();
+    async move {
+        match handle.await {
+            Ok(value) => Ok(value),
+            Err(err) => match classify_join(err) {
+                JoinFailure::Exit(exit) => raise_at(exit, at),
+                other => Err(other),
+            },
+        }
+    }
+}
+
+/// [`Exit::raise`] with a location taken earlier (an `async fn` cannot
+/// track its caller).
+fn raise_at(exit: Exit, at: &'static std::panic::Location<'static>) -> ! {
+    let context = CONTEXT.get();
+    if !context.caught {
+        unhandled(&exit, at);
+        // Said once: the raise below must not say it again.
+        let said = RaiseContext {
+            caught: true,
+            ..context
+        };
+        return with_context(said, || exit.raise());
+    }
+    exit.raise()
+}
+
+/// Spawns `future` on the current tokio runtime as an exit-aware task: an
+/// [`Exit`] raised in it is not flagged as unhandled, and reaches whoever
+/// joins the task with [`join`] (raised again there).
+///
+/// If the handle is dropped without being joined, an exit the task raises
+/// has nobody to act on it: it is logged once at ERROR instead of
+/// disappearing.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use tower_exit::{exit, Exit};
+///
+/// let handle = exit::spawn(async {
+///     tower_exit::exit(4) // reaches the task that joins this one
+/// });
+/// // `exit::join(handle).await` would raise it again here; awaiting the
+/// // handle directly shows what it carries.
+/// let err = handle.await.unwrap_err();
+/// let exit = exit::classify_join(err).exit().cloned();
+/// assert_eq!(exit, Some(Exit::new(4)));
+/// # }
+/// ```
+#[track_caller]
+pub fn spawn<F>(future: F) -> JoinHandle<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let shared = Arc::new(TaskShared::default());
+    let task = ExitAwareTask {
+        future,
+        shared: shared.clone(),
+    };
+    JoinHandle {
+        inner: tokio::spawn(task),
+        shared,
+    }
+}
+
+/// The handle of a task started with [`exit::spawn`](spawn): await it (it
+/// resolves like a [`tokio::task::JoinHandle`]) or give it to [`join`].
+#[derive(Debug)]
+#[must_use = "dropping the handle detaches the task; an exit it raises is then only logged"]
+pub struct JoinHandle<T> {
+    inner: tokio::task::JoinHandle<T>,
+    shared: Arc<TaskShared>,
+}
+
+impl<T> JoinHandle<T> {
+    /// Cancels the task (see [`tokio::task::JoinHandle::abort`]).
+    pub fn abort(&self) {
+        self.inner.abort();
+    }
+
+    /// Whether the task has ended.
+    pub fn is_finished(&self) -> bool {
+        self.inner.is_finished()
+    }
+}
+
+impl<T> Future for JoinHandle<T> {
+    type Output = Result<T, tokio::task::JoinError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let ended = std::task::ready!(std::pin::Pin::new(&mut self.inner).poll(cx));
+        // Whatever it carried, it is now the caller's.
+        self.shared.state.store(DELIVERED, Ordering::Release);
+        std::task::Poll::Ready(ended)
+    }
+}
+
+impl<T> Drop for JoinHandle<T> {
+    fn drop(&mut self) {
+        if self.shared.state.swap(DETACHED, Ordering::AcqRel) == EXITED {
+            if let Some(exit) = self.shared.exit.get() {
+                detached_exit(exit);
+            }
+        }
+    }
+}
+
+// The task and its handle race to tell who was last: the one that sees the
+// other's mark logs a detached exit, so it is logged exactly once. The
+// state starts at 0: running, handle held.
+const EXITED: u8 = 1;
+const DETACHED: u8 = 2;
+const DELIVERED: u8 = 3;
+
+#[derive(Debug, Default)]
+struct TaskShared {
+    state: AtomicU8,
+    exit: OnceLock<Exit>,
+}
+
+pin_project_lite::pin_project! {
+    struct ExitAwareTask<F> {
+        #[pin]
+        future: F,
+        shared: Arc<TaskShared>,
+    }
+}
+
+impl<F: Future> Future for ExitAwareTask<F> {
+    type Output = F::Output;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        let this = self.project();
+        let future = this.future;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            catching(|| future.poll(cx))
+        })) {
+            Ok(poll) => poll,
+            Err(payload) => {
+                if let Some(exit) = Exit::from_panic(&*payload) {
+                    let _ = this.shared.exit.set(exit.clone());
+                    if this.shared.state.swap(EXITED, Ordering::AcqRel) == DETACHED {
+                        detached_exit(exit);
+                    }
+                }
+                std::panic::resume_unwind(payload)
+            }
+        }
+    }
+}
+
+#[cold]
+fn detached_exit(exit: &Exit) {
+    const WHY: &str = "exit raised in a task spawned with exit::spawn whose handle was dropped: \
+                       nothing acts on it";
+    if tracing::enabled!(tracing::Level::ERROR) {
+        tracing::error!(
+            exit.code = exit.code(),
+            exit.message = exit.message(),
+            "{WHY}"
+        );
+    } else {
+        eprintln!("tower-exit: {exit}: {WHY}");
+    }
+}
+
+/// Runs `main`'s body so that an [`Exit`] raised in it (and not caught on
+/// the way) ends the program with that exit's status, as Python's
+/// interpreter does with an uncaught `SystemExit`: the exit's message, if
+/// any, is printed to stderr. A real panic unwinds on as usual (status 101).
+///
+/// ```no_run
+/// use std::process::ExitCode;
+///
+/// fn main() -> ExitCode {
+///     tower_exit::exit::main(|| {
+///         let runtime = tokio::runtime::Runtime::new().expect("runtime");
+///         runtime.block_on(async {
+///             // ... serve; an exit raised here ends `main` with its code.
+///             tower_exit::exit(3)
+///         })
+///     })
+/// }
+/// ```
+///
+/// With `#[tokio::main]`, call it inside: `exit::main(|| runtime.block_on(..))`
+/// needs the runtime built by hand as above, since the attribute's
+/// `block_on` sits outside your function. Tasks spawned from `main` raise
+/// into [`exit::spawn`](spawn)'s handle, not here.
+pub fn main<T: std::process::Termination>(body: impl FnOnce() -> T) -> std::process::ExitCode {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| catching(body))) {
+        Ok(value) => value.report(),
+        Err(payload) => match payload.downcast::<Exit>() {
+            Ok(exit) => {
+                if let Some(message) = exit.message() {
+                    eprintln!("{message}");
+                }
+                std::process::ExitCode::from(exit.status())
+            }
+            Err(payload) => std::panic::resume_unwind(payload),
         },
     }
 }
@@ -365,9 +734,22 @@ static ABORT_HOOKS: HookList<AbortHook> = HookList::new();
 /// it was built with `panic = "abort"` (destructors do not run then, so this
 /// is the place to flush or commit).
 ///
-/// Hooks run in registration order. Under `panic = "unwind"` they never run:
-/// the exit unwinds to a boundary instead, and destructors run on the way.
+/// Hooks run in registration order, and only in the process that registered
+/// them: a forked child never runs its parent's hooks (it ends through its
+/// [child cleanups](crate::fork::on_child_exit) instead). Under
+/// `panic = "unwind"` they never run: the exit unwinds to a boundary
+/// instead, and destructors run on the way.
 pub fn on_abort_exit(hook: impl Fn(&Exit) + Send + Sync + 'static) {
+    #[cfg(all(unix, feature = "fork"))]
+    let hook = {
+        crate::fork::watch_forks();
+        let registered_in = crate::fork::generation();
+        move |exit: &Exit| {
+            if crate::fork::generation() == registered_in {
+                hook(exit)
+            }
+        }
+    };
     ABORT_HOOKS.push(Box::new(hook));
 }
 

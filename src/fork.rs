@@ -174,6 +174,69 @@ pub(crate) fn terminate_now() -> ! {
     exit_now(128 + libc::SIGTERM)
 }
 
+/// How a child forked below an exit-aware frame ends when it raises an
+/// [`Exit`] (see `exit::RaiseContext`): set by the fork guard while it calls
+/// and polls, and by [`spawn`] around the child's work.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ChildRule {
+    /// The generation the frame started in: the rule applies only in a
+    /// process forked since (a higher generation).
+    started: u64,
+    end: ChildEnd,
+    /// Set by the guard: a child forked during a guarded request ends at
+    /// the raise even below a boundary. `spawn`'s rule gives way to a
+    /// boundary inside the child (a prefork worker serves with its own).
+    sticky: bool,
+}
+
+/// How a child ends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum ChildEnd {
+    /// `SIGTERM` to itself, after resetting its disposition.
+    #[default]
+    Terminate,
+    /// `_exit(status)`.
+    ExitCode,
+    /// An exit unwinds on, armed, to the boundary (fork guard only).
+    Propagate,
+}
+
+impl ChildRule {
+    pub(crate) fn guard(started: u64, end: ChildEnd) -> Self {
+        ChildRule {
+            started,
+            end,
+            sticky: true,
+        }
+    }
+
+    pub(crate) fn holds_inside_boundaries(&self) -> bool {
+        self.sticky
+    }
+}
+
+/// Called by [`Exit::raise`] first thing: in a child the rule covers, ends
+/// the child here (cleanup hooks, then `SIGTERM` or `_exit`) without
+/// allocating or unwinding. Returns otherwise.
+pub(crate) fn end_child_at_raise(rule: ChildRule, exit: &Exit) {
+    if generation() == rule.started {
+        return;
+    }
+    match rule.end {
+        // Travels on armed, as documented; under `panic = "abort"` it
+        // cannot, and ends with its status as `exit_code` would.
+        ChildEnd::Propagate if cfg!(not(panic = "abort")) => {}
+        ChildEnd::Terminate => {
+            run_child_hooks();
+            terminate_now()
+        }
+        ChildEnd::ExitCode | ChildEnd::Propagate => {
+            run_child_hooks();
+            exit_now(i32::from(exit.status()))
+        }
+    }
+}
+
 /// The arming of an [`Exit`] that leaves a forked child (see
 /// `ForkGuardLayer::propagate_exit`): whoever drops the last clone of the
 /// exit without consuming it at a boundary kills the child at that moment.
@@ -238,12 +301,23 @@ pub enum Forked {
 /// [`ForkGuardLayer`](crate::ForkGuardLayer) that ends it before it returns
 /// into the parent's stack. See [the module docs](self) for what a child may
 /// do.
-pub fn fork() -> io::Result<Forked> {
+///
+/// # Safety
+///
+/// In the child of a multi-threaded process only the calling thread exists:
+/// a lock another thread held at the fork (the allocator's, a `Mutex`, a
+/// semaphore, a connection pool) stays locked forever, so safe code such as
+/// allocating, logging or dropping a guard can deadlock the child. Until it
+/// ends or execs, the child must only do async-signal-safe work: raise an
+/// [`Exit`] under a guard (which ends it without allocating), return, or
+/// call functions documented as fork-safe. The same contract as `nix`'s
+/// `unsafe fn fork`.
+pub unsafe fn fork() -> io::Result<Forked> {
     watch_forks();
     warn_if_threads();
     let parent_generation = generation();
-    // SAFETY: `fork` itself is always safe to call; what the child may do
-    // afterwards is the caller's contract, documented above.
+    // SAFETY: `fork` itself is always sound to call; what the child does
+    // afterwards is the caller's contract (see `# Safety`).
     match unsafe { libc::fork() } {
         -1 => Err(io::Error::last_os_error()),
         0 => Ok(Forked::Child),
@@ -254,14 +328,38 @@ pub fn fork() -> io::Result<Forked> {
 /// Forks a child that runs `f`, its cleanup hooks, then `_exit`s: `f`
 /// returning gives status 0, [`exit(n)`](fn@crate::exit) gives `n`, a panic
 /// gives 101. The child never returns into the caller.
+///
+/// An exit raised in `f` ends the child right at the raise (cleanup hooks,
+/// then `_exit(status)`), without unwinding through `f`'s frames. A panic
+/// does unwind, to the `catch_unwind` around `f`; under `panic = "abort"`
+/// there is no unwinding and a panicking child ends with `SIGABRT`.
+///
+/// `spawn` is safe where `fork` is not because nothing of the caller runs
+/// in the child: only `f`, which must itself respect what a forked child
+/// may do (see [the module docs](self)) when the parent has other threads.
+/// From a single-threaded process (a fork server, a prefork master) any
+/// code may run in `f`.
 pub fn spawn<F: FnOnce()>(f: F) -> io::Result<Child> {
-    match fork()? {
+    let parent_generation = generation();
+    // SAFETY: the child runs only `f` (whose contract is documented above)
+    // and then `_exit`s; it never returns into the caller's frames.
+    match unsafe { fork() }? {
         Forked::Parent(child) => Ok(child),
         Forked::Child => {
-            let status = match catch_unwind(AssertUnwindSafe(f)) {
-                Ok(()) => 0,
-                Err(payload) => status_of_panic(&*payload),
+            let rule = ChildRule {
+                started: parent_generation,
+                end: ChildEnd::ExitCode,
+                sticky: false,
             };
+            let context = crate::exit::RaiseContext {
+                caught: true,
+                child: Some(rule),
+            };
+            let status =
+                match catch_unwind(AssertUnwindSafe(|| crate::exit::with_context(context, f))) {
+                    Ok(()) => 0,
+                    Err(payload) => status_of_panic(&*payload),
+                };
             run_child_hooks();
             exit_now(status)
         }
@@ -323,12 +421,20 @@ impl Child {
     /// Sends `signal` (such as `libc::SIGTERM`) to the child.
     ///
     /// Safe against pid reuse: until this handle reaps the child, its pid
-    /// cannot be given to another process.
+    /// cannot be given to another process. A copy of the handle inherited
+    /// by a later forked child is not the owner and refuses: there, the pid
+    /// may already belong to another process.
     pub fn kill(&mut self, signal: i32) -> io::Result<()> {
         if self.status.is_some() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "child has already been reaped",
+            ));
+        }
+        if generation() != self.owner_generation {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "this handle was inherited through a fork: only the process that forked the child may signal it",
             ));
         }
         // SAFETY: plain syscall on a pid we own and have not reaped.

@@ -53,7 +53,9 @@
 //! use tower_exit::ServiceBuilderExt;
 //!
 //! async fn handler(_: Request<()>) -> Result<Response<Full<Bytes>>, Infallible> {
-//!     match fork().expect("fork") {
+//!     // SAFETY: the child only raises an exit, which the guard turns into
+//!     // the end of the child without allocating or unwinding.
+//!     match unsafe { fork() }.expect("fork") {
 //!         Forked::Child => {
 //!             // Child work, then exit. Whatever a layer above does with
 //!             // the exit, the guard ends the child first.
@@ -70,8 +72,10 @@
 //! # let _ = svc;
 //! ```
 
+use crate::exit::{context, with_context, RaiseContext};
 use crate::fork::{
     exit_now, generation, run_child_hooks, status_of_panic, terminate_now, watch_forks, Armed,
+    ChildEnd, ChildRule,
 };
 use crate::Exit;
 use pin_project_lite::pin_project;
@@ -83,16 +87,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use tower_layer::Layer;
 use tower_service::Service;
-
-/// How the guard ends a child.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-enum ChildEnd {
-    #[default]
-    Terminate,
-    ExitCode,
-    /// An `Exit` travels on, armed; anything else is ended by SIGTERM.
-    Propagate,
-}
 
 /// Layer that ends a child forked during a request before it can return
 /// into the parent's stack. See [the module docs](self).
@@ -179,7 +173,10 @@ where
     fn call(&mut self, req: Req) -> Self::Future {
         let started = generation();
         let inner = &mut self.inner;
-        let mut called = catch_unwind(AssertUnwindSafe(|| inner.call(req)));
+        let guarded = guarded(started, self.end);
+        let mut called = catch_unwind(AssertUnwindSafe(|| {
+            with_context(guarded, || inner.call(req))
+        }));
         if generation() != started {
             if let Err(payload) = &mut called {
                 arm_or_end(self.end, payload);
@@ -218,7 +215,10 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let future = this.future;
-        let mut polled = catch_unwind(AssertUnwindSafe(|| future.poll(cx)));
+        let guarded = guarded(*this.started, *this.end);
+        let mut polled = catch_unwind(AssertUnwindSafe(|| {
+            with_context(guarded, || future.poll(cx))
+        }));
         // The happy path costs this one relaxed load: the generation only
         // changes in a child, in the `pthread_atfork` handler.
         if generation() != *this.started {
@@ -237,6 +237,17 @@ where
             Ok(poll) => poll,
             Err(payload) => resume_unwind(payload),
         }
+    }
+}
+
+/// The raise context while the guard calls or polls: in a child forked
+/// meanwhile, `Exit::raise` ends the child in place (rule 1), before it can
+/// allocate or unwind through frames that hold the parent's locks.
+#[inline]
+fn guarded(started: u64, end: ChildEnd) -> RaiseContext {
+    RaiseContext {
+        child: Some(ChildRule::guard(started, end)),
+        ..context()
     }
 }
 

@@ -60,7 +60,7 @@
 //! - Dropping the tunnel's response future early (the client went away)
 //!   drops the foreign future with it; nothing is left behind.
 
-use crate::exit::{AsError, ConcreteError};
+use crate::exit::{catching, AsError, ConcreteError};
 use crate::Exit;
 use atomic_waker::AtomicWaker;
 use pin_project_lite::pin_project;
@@ -368,7 +368,16 @@ where
     fn call(&mut self, mut req: Req) -> Self::Future {
         let slot = req.take_tunnel();
         let inner = &mut self.inner;
-        match catch_unwind(AssertUnwindSafe(|| inner.call(req))) {
+        // With a slot, this capture catches exits: say so to `Exit::raise`,
+        // also when a foreign layer polls us on another task.
+        let tunneled = slot.is_some();
+        match catch_unwind(AssertUnwindSafe(|| {
+            if tunneled {
+                catching(|| inner.call(req))
+            } else {
+                inner.call(req)
+            }
+        })) {
             Ok(future) => CaptureFuture {
                 state: CaptureState::Running { future, slot },
                 _error: PhantomData,
@@ -430,7 +439,7 @@ where
                     // everything on.
                     return future.poll(cx);
                 }
-                match catch_unwind(AssertUnwindSafe(|| future.poll(cx))) {
+                match catch_unwind(AssertUnwindSafe(|| catching(|| future.poll(cx)))) {
                     Ok(Poll::Pending) => return Poll::Pending,
                     Ok(Poll::Ready(Err(error))) if Exit::from_service_error(&error).is_some() => {
                         Carried::Error {

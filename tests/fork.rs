@@ -165,7 +165,8 @@ impl InChild {
                 unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
                 tower_exit::exit(0)
             }
-            InChild::ForkAgain => match fork::fork()? {
+            // SAFETY (test): the grandchild logs (a file append) and exits.
+            InChild::ForkAgain => match unsafe { fork::fork() }? {
                 Forked::Child => {
                     log("grandchild");
                     tower_exit::exit(0)
@@ -196,7 +197,9 @@ fn forking_handler(log: &PidLog, in_child: InChild) -> impl Fn(Request<()>) -> R
         let path = path.clone();
         Box::pin(async move {
             let log = move |line: &str| common::log_with_pid(&path, line);
-            match fork::fork()? {
+            // SAFETY (test): single-threaded runtime; the child does what
+            // `in_child` says and is ended by the guard.
+            match unsafe { fork::fork() }? {
                 Forked::Child => {
                     log("child");
                     in_child.run(&log).await

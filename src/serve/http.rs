@@ -118,6 +118,9 @@ impl<S> Serve<S> {
         if signals {
             super::drain_on_signals(&supervisor)?;
         }
+        // Rule 3: an exit escaping the service ends the server, not just
+        // the connection (see `escape`).
+        let service = super::escape::Escapes::new(service, &supervisor);
         let builder = auto::Builder::new(TokioExecutor::new());
         let mut connections = JoinSet::new();
         let draining = Arc::new(AtomicBool::new(false));

@@ -9,6 +9,7 @@
 //! let in-flight requests finish within a grace period, and resolve to the
 //! exit, for `main` to return as its exit code.
 
+mod escape;
 pub mod fastcgi;
 pub mod http;
 mod listen;
@@ -23,7 +24,7 @@ use ::http::{Request, Response};
 use http_body::Body;
 use tower_service::Service;
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// What the servers here need of a tower service taking `Request<ReqBody>`:
 /// cloneable and `Send`, a `Send` future, errors and a response body hyper

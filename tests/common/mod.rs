@@ -5,6 +5,7 @@
 
 pub mod demo;
 pub mod fcgi;
+pub mod logs;
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode};
@@ -26,6 +27,27 @@ pub struct Reply {
 pub async fn get(addr: SocketAddr, path: &str) -> Result<Reply, BoxError> {
     let stream = tokio::net::TcpStream::connect(addr).await?;
     exchange(stream, &addr.to_string(), path).await
+}
+
+/// One HTTP/2 exchange (prior knowledge) over a fresh TCP connection.
+pub async fn get_h2(addr: SocketAddr, path: &str) -> Result<Reply, BoxError> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await?;
+    tokio::spawn(conn);
+    let req = Request::get(format!("http://{addr}{path}")).body(Empty::<Bytes>::new())?;
+    let res = sender.send_request(req).await?;
+    let status = res.status();
+    let headers = res.headers().clone();
+    let body = res.into_body().collect().await?.to_bytes();
+    Ok(Reply {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
 }
 
 /// One HTTP/1.1 exchange over a fresh unix-socket connection.

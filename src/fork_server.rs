@@ -157,7 +157,8 @@ impl Job {
 
 #[derive(Debug)]
 struct Link {
-    writer: tokio::sync::Mutex<tokio::net::unix::OwnedWriteHalf>,
+    /// Whole request frames, for the writer task.
+    requests: tokio::sync::mpsc::Sender<Vec<u8>>,
     state: Arc<Mutex<Pending>>,
 }
 
@@ -221,12 +222,22 @@ impl ForkServer {
         request.extend_from_slice(job.as_bytes());
         request.extend_from_slice(&(input.len() as u32).to_be_bytes());
         request.extend_from_slice(input);
-        link.writer
-            .lock()
-            .await
-            .write_all(&request)
-            .await
-            .map_err(SpawnError::Gone)?;
+        // Cancel safety: the frame goes whole to the writer task or not at
+        // all (a bounded channel's `send` either queues it or, dropped,
+        // does nothing). Writing here instead could stop mid-frame when the
+        // caller is cancelled, and every later request would be misread.
+        // Until it is queued, dropping this future withdraws the waiters.
+        let unsent = Unsent {
+            state: &link.state,
+            id,
+        };
+        if link.requests.send(request).await.is_err() {
+            return Err(SpawnError::Gone(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "the fork server link is closed",
+            )));
+        }
+        std::mem::forget(unsent);
         let started = started_rx
             .await
             .map_err(|_| SpawnError::Gone(io::Error::new(io::ErrorKind::BrokenPipe, "no reply")))?;
@@ -252,11 +263,42 @@ impl ForkServer {
         let socket = tokio::net::UnixStream::from_std(socket).map_err(SpawnError::Gone)?;
         let (reader, writer) = socket.into_split();
         let state = Arc::new(Mutex::new(Pending::default()));
+        let (requests, frames) = tokio::sync::mpsc::channel(QUEUED_REQUESTS);
+        tokio::spawn(write_requests(writer, frames));
         tokio::spawn(read_replies(reader, state.clone()));
-        Ok(Link {
-            writer: tokio::sync::Mutex::new(writer),
-            state,
-        })
+        Ok(Link { requests, state })
+    }
+}
+
+/// How many whole requests may wait for the writer task; `spawn` waits for
+/// room beyond that.
+const QUEUED_REQUESTS: usize = 4;
+
+/// Withdraws a request's waiters if its `spawn` is dropped before the
+/// request was queued (so no reply will ever come for that id).
+struct Unsent<'a> {
+    state: &'a Mutex<Pending>,
+    id: u64,
+}
+
+impl Drop for Unsent<'_> {
+    fn drop(&mut self) {
+        let mut pending = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        pending.started.remove(&self.id);
+        pending.exits.remove(&self.id);
+    }
+}
+
+/// Writes whole request frames to the fork server, in order. Ends (and so
+/// closes the channel, failing later `spawn`s) when the fork server is gone.
+async fn write_requests(
+    mut writer: tokio::net::unix::OwnedWriteHalf,
+    mut frames: tokio::sync::mpsc::Receiver<Vec<u8>>,
+) {
+    while let Some(frame) = frames.recv().await {
+        if writer.write_all(&frame).await.is_err() {
+            return;
+        }
     }
 }
 

@@ -91,3 +91,26 @@ fn jobs_fork_from_the_clean_state_and_report_their_status() {
     }
     assert!(common::zombies().is_empty());
 }
+
+#[test]
+fn a_spawn_cancelled_mid_request_leaves_the_link_usable() {
+    let forks = ForkServer::builder().job("len", len).start().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        // An 8 MiB input cannot be written within 2 ms: the caller gives up
+        // while the request is on its way.
+        let big = vec![7u8; 8 * 1024 * 1024];
+        let cancelled =
+            tokio::time::timeout(Duration::from_millis(2), forks.spawn("len", &big)).await;
+        assert!(cancelled.is_err(), "timed out");
+        // The next request is still understood and answered.
+        let job = tokio::time::timeout(Duration::from_secs(5), forks.spawn("len", b"abc"))
+            .await
+            .expect("answered within 5 s")
+            .unwrap();
+        assert_eq!(job.wait().await.unwrap().code(), Some(3));
+    });
+}

@@ -413,6 +413,14 @@ impl Child {
         }
     }
 
+    /// Closes this handle's pidfd, if it has one: `wait` then polls. For a
+    /// parent that reaps otherwise (on SIGCHLD) and forks again, so that
+    /// its later children do not inherit the descriptor.
+    pub(crate) fn without_pidfd(mut self) -> Self {
+        self.pidfd = None;
+        self
+    }
+
     /// The child's process id.
     pub fn pid(&self) -> u32 {
         self.pid as u32

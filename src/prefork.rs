@@ -127,6 +127,11 @@ impl Prefork {
     }
 
     /// A worker exiting with this code ends the whole server with it.
+    ///
+    /// The code must be 1 to 255: 0 is the status of a worker recycling
+    /// itself, and a process status has 8 bits. Other values make
+    /// [`run_http`](Self::run_http) and [`run_fastcgi`](Self::run_fastcgi)
+    /// fail at once with [`io::ErrorKind::InvalidInput`].
     pub fn stop_all_code(mut self, code: i32) -> Self {
         self.stop_all_code = Some(code);
         self
@@ -179,6 +184,17 @@ impl Prefork {
         W: Fn(Listener, &Supervisor, Option<u64>) -> Fut,
         Fut: Future<Output = io::Result<Exit>>,
     {
+        if let Some(code) = self.stop_all_code {
+            if !(1..=255).contains(&code) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "stop_all_code({code}): must be 1 to 255 (0 is a worker recycling \
+                         itself; a process status has 8 bits)"
+                    ),
+                ));
+            }
+        }
         let signals = MasterSignals::block()?;
         let listener = bind_std(&self.listen)?;
         let bound = listener.local_addr()?;
@@ -350,7 +366,11 @@ where
                 return Ok(());
             }
             let child = match self.spawn_worker() {
-                Ok(child) => child,
+                // The master reaps on SIGCHLD and needs no pidfd; without
+                // one, the next worker forked inherits none of its
+                // siblings' (each pidfd would stay open in every younger
+                // worker, and let it wait on or signal a sibling).
+                Ok(child) => child.without_pidfd(),
                 Err(err) => {
                     // Out of processes or memory: keep the workers we have
                     // and try again in a second.
@@ -429,13 +449,15 @@ where
         let lived = worker.started.elapsed();
         match (worker.role, status.code()) {
             (Role::Retiring, _) => tracing::info!(pid, %status, "worker retired"),
-            (Role::Serving, Some(0)) => {
-                tracing::info!(pid, "worker recycled");
-                self.failures = 0;
-            }
+            // Checked first; `run` refused a stop-all code of 0, which is
+            // the status of a worker recycling itself.
             (Role::Serving, Some(code)) if Some(code) == self.config.stop_all_code => {
                 tracing::warn!(pid, code, "worker asked to stop the server");
                 self.stop_code = Some(code);
+            }
+            (Role::Serving, Some(0)) => {
+                tracing::info!(pid, "worker recycled");
+                self.failures = 0;
             }
             (Role::Serving, _) => {
                 // Fast failures in a row back off: 0.1 s, 0.2 s, ... up to

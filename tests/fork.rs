@@ -86,6 +86,28 @@ async fn spawn_maps_the_childs_outcome_to_its_status_and_runs_hooks_once_in_orde
 }
 
 #[tokio::test]
+async fn a_child_handle_inherited_through_a_fork_refuses_to_signal() {
+    let _serial = serial();
+    let mut first = fork::spawn(|| std::thread::sleep(Duration::from_secs(30))).unwrap();
+    // A later child holds a copy of `first`'s handle: it is not the owner,
+    // and in it the pid may already name another process.
+    let mut second = fork::spawn(|| {
+        let refused = first.kill(libc::SIGKILL).map_err(|e| e.kind());
+        let status = if refused == Err(std::io::ErrorKind::PermissionDenied) {
+            0
+        } else {
+            1
+        };
+        tower_exit::exit(status)
+    })
+    .unwrap();
+    assert_eq!(second.wait().await.unwrap().code(), Some(0));
+    assert!(first.try_wait().unwrap().is_none(), "first still runs");
+    first.kill(libc::SIGKILL).unwrap();
+    assert_eq!(first.wait().await.unwrap().signal(), Some(libc::SIGKILL));
+}
+
+#[tokio::test]
 async fn child_handle_can_poll_kill_and_is_reaped_when_dropped() {
     let _serial = serial();
     let mut child = fork::spawn(|| std::thread::sleep(Duration::from_secs(30))).unwrap();

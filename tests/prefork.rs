@@ -11,6 +11,7 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
+use tower_exit::prefork::Prefork;
 
 fn prefork(args: &[&str]) -> (Proc, SocketAddr) {
     let mut command = Command::new(example("prefork"));
@@ -120,6 +121,55 @@ async fn a_worker_exit_with_the_stop_all_code_ends_the_server_with_it() {
     );
     assert_eq!(master.wait_exit(Duration::from_secs(15)).code(), Some(5));
     assert!(gone(&pids), "no worker left");
+}
+
+#[test]
+fn a_stop_all_code_that_cannot_be_told_from_recycling_is_refused() {
+    for code in [0, 256, -1] {
+        let run = Prefork::new("127.0.0.1:0".parse().unwrap())
+            .stop_all_code(code)
+            .run_http(|_| tower::service_fn(common::handler::<hyper::body::Incoming>));
+        let err = run.expect_err("refused");
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput, "{code}");
+        assert!(err.to_string().contains("1 to 255"), "{err}");
+    }
+    // The demo's command line refuses what would be truncated.
+    let mut command = Command::new(example("prefork"));
+    command.args(["--listen", "127.0.0.1:0", "--stop-all-code", "99999999999"]);
+    let mut proc = Proc::spawn(command);
+    assert_eq!(proc.wait_exit(Duration::from_secs(10)).code(), Some(2));
+    // Its stderr is read by a thread: give it the moment to see the end.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while proc.stderr_count("from 1 to 255") == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(proc.stderr_count("from 1 to 255"), 1);
+}
+
+/// The pidfds open in process `pid`.
+fn pidfds_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy() == "anon_inode:[pidfd]")
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_inherit_no_pidfd_of_their_siblings() {
+    let (mut master, addr) = prefork(&["--workers", "4"]);
+    let mut pids = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pids.len() < 4 && Instant::now() < deadline {
+        pids.insert(pid_of_worker(addr).await);
+    }
+    assert_eq!(pids.len(), 4);
+    for pid in &pids {
+        assert_eq!(pidfds_of(*pid), 0, "worker {pid}");
+    }
+    signal(master.pid(), libc::SIGTERM);
+    assert_eq!(master.wait_exit(Duration::from_secs(15)).code(), Some(0));
+    assert!(gone(&pids));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -50,7 +50,11 @@ pub fn parse_args(default_listen: &str, prefork: bool) -> Args {
                 parsed.max_requests = Some(number("--max-requests", args.next()))
             }
             "--stop-all-code" if prefork => {
-                parsed.stop_all_code = number("--stop-all-code", args.next()) as i32
+                let code = number("--stop-all-code", args.next());
+                parsed.stop_all_code = match i32::try_from(code) {
+                    Ok(code @ 1..=255) => code,
+                    _ => usage("--stop-all-code takes a status from 1 to 255", prefork),
+                }
             }
             other => usage(&format!("unknown argument {other:?}"), prefork),
         }

@@ -7,12 +7,16 @@
 //! a copy of the server accepting on the parent's socket.
 //!
 //! [`ForkGuardLayer`] sits just above the handler, below every catch-all.
-//! After the inner `call` and after every poll of the inner future it checks
-//! (one atomic load) whether it now runs in a child forked during this
-//! request. In such a child, whatever the outcome (an `Exit`, an error, a
-//! panic, a response, or `Pending`), it runs the child cleanup hooks
-//! ([`fork::on_child_exit`](crate::fork::on_child_exit)) and ends the child
-//! without returning:
+//! While it calls and polls the inner service, an [`Exit`] raised in a child
+//! forked meanwhile ends that child right at the raise: no allocation, no
+//! unwinding through the handler's frames (whose destructors would take
+//! locks that other threads of the parent held at the fork: the allocator's,
+//! a semaphore's, a pool's). After the inner `call` and after every poll it
+//! also checks (one atomic load) whether it now runs in such a child; if
+//! so, whatever the outcome (an error, a panic, a response, or `Pending`),
+//! it ends the child without returning. Either way the child first runs
+//! its cleanup hooks ([`fork::on_child_exit`](crate::fork::on_child_exit)),
+//! then ends:
 //!
 //! - by default, like the seed's remedy, with `SIGTERM` sent to itself after
 //!   resetting that signal to its default action (an application's SIGTERM
@@ -20,10 +24,14 @@
 //! - with [`ForkGuardLayer::exit_code`], by `_exit(status)` so the parent
 //!   sees the status: `Ok` 0, an `Exit` its status, a panic 101, an error or
 //!   `Pending` (the child tried to await after the fork) 1;
-//! - with [`ForkGuardLayer::propagate_exit`], an `Exit` travels on, *armed*,
+//! - with [`ForkGuardLayer::propagate_exit`], an `Exit` unwinds on, *armed*,
 //!   up to an exit-aware [`BoundaryLayer`](crate::BoundaryLayer), which ends
 //!   the child with the exit's status; a layer that drops it on the way kills
-//!   the child at that moment.
+//!   the child at that moment. This is the one mode in which a child
+//!   unwinds, on purpose: see its docs for the price.
+//!
+//! A child's `_exit` and `SIGTERM` skip `atexit` handlers and do not flush
+//! the parent's buffered output a second time.
 //!
 //! In the parent it changes nothing.
 //!
@@ -125,6 +133,15 @@ impl ForkGuardLayer {
     /// the exit's status (after the cleanup hooks) instead of answering, and
     /// any layer that drops the exit instead (a catch-all that turns it into
     /// a `500`) kills the child with `SIGTERM` at that moment.
+    ///
+    /// The price: the unwind allocates and runs the destructors of every
+    /// frame between the raise and the boundary *in the child*, against
+    /// resources it shares with the parent (a pooled connection returned to
+    /// a pool, a semaphore permit released, a lock taken by the allocator).
+    /// In a child of a multi-threaded process any of them may hang on a
+    /// lock another thread held at the fork. Prefer the default modes there.
+    /// Under `panic = "abort"` nothing unwinds and this mode ends the child
+    /// at the raise, as [`exit_code`](Self::exit_code) does.
     ///
     /// Only an unwinding exit, or an `Err` whose error type is `Exit`
     /// itself, travels on; every other outcome ends the child at the guard

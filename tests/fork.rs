@@ -259,6 +259,40 @@ async fn fork_request(log: &PidLog, guard: ForkGuardLayer, in_child: InChild) ->
     Response::from_parts(parts, String::from_utf8_lossy(&body).into_owned())
 }
 
+/// The problem the guard solves, shown: without it, the child's `exit(0)`
+/// unwinds into a catch-all, which answers 500 in the child, and the child
+/// runs the code after the request: code runs double.
+#[tokio::test]
+async fn without_a_guard_the_child_runs_on_into_the_parents_code() {
+    let _serial = serial();
+    let log = PidLog::new("unguarded");
+    let parent = std::process::id();
+    let svc = ServiceBuilder::new()
+        .layer(tower_http::catch_panic::CatchPanicLayer::new())
+        .service_fn(forking_handler(&log, InChild::Exit));
+    let res = svc.oneshot(Request::new(())).await.expect("answers");
+    log.log(&format!("after-request {}", res.status().as_u16()));
+    if std::process::id() != parent {
+        // The child, which just ran the parent's code: end it here.
+        // SAFETY: `_exit` ends this forked test child at once.
+        unsafe { libc::_exit(0) };
+    }
+    let lines = log.lines();
+    let after: Vec<_> = lines
+        .iter()
+        .filter(|l| l.starts_with("after-request"))
+        .collect();
+    assert_eq!(after.len(), 2, "{lines:?}");
+    assert!(
+        after
+            .iter()
+            .any(|l| l.starts_with("after-request 500 pid=")
+                && !l.ends_with(&format!("pid={parent}")))
+    );
+    assert!(after.contains(&&format!("after-request 200 pid={parent}")));
+    assert!(zombies().is_empty());
+}
+
 #[tokio::test]
 async fn guard_ends_the_child_whatever_its_outcome_and_the_parent_runs_on_once() {
     let _serial = serial();

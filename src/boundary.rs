@@ -39,7 +39,7 @@
 //! ```
 
 use crate::body::ResponseBody;
-use crate::exit::{catching, AsError, ConcreteError};
+use crate::exit::{enter_catching, leave, AsError, ConcreteError};
 use crate::Exit;
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode, Version};
@@ -217,7 +217,10 @@ where
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let version = req.version();
         let inner = &mut self.inner;
-        let state = match catch_unwind(AssertUnwindSafe(|| catching(|| inner.call(req)))) {
+        let outer = enter_catching();
+        let called = catch_unwind(AssertUnwindSafe(|| inner.call(req)));
+        leave(outer);
+        let state = match called {
             Ok(future) => State::Running { future },
             Err(payload) => match Exit::from_panic(&*payload) {
                 Some(exit) => {
@@ -266,7 +269,10 @@ where
         let this = self.project();
         let exit = match this.state.project() {
             StateProj::Running { future } => {
-                match catch_unwind(AssertUnwindSafe(|| catching(|| future.poll(cx)))) {
+                let outer = enter_catching();
+                let polled = catch_unwind(AssertUnwindSafe(|| future.poll(cx)));
+                leave(outer);
+                match polled {
                     Ok(poll) => match ready!(poll) {
                         Ok(res) => return Poll::Ready(Ok(res.map(ResponseBody::inner))),
                         Err(err) => match Exit::from_service_error(&err) {

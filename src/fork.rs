@@ -202,6 +202,7 @@ pub(crate) enum ChildEnd {
 }
 
 impl ChildRule {
+    #[inline]
     pub(crate) fn guard(started: u64, end: ChildEnd) -> Self {
         ChildRule {
             started,
@@ -210,8 +211,36 @@ impl ChildRule {
         }
     }
 
-    pub(crate) fn holds_inside_boundaries(&self) -> bool {
-        self.sticky
+    /// The `sticky` bit of [`pack`](Self::pack).
+    pub(crate) const STICKY: u64 = 1 << 2;
+
+    /// This rule in one word, never 0: bits 0–1 the end (1 to 3), bit 2
+    /// `sticky`, the generation above (a process would need 2^60 forks in
+    /// its ancestry to overflow it).
+    #[inline]
+    pub(crate) fn pack(self) -> u64 {
+        let end = match self.end {
+            ChildEnd::Terminate => 1,
+            ChildEnd::ExitCode => 2,
+            ChildEnd::Propagate => 3,
+        };
+        (self.started << 3) | (u64::from(self.sticky) * Self::STICKY) | end
+    }
+
+    /// The rule [`pack`](Self::pack) made; `None` for 0.
+    #[inline]
+    pub(crate) fn unpack(word: u64) -> Option<ChildRule> {
+        let end = match word & 3 {
+            1 => ChildEnd::Terminate,
+            2 => ChildEnd::ExitCode,
+            3 => ChildEnd::Propagate,
+            _ => return None,
+        };
+        Some(ChildRule {
+            started: word >> 3,
+            end,
+            sticky: word & Self::STICKY != 0,
+        })
     }
 }
 
@@ -311,7 +340,11 @@ pub enum Forked {
 /// ends or execs, the child must only do async-signal-safe work: raise an
 /// [`Exit`] under a guard (which ends it without allocating), return, or
 /// call functions documented as fork-safe. The same contract as `nix`'s
-/// `unsafe fn fork`.
+/// `unsafe fn fork`; calling it from safe code does not compile:
+///
+/// ```compile_fail
+/// let _ = tower_exit::fork::fork();
+/// ```
 pub unsafe fn fork() -> io::Result<Forked> {
     watch_forks();
     warn_if_threads();
@@ -351,10 +384,9 @@ pub fn spawn<F: FnOnce()>(f: F) -> io::Result<Child> {
                 end: ChildEnd::ExitCode,
                 sticky: false,
             };
-            let context = crate::exit::RaiseContext {
-                caught: true,
-                child: Some(rule),
-            };
+            let context = crate::exit::RaiseContext::default()
+                .caught_here()
+                .with_child(rule);
             let status =
                 match catch_unwind(AssertUnwindSafe(|| crate::exit::with_context(context, f))) {
                     Ok(()) => 0,
@@ -635,5 +667,33 @@ fn reaper(rx: mpsc::Receiver<libc::pid_t>) {
         }
         // Keep only the children that are still running.
         pending.retain(|&pid| matches!(try_reap(pid), Ok(None)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_child_rule_survives_packing_into_the_raise_context() {
+        for end in [ChildEnd::Terminate, ChildEnd::ExitCode, ChildEnd::Propagate] {
+            for sticky in [false, true] {
+                for started in [0, 1, 7, u64::MAX >> 4] {
+                    let rule = ChildRule {
+                        started,
+                        end,
+                        sticky,
+                    };
+                    let packed = rule.pack();
+                    assert_ne!(packed, 0);
+                    let back = ChildRule::unpack(packed).unwrap();
+                    assert_eq!(
+                        (back.started, back.end, back.sticky),
+                        (started, end, sticky)
+                    );
+                }
+            }
+        }
+        assert!(ChildRule::unpack(0).is_none());
     }
 }

@@ -80,7 +80,7 @@
 //! # let _ = svc;
 //! ```
 
-use crate::exit::{context, with_context, RaiseContext};
+use crate::exit::{context, enter, leave, RaiseContext};
 use crate::fork::{
     exit_now, generation, run_child_hooks, status_of_panic, terminate_now, watch_forks, Armed,
     ChildEnd, ChildRule,
@@ -190,10 +190,9 @@ where
     fn call(&mut self, req: Req) -> Self::Future {
         let started = generation();
         let inner = &mut self.inner;
-        let guarded = guarded(started, self.end);
-        let mut called = catch_unwind(AssertUnwindSafe(|| {
-            with_context(guarded, || inner.call(req))
-        }));
+        let outer = enter(guarded(started, self.end));
+        let mut called = catch_unwind(AssertUnwindSafe(|| inner.call(req)));
+        leave(outer);
         if generation() != started {
             if let Err(payload) = &mut called {
                 arm_or_end(self.end, payload);
@@ -232,10 +231,9 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let future = this.future;
-        let guarded = guarded(*this.started, *this.end);
-        let mut polled = catch_unwind(AssertUnwindSafe(|| {
-            with_context(guarded, || future.poll(cx))
-        }));
+        let outer = enter(guarded(*this.started, *this.end));
+        let mut polled = catch_unwind(AssertUnwindSafe(|| future.poll(cx)));
+        leave(outer);
         // The happy path costs this one relaxed load: the generation only
         // changes in a child, in the `pthread_atfork` handler.
         if generation() != *this.started {
@@ -262,10 +260,7 @@ where
 /// allocate or unwind through frames that hold the parent's locks.
 #[inline]
 fn guarded(started: u64, end: ChildEnd) -> RaiseContext {
-    RaiseContext {
-        child: Some(ChildRule::guard(started, end)),
-        ..context()
-    }
+    context().with_child(ChildRule::guard(started, end))
 }
 
 fn status_of_poll<T, E: 'static>(polled: &Result<Poll<Result<T, E>>, Box<dyn Any + Send>>) -> i32 {

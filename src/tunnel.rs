@@ -60,7 +60,7 @@
 //! - Dropping the tunnel's response future early (the client went away)
 //!   drops the foreign future with it; nothing is left behind.
 
-use crate::exit::{catching, AsError, ConcreteError};
+use crate::exit::{catching, enter_catching, leave, AsError, ConcreteError};
 use crate::Exit;
 use atomic_waker::AtomicWaker;
 use pin_project_lite::pin_project;
@@ -439,7 +439,10 @@ where
                     // everything on.
                     return future.poll(cx);
                 }
-                match catch_unwind(AssertUnwindSafe(|| catching(|| future.poll(cx)))) {
+                let outer = enter_catching();
+                let polled = catch_unwind(AssertUnwindSafe(|| future.poll(cx)));
+                leave(outer);
+                match polled {
                     Ok(Poll::Pending) => return Poll::Pending,
                     Ok(Poll::Ready(Err(error))) if Exit::from_service_error(&error).is_some() => {
                         Carried::Error {

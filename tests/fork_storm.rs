@@ -144,7 +144,7 @@ fn guarded_children_calling_exit_never_hang_on_a_contended_allocator() {
         for _ in 0..FORKS / BATCH {
             let mut children = Vec::new();
             for _ in 0..BATCH {
-                let child = guarded.clone().oneshot(()).await.unwrap();
+                let child = guarded.oneshot(()).await.unwrap();
                 children.push(child);
                 // Let the allocating threads and the workers interleave.
                 tokio::task::yield_now().await;

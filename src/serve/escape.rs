@@ -9,7 +9,7 @@
 //! would.
 
 use crate::boundary::record;
-use crate::exit::catching;
+use crate::exit::{enter_catching, leave};
 use crate::{Exit, Supervisor};
 use http::{header, HeaderValue, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
@@ -54,7 +54,10 @@ where
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let version = req.version();
         let inner = &mut self.inner;
-        let state = match catch_unwind(AssertUnwindSafe(|| catching(|| inner.call(req)))) {
+        let outer = enter_catching();
+        let called = catch_unwind(AssertUnwindSafe(|| inner.call(req)));
+        leave(outer);
+        let state = match called {
             Ok(future) => State::Running { future },
             Err(payload) => match Exit::from_panic(&*payload) {
                 Some(exit) => {
@@ -99,7 +102,10 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         if let StateProj::Running { future } = this.state.project() {
-            match catch_unwind(AssertUnwindSafe(|| catching(|| future.poll(cx)))) {
+            let outer = enter_catching();
+            let polled = catch_unwind(AssertUnwindSafe(|| future.poll(cx)));
+            leave(outer);
+            match polled {
                 Ok(poll) => match ready!(poll) {
                     Ok(res) => return Poll::Ready(Ok(res.map(|body| EscapeBody::Inner { body }))),
                     Err(err) => {

@@ -44,6 +44,14 @@ impl<B> ResponseBody<B> {
     }
 }
 
+/// The inner body's default: so that layers needing `ResBody: Default`
+/// (tower-http's `TimeoutLayer`) sit above the exit-aware ones.
+impl<B: Default> Default for ResponseBody<B> {
+    fn default() -> Self {
+        ResponseBody::inner(B::default())
+    }
+}
+
 impl<B> Body for ResponseBody<B>
 where
     B: Body<Data = Bytes>,

@@ -42,7 +42,7 @@ use crate::body::ResponseBody;
 use crate::exit::{enter_catching, leave, AsError, ConcreteError};
 use crate::Exit;
 use bytes::Bytes;
-use http::{header, HeaderValue, Request, Response, StatusCode, Version};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use pin_project_lite::pin_project;
 use std::fmt;
 use std::future::Future;
@@ -215,7 +215,11 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        let version = req.version();
+        let request = Requested {
+            version: req.version(),
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+        };
         let inner = &mut self.inner;
         let outer = enter_catching();
         let called = catch_unwind(AssertUnwindSafe(|| inner.call(req)));
@@ -224,8 +228,10 @@ where
             Ok(future) => State::Running { future },
             Err(payload) => match Exit::from_panic(&*payload) {
                 Some(exit) => {
-                    record(&self.supervisor, exit);
-                    State::Exited
+                    caught(&self.supervisor, exit, &request);
+                    State::Exited {
+                        exit: Some(exit.clone()),
+                    }
                 }
                 None => resume_unwind(payload),
             },
@@ -233,7 +239,7 @@ where
         ResponseFuture {
             state,
             supervisor: self.supervisor.clone(),
-            version,
+            request,
             _error: PhantomData,
         }
     }
@@ -245,7 +251,7 @@ pin_project! {
         #[pin]
         state: State<F>,
         supervisor: Supervisor,
-        version: Version,
+        request: Requested,
         _error: PhantomData<fn() -> M>,
     }
 }
@@ -254,7 +260,7 @@ pin_project! {
     #[project = StateProj]
     enum State<F> {
         Running { #[pin] future: F },
-        Exited,
+        Exited { exit: Option<Exit> },
     }
 }
 
@@ -274,7 +280,12 @@ where
                 leave(outer);
                 match polled {
                     Ok(poll) => match ready!(poll) {
-                        Ok(res) => return Poll::Ready(Ok(res.map(ResponseBody::inner))),
+                        Ok(mut res) => match res.extensions_mut().remove::<ExitResponse>() {
+                            // An exit returned as a response (`IntoResponse for
+                            // Exit`): the abort-safe channel, recorded here.
+                            Some(ExitResponse(exit)) => exit,
+                            None => return Poll::Ready(Ok(res.map(ResponseBody::inner))),
+                        },
                         Err(err) => match Exit::from_service_error(&err) {
                             Some(exit) => exit.clone(),
                             None => return Poll::Ready(Err(err)),
@@ -286,11 +297,45 @@ where
                     },
                 }
             }
-            StateProj::Exited => return Poll::Ready(Ok(exit_response(*this.version))),
+            StateProj::Exited { exit } => {
+                let exit = exit.take().expect("polled after completion");
+                return Poll::Ready(Ok(exit_response(this.request.version, exit)));
+            }
         };
-        record(this.supervisor, &exit);
-        Poll::Ready(Ok(exit_response(*this.version)))
+        caught(this.supervisor, &exit, this.request);
+        Poll::Ready(Ok(exit_response(this.request.version, exit)))
     }
+}
+
+/// What the boundary keeps of a request, to answer and log an exit.
+#[derive(Debug)]
+struct Requested {
+    version: Version,
+    method: Method,
+    uri: Uri,
+}
+
+/// An exit turned into a response on its way out (`IntoResponse for Exit`
+/// under the `axum` feature): the boundary, or a server when there is none,
+/// records it as if it had been raised.
+#[derive(Clone, Debug)]
+pub(crate) struct ExitResponse(pub(crate) Exit);
+
+/// The boundary caught `exit`: said once, here (INFO for status 0, WARN
+/// otherwise), then recorded.
+fn caught(supervisor: &Supervisor, exit: &Exit, request: &Requested) {
+    // An armed exit in a forked child ends the child before anything here
+    // allocates.
+    #[cfg(all(unix, feature = "fork"))]
+    crate::fork::end_if_armed(exit);
+    let first = supervisor.exit().is_none();
+    let (method, path) = (&request.method, request.uri.path());
+    if exit.is_success() {
+        tracing::info!(exit.code = exit.code(), exit.message = exit.message(), %method, path, first, "exit: the server drains");
+    } else {
+        tracing::warn!(exit.code = exit.code(), exit.message = exit.message(), %method, path, first, "exit: the server drains");
+    }
+    record(supervisor, exit);
 }
 
 /// Records `exit` as the server's end. An exit armed by a fork guard in a
@@ -303,8 +348,10 @@ pub(crate) fn record(supervisor: &Supervisor, exit: &Exit) {
 }
 
 /// `503`, and `connection: close` where HTTP/1 has it (HTTP/2 forbids the
-/// header; the server's graceful shutdown sends GOAWAY there).
-pub(crate) fn exit_response<B>(version: Version) -> Response<ResponseBody<B>> {
+/// header; the server's graceful shutdown sends GOAWAY there). The exit
+/// rides in the response's extensions, so that layers outside can tell an
+/// intended exit from a real `503` (`res.extensions().get::<Exit>()`).
+pub(crate) fn exit_response<B>(version: Version, exit: Exit) -> Response<ResponseBody<B>> {
     let mut res = Response::new(ResponseBody::full(Bytes::from_static(
         b"Service Unavailable\n",
     )));
@@ -317,5 +364,6 @@ pub(crate) fn exit_response<B>(version: Version) -> Response<ResponseBody<B>> {
     if version <= Version::HTTP_11 {
         headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
+    res.extensions_mut().insert(exit);
     res
 }

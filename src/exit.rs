@@ -161,10 +161,7 @@ impl Exit {
     #[track_caller]
     pub fn raise(self) -> ! {
         let context = CONTEXT.get();
-        #[cfg(all(unix, feature = "fork"))]
-        if let Some(rule) = context.child() {
-            crate::fork::end_child_at_raise(rule, &self);
-        }
+        end_child_if_ruled(&self);
         if !context.caught() {
             unhandled(&self, std::panic::Location::caller());
         }
@@ -200,6 +197,11 @@ impl Exit {
     /// }
     /// # assert_eq!(into_status(AppError::Db("down".into())), 500);
     /// ```
+    ///
+    /// The error must expose the exit: as itself, or through `source()`
+    /// (thiserror's `#[from]` or `#[source]`). thiserror's
+    /// `#[error(transparent)]` hides it: it forwards `source()` to the
+    /// exit's own source, which is none.
     #[track_caller]
     pub fn raise_if_found(err: &(dyn Error + 'static)) {
         if let Some(exit) = Exit::from_error(err) {
@@ -429,8 +431,20 @@ impl Drop for Restore {
     }
 }
 
+/// Rule 1: in a forked child that a fork guard or `fork::spawn` covers,
+/// ends the child here (cleanup hooks, then `SIGTERM` or `_exit`) without
+/// allocating. Returns otherwise.
+#[inline]
+pub(crate) fn end_child_if_ruled(exit: &Exit) {
+    #[cfg(all(unix, feature = "fork"))]
+    if let Some(rule) = CONTEXT.get().child() {
+        crate::fork::end_child_at_raise(rule, exit);
+    }
+    #[cfg(not(all(unix, feature = "fork")))]
+    let _ = exit;
+}
+
 /// The context of the frame this is called from.
-#[cfg(all(unix, feature = "fork"))]
 #[inline]
 pub(crate) fn context() -> RaiseContext {
     CONTEXT.get()

@@ -55,6 +55,8 @@
 #![deny(missing_docs, rust_2018_idioms, unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
+#[cfg(feature = "axum")]
+mod axum;
 mod body;
 mod builder;
 mod hooks;
@@ -74,6 +76,8 @@ pub mod report;
 pub mod retry;
 #[cfg(all(unix, feature = "http"))]
 pub mod serve;
+#[cfg(feature = "tower-http")]
+pub mod trace;
 pub mod tunnel;
 
 pub use crate::body::ResponseBody;

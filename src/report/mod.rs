@@ -177,7 +177,8 @@ impl<F: Fn(&Failure<'_>) + Send + Sync + 'static> Reporter for F {
 
 /// The default reporter: one `tracing` event per report: failures at
 /// `ERROR` level with the whole error chain or the panic message, exits at
-/// `WARN` level with their code and message.
+/// `WARN` level with their code and message (fields `exit.code` and
+/// `exit.message`).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TracingReporter;
 
@@ -186,9 +187,11 @@ impl Reporter for TracingReporter {
         match failure {
             Failure::Error(_) => tracing::error!(error = %failure, "service failed"),
             Failure::Panic(_) => tracing::error!(panic = %failure, "service panicked"),
+            // `exit.message`, not `message`: that name is the event's own
+            // text, and JSON logs would carry it twice.
             Failure::Exit(exit) => tracing::warn!(
-                code = exit.code(),
-                message = exit.message(),
+                exit.code = exit.code(),
+                exit.message = exit.message(),
                 "service exited"
             ),
         }

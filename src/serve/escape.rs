@@ -8,7 +8,7 @@
 //! the request is answered `503` with `connection: close`, as a boundary
 //! would.
 
-use crate::boundary::record;
+use crate::boundary::{record, ExitResponse};
 use crate::exit::{enter_catching, leave};
 use crate::{Exit, Supervisor};
 use http::{header, HeaderValue, Request, Response, StatusCode, Version};
@@ -107,7 +107,10 @@ where
             leave(outer);
             match polled {
                 Ok(poll) => match ready!(poll) {
-                    Ok(res) => return Poll::Ready(Ok(res.map(|body| EscapeBody::Inner { body }))),
+                    Ok(mut res) => match res.extensions_mut().remove::<ExitResponse>() {
+                        Some(ExitResponse(exit)) => escaped(this.supervisor, &exit),
+                        None => return Poll::Ready(Ok(res.map(|body| EscapeBody::Inner { body }))),
+                    },
                     Err(err) => {
                         let err: BoxError = err.into();
                         match Exit::from_error(&*err) {

@@ -3,6 +3,8 @@
 //! - [`http()`]: HTTP/1 and HTTP/2 over hyper.
 //! - [`fastcgi()`]: FastCGI 1.0 Responder, behind nginx, Apache or any
 //!   FastCGI client.
+//! - [`graceful()`]: a server you build yourself (`axum::serve`), given the
+//!   same shutdown, signals and grace period.
 //!
 //! Both listen on TCP or unix sockets ([`Listener`], [`ListenAddr`]), stop
 //! accepting on the first exit (or on SIGTERM/SIGINT with `with_signals`),
@@ -11,10 +13,12 @@
 
 mod escape;
 pub mod fastcgi;
+pub mod graceful;
 pub mod http;
 mod listen;
 
 pub use self::fastcgi::fastcgi;
+pub use self::graceful::{graceful, Graceful};
 pub use self::http::{http, Serve};
 pub(crate) use self::listen::remove_stale_socket;
 pub use self::listen::{BadListenAddr, ListenAddr, Listener, Peer};
@@ -101,9 +105,15 @@ async fn drain(
         );
         connections.shutdown().await;
     }
-    supervisor
+    let exit = supervisor
         .exit()
-        .expect("servers drain only once an exit is recorded")
+        .expect("servers drain only once an exit is recorded");
+    tracing::info!(
+        exit.code = exit.code(),
+        exit.message = exit.message(),
+        "server stopped"
+    );
+    exit
 }
 
 /// Records `Exit::success()` on the first SIGTERM or SIGINT.

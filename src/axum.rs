@@ -1,0 +1,48 @@
+//! `IntoResponse for Exit` (feature `axum`): a handler returning
+//! `Result<T, Exit>`, or `?` on an `Exit`, ends the server like a raised
+//! exit, and in abort builds too (nothing unwinds).
+
+use crate::boundary::ExitResponse;
+use crate::Exit;
+use axum_core::response::{IntoResponse, Response};
+use http::StatusCode;
+
+/// The exit becomes a `503` that carries it: the
+/// [`BoundaryLayer`](crate::BoundaryLayer) above (or
+/// [`serve::http`](crate::serve::http())/[`serve::fastcgi`](crate::serve::fastcgi())
+/// when there is no boundary) records it as if it had been raised: the
+/// server drains and ends with its code.
+///
+/// ```
+/// use axum::{routing::get, Router};
+/// use tower_exit::Exit;
+///
+/// async fn shutdown() -> Result<&'static str, Exit> {
+///     Err(Exit::new(3).with_message("asked to stop"))
+/// }
+///
+/// let app: Router = Router::new().route("/shutdown", get(shutdown));
+/// ```
+///
+/// Where nothing exit-aware will see the response (no boundary, a server
+/// other than this crate's), the client gets the `503` and the exit is
+/// logged at ERROR, not lost silently.
+impl IntoResponse for Exit {
+    #[track_caller]
+    fn into_response(self) -> Response {
+        // Rule 1 holds here too: in a forked child this is where it ends.
+        crate::exit::end_child_if_ruled(&self);
+        if !crate::exit::context().caught() {
+            tracing::error!(
+                exit.code = self.code(),
+                exit.message = self.message(),
+                at = %std::panic::Location::caller(),
+                "exit returned as a response where no boundary or server of tower-exit sees it: \
+                 the client gets a 503, nothing drains"
+            );
+        }
+        let mut res = (StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable\n").into_response();
+        res.extensions_mut().insert(ExitResponse(self));
+        res
+    }
+}

@@ -1,0 +1,136 @@
+//! Drive a server you build yourself (`axum::serve`, hyper-util's graceful
+//! shutdown) with the same exit, signal and grace handling as
+//! [`serve::http`](super::http()).
+//!
+//! ```no_run
+//! use std::process::ExitCode;
+//! use std::time::Duration;
+//! use axum::{routing::get, Router};
+//! use tower::ServiceBuilder;
+//! use tower_exit::{ServiceBuilderExt, Supervisor};
+//!
+//! #[tokio::main]
+//! async fn main() -> std::io::Result<ExitCode> {
+//!     let supervisor = Supervisor::new();
+//!     let app = Router::new()
+//!         .route("/", get(|| async { "hello" }))
+//!         .layer(ServiceBuilder::new().boundary(&supervisor).catch_panic());
+//!     let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+//!     let exit = tower_exit::serve::graceful(&supervisor, |shutdown| {
+//!         axum::serve(listener, app).with_graceful_shutdown(shutdown)
+//!     })
+//!     .grace(Duration::from_secs(10))
+//!     .with_signals()
+//!     .await?;
+//!     Ok(exit.into())
+//! }
+//! ```
+
+use crate::{Exit, Supervisor};
+use std::future::{Future, IntoFuture};
+use std::io;
+use std::pin::Pin;
+use std::time::Duration;
+
+/// Runs the server `start` builds around the shutdown future it is given,
+/// until the first [`Exit`]; see [`Graceful`].
+pub fn graceful<F, S>(supervisor: &Supervisor, start: F) -> Graceful<F>
+where
+    F: FnOnce(Pin<Box<dyn Future<Output = ()> + Send>>) -> S,
+    S: IntoFuture<Output = io::Result<()>>,
+{
+    Graceful {
+        supervisor: supervisor.clone(),
+        start,
+        grace: super::http::DEFAULT_GRACE,
+        signals: false,
+    }
+}
+
+/// A server driven until the first exit. Await it: it resolves to that exit.
+///
+/// `start` gets the shutdown future to hand to the server's graceful
+/// shutdown (`with_graceful_shutdown`): it resolves once the supervisor
+/// records an exit (a boundary caught one, [`Supervisor::trigger`], or
+/// SIGTERM/SIGINT with [`with_signals`](Self::with_signals)) and logs
+/// `draining`. The server then stops accepting and lets its connections
+/// finish; after the [grace period](Self::grace) the server future is
+/// dropped (the connections still open with it, logged at WARN).
+#[derive(Debug)]
+#[must_use = "a server does nothing until awaited"]
+pub struct Graceful<F> {
+    supervisor: Supervisor,
+    start: F,
+    grace: Duration,
+    signals: bool,
+}
+
+impl<F> Graceful<F> {
+    /// How long connections may run once draining starts (default 30 s).
+    pub fn grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
+    /// Also drain on SIGTERM and SIGINT, which count as [`Exit::success`].
+    pub fn with_signals(mut self) -> Self {
+        self.signals = true;
+        self
+    }
+}
+
+impl<F, S> IntoFuture for Graceful<F>
+where
+    F: FnOnce(Pin<Box<dyn Future<Output = ()> + Send>>) -> S,
+    S: IntoFuture<Output = io::Result<()>>,
+    S::IntoFuture: Send + 'static,
+{
+    type Output = io::Result<Exit>;
+    type IntoFuture = Pin<Box<dyn Future<Output = io::Result<Exit>> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        let Graceful {
+            supervisor,
+            start,
+            grace,
+            signals,
+        } = self;
+        let signals = if signals {
+            super::drain_on_signals(&supervisor)
+        } else {
+            Ok(())
+        };
+        let wait = supervisor.wait();
+        let shutdown: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(async move {
+            let _first = wait.await;
+            tracing::info!("draining");
+        });
+        let server = start(shutdown).into_future();
+        Box::pin(async move {
+            signals?;
+            let mut server = std::pin::pin!(server);
+            let grace_over = async {
+                let _first = supervisor.wait().await;
+                tokio::time::sleep(grace).await;
+            };
+            tokio::select! {
+                served = server.as_mut() => served?,
+                () = grace_over => tracing::warn!(
+                    ?grace,
+                    "grace period over: dropping the connections still open"
+                ),
+            }
+            let exit = supervisor.exit().unwrap_or_else(|| {
+                // The server ended by itself (its listener failed, say):
+                // not an exit anyone asked for.
+                Exit::failure("the server ended without an exit")
+            });
+            tracing::info!(
+                exit.code = exit.code(),
+                exit.message = exit.message(),
+                "server stopped"
+            );
+            Ok(exit)
+        })
+    }
+}

@@ -55,7 +55,9 @@ where
 /// SIGTERM/SIGINT with [`with_signals`](Self::with_signals)) and logs
 /// `draining`. The server then stops accepting and lets its connections
 /// finish; after the [grace period](Self::grace) the server future is
-/// dropped (the connections still open with it, logged at WARN).
+/// dropped (logged at WARN) and this resolves to the exit. Connections the
+/// server runs as tasks of their own (axum does) are not owned by its
+/// future: they end with the runtime, when `main` returns the exit.
 #[derive(Debug)]
 #[must_use = "a server does nothing until awaited"]
 pub struct Graceful<F> {

@@ -1,6 +1,6 @@
 //! An axum app with tower-exit, as an axum user writes it:
 //!
-//! `cargo run --example axum --features axum,tower-http -- --listen 127.0.0.1:8080`
+//! `cargo run --example axum --features axum -- --listen 127.0.0.1:8080`
 //!
 //! Routes: `/` (hello), `/fail` (an app error: 500, reported), `/panic`
 //! (500, reported), `/exit/N` (raises `exit(N)`), `/app-exit/N` (an exit

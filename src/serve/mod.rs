@@ -20,6 +20,7 @@ mod listen;
 pub use self::fastcgi::fastcgi;
 pub use self::graceful::{graceful, Graceful};
 pub use self::http::{http, Serve};
+#[cfg(feature = "fork")]
 pub(crate) use self::listen::remove_stale_socket;
 pub use self::listen::{BadListenAddr, ListenAddr, Listener, Peer};
 

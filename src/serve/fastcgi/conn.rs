@@ -86,6 +86,7 @@ where
         out,
         done_tx,
         active: HashMap::new(),
+        aborting: 0,
         next_seq: 0,
         close_when_idle: false,
     };
@@ -166,6 +167,12 @@ struct Conn<S> {
     out: Out,
     done_tx: mpsc::Sender<Done>,
     active: HashMap<u16, Active>,
+    /// Request tasks aborted whose `Done` has not arrived yet. They count
+    /// against `max_requests_per_conn` until it does: the done channel has
+    /// room for exactly that many, so no `Done` is ever dropped (a dropped
+    /// `Done` of a live request would leave it without END_REQUEST, for
+    /// good, and its slot taken).
+    aborting: usize,
     next_seq: u64,
     close_when_idle: bool,
 }
@@ -198,6 +205,9 @@ where
                     tracing::debug!(peer = %self.peer, id, "FastCGI request aborted by the web server");
                     if let State::Running { task, .. } = active.state {
                         task.abort();
+                        // Its `Done` still comes (the task's guard sends it
+                        // when the task ends, aborted or not).
+                        self.aborting += 1;
                     }
                     self.end_request(id, ProtocolStatus::RequestComplete).await;
                 }
@@ -264,7 +274,7 @@ where
             self.end_request(id, ProtocolStatus::UnknownRole).await;
             return Ok(());
         }
-        if self.active.len() >= self.limits.max_requests_per_conn {
+        if self.active.len() + self.aborting >= self.limits.max_requests_per_conn {
             tracing::warn!(peer = %self.peer, id, limit = self.limits.max_requests_per_conn, "too many requests on one FastCGI connection: request rejected");
             let status = if self.limits.max_requests_per_conn <= 1 {
                 ProtocolStatus::CantMpxConn
@@ -382,6 +392,10 @@ where
             self.active.remove(&done.id);
             self.end_request(done.id, ProtocolStatus::RequestComplete)
                 .await;
+        } else {
+            // An aborted task, ending late: its END_REQUEST was sent at the
+            // abort, and the id may now belong to a newer request.
+            self.aborting = self.aborting.saturating_sub(1);
         }
     }
 
@@ -399,7 +413,9 @@ where
 
 /// Tells the connection a request task ended, however it ended: finished,
 /// panicked or aborted (dropped). `try_send` cannot fail for lack of room:
-/// the channel has a place for every request the connection allows.
+/// the channel has a place for every request the connection allows, and
+/// an aborted task keeps its place until its `Done` is received
+/// (`Conn::aborting`).
 struct DoneGuard {
     done: Option<Done>,
     tx: mpsc::Sender<Done>,

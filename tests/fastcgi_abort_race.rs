@@ -103,7 +103,9 @@ async fn count_ends(stream: &mut TcpStream, total: usize) -> HashMap<u16, usize>
                 break;
             }
             if buf[1] == 3 {
-                *ends.entry(u16::from_be_bytes([buf[2], buf[3]])).or_default() += 1;
+                *ends
+                    .entry(u16::from_be_bytes([buf[2], buf[3]]))
+                    .or_default() += 1;
             }
             buf.drain(..whole);
         }

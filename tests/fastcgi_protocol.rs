@@ -10,6 +10,7 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use std::convert::Infallible;
+use std::future::IntoFuture;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -401,4 +402,126 @@ async fn a_peer_outside_the_allow_list_is_refused() {
     assert!(closed_by_server(&mut stream).await);
     assert!(read_until_end(&mut stream, &[1]).await.is_empty());
     assert!(log_contains("FastCGI peer not in the allow-list"));
+}
+
+// ---------------------------------------------------------------------------
+// Silent and slow peers (issue 15)
+// ---------------------------------------------------------------------------
+
+fn short_timeouts() -> Limits {
+    Limits {
+        begin_timeout: Duration::from_millis(300),
+        read_timeout: Duration::from_millis(300),
+        idle_timeout: Duration::from_millis(300),
+        ..Limits::default()
+    }
+}
+
+/// Waits for the server to close `stream`; how long it took.
+async fn closed_within(stream: &mut TcpStream, limit: Duration) -> Duration {
+    let started = std::time::Instant::now();
+    assert!(closed_by_server(stream).await, "closed");
+    let took = started.elapsed();
+    assert!(took < limit, "closed after {took:?}");
+    took
+}
+
+#[tokio::test]
+async fn a_connection_that_never_sends_a_request_is_closed_after_the_begin_timeout() {
+    let server = server(short_timeouts(), None).await;
+    let mut silent = TcpStream::connect(server.addr).await.unwrap();
+    let took = closed_within(&mut silent, Duration::from_secs(2)).await;
+    assert!(took >= Duration::from_millis(250), "not before: {took:?}");
+
+    // A BEGIN_REQUEST trickled a byte at a time does not get longer.
+    let mut trickle = TcpStream::connect(server.addr).await.unwrap();
+    let begin = begin(1, 1, true);
+    let started = std::time::Instant::now();
+    for byte in begin {
+        if trickle.write_all(&[byte]).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(closed_by_server(&mut trickle).await);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(log_contains("a first FCGI_BEGIN_REQUEST"));
+    still_serves(server.addr).await;
+}
+
+#[tokio::test]
+async fn a_request_whose_params_stall_is_ended_after_the_read_timeout() {
+    let server = server(short_timeouts(), None).await;
+    let mut stalled = TcpStream::connect(server.addr).await.unwrap();
+    let mut half = begin(1, 1, true);
+    half.extend(record(4, 1, &pairs(&[("REQUEST_URI", "/")])));
+    stalled.write_all(&half).await.unwrap(); // no empty PARAMS: never ends
+    closed_within(&mut stalled, Duration::from_secs(2)).await;
+
+    // A body that stalls halfway: the handler's read fails, the connection
+    // is closed.
+    let mut stalled = TcpStream::connect(server.addr).await.unwrap();
+    stalled.write_all(&partial_post(1, "/echo")).await.unwrap();
+    closed_within(&mut stalled, Duration::from_secs(2)).await;
+    assert!(log_contains("request input (FCGI_PARAMS or FCGI_STDIN)"));
+    still_serves(server.addr).await;
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
+    let server = server(short_timeouts(), None).await;
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    stream.write_all(&request(1, true, "/", b"")).await.unwrap();
+    let recs = read_until_end(&mut stream, &[1]).await;
+    assert_eq!(response_of(&recs, 1).1, Some(0));
+    let took = closed_within(&mut stream, Duration::from_secs(2)).await;
+    assert!(took >= Duration::from_millis(200), "{took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_silent_connections_do_not_lock_out_a_real_request() {
+    // Default limits: 1,024 connection slots, 5 s to send a first request.
+    let server = server(Limits::default(), None).await;
+    let mut silent = Vec::new();
+    for _ in 0..1030 {
+        silent.push(TcpStream::connect(server.addr).await.unwrap());
+    }
+    let started = std::time::Instant::now();
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    stream
+        .write_all(&request(1, false, "/", b""))
+        .await
+        .unwrap();
+    let recs = tokio::time::timeout(Duration::from_secs(10), read_until_end(&mut stream, &[1]))
+        .await
+        .expect("answered within 10 s");
+    let (stdout, end) = response_of(&recs, 1);
+    assert!(stdout.starts_with("Status: 200 OK\r\n"), "{stdout:?}");
+    assert_eq!(end, Some(0));
+    assert!(started.elapsed() < Duration::from_secs(10));
+    drop(silent);
+}
+
+#[tokio::test]
+async fn an_ipv4_peer_of_a_dual_stack_listener_matches_its_ipv4_entry() {
+    let listener = match tokio::net::TcpListener::bind("[::]:0").await {
+        Ok(listener) => listener,
+        Err(err) => panic!("this machine has IPv6 on loopback; bind [::]: {err}"),
+    };
+    let port = listener.local_addr().unwrap().port();
+    let supervisor = Supervisor::new();
+    let svc = tower::service_fn(|_: Request<RequestBody>| async {
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"hello"))))
+    });
+    let serve = tower_exit::serve::fastcgi(listener, svc, &supervisor)
+        .allow(["127.0.0.1".parse().unwrap()]);
+    let server = tokio::spawn(serve.into_future());
+    // Connected over IPv4: the server sees ::ffff:127.0.0.1.
+    still_serves(SocketAddr::from(([127, 0, 0, 1], port))).await;
+    supervisor.trigger(tower_exit::Exit::success());
+    server.await.unwrap().unwrap();
 }

@@ -58,6 +58,9 @@ pub(crate) enum Ended {
     Protocol(ProtocolError),
     /// Reading or writing failed.
     Io(std::io::Error),
+    /// The peer was silent too long while the server waited for what this
+    /// says (a first request, request input, or a next request).
+    TimedOut(&'static str),
 }
 
 /// Serves one connection until the web server closes it, a request without
@@ -93,6 +96,11 @@ where
     let mut buf = BytesMut::with_capacity(8 * 1024);
     let mut decoder = Decoder;
     let mut draining = false;
+    let mut begun = false;
+    let connected = tokio::time::Instant::now();
+    // The last time the peer sent something or a request ended: the idle
+    // and read timeouts count from here.
+    let mut last_activity = connected;
 
     let ended = loop {
         // Handle every whole record read so far; `buf` then holds less
@@ -114,16 +122,48 @@ where
         if conn.active.is_empty() && (conn.close_when_idle || draining) {
             break Ended::Closed;
         }
+        begun |= conn.next_seq > 0;
+        // Every wait on the peer is bounded: for its first request, for
+        // the input of a request being received, for its next request.
+        // While every active request has all its input, the wait is on the
+        // handlers (bounded by the grace period when draining).
+        let waiting = if !begun {
+            Some(("a first FCGI_BEGIN_REQUEST", conn.limits.begin_timeout))
+        } else if conn.awaits_input() {
+            Some((
+                "request input (FCGI_PARAMS or FCGI_STDIN)",
+                conn.limits.read_timeout,
+            ))
+        } else if conn.active.is_empty() {
+            Some(("a next request", conn.limits.idle_timeout))
+        } else {
+            None
+        };
+        let deadline = waiting.map(|(_, limit)| {
+            // The first request counts from the connection's start: a peer
+            // trickling a byte at a time does not get longer.
+            if begun {
+                last_activity + limit
+            } else {
+                connected + limit
+            }
+        });
         tokio::select! {
             read = reader.read_buf(&mut buf) => match read {
                 Ok(0) => match decoder.decode_eof(&buf) {
                     Ok(()) => break Ended::Closed,
                     Err(err) => break Ended::Protocol(err),
                 },
-                Ok(_) => {}
+                Ok(_) => last_activity = tokio::time::Instant::now(),
                 Err(err) => break Ended::Io(err),
             },
-            Some(done) = done_rx.recv() => conn.finish(done).await,
+            () = sleep_until(deadline) => {
+                break Ended::TimedOut(waiting.map_or("", |(what, _)| what));
+            }
+            Some(done) = done_rx.recv() => {
+                conn.finish(done).await;
+                last_activity = tokio::time::Instant::now();
+            }
             () = &mut drain, if !draining => draining = true,
         }
     };
@@ -160,6 +200,14 @@ async fn write_all<W: AsyncWrite + Unpin>(
     writer.shutdown().await
 }
 
+/// Sleeps until `deadline`, or forever when there is none.
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
 struct Conn<S> {
     peer: Peer,
     limits: Limits,
@@ -181,6 +229,15 @@ impl<S> Conn<S>
 where
     S: ServeService<RequestBody>,
 {
+    /// Whether a request is still being received: its params, or a body
+    /// its handler may be waiting for.
+    fn awaits_input(&self) -> bool {
+        self.active.values().any(|active| match &active.state {
+            State::Params { .. } => true,
+            State::Running { body, .. } => body.is_some(),
+        })
+    }
+
     async fn send(&mut self, records: BytesMut) {
         // A failed send means the writer is gone (the peer closed); the
         // read side notices too and ends the connection.

@@ -78,6 +78,19 @@ pub struct Limits {
     /// Bytes of request body; more ends the body with
     /// [`BodyError::TooLarge`]. Default 16 MiB.
     pub max_body_bytes: u64,
+    /// How long a new connection may take to send its first complete
+    /// `FCGI_BEGIN_REQUEST`; a connection that sends nothing is closed
+    /// then, freeing its slot. Default 5 s (php-fpm's).
+    pub begin_timeout: Duration,
+    /// How long the web server may leave a request's `FCGI_PARAMS` or
+    /// `FCGI_STDIN` stream without a byte; then the connection is closed
+    /// and its requests ended (the handler's body reads fail). Default
+    /// 30 s.
+    pub read_timeout: Duration,
+    /// How long a keep-alive connection may stay without an active request
+    /// (nothing running, nothing received); then it is closed. Default
+    /// 60 s.
+    pub idle_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -87,6 +100,9 @@ impl Default for Limits {
             max_requests_per_conn: 64,
             max_params_bytes: 64 * 1024,
             max_body_bytes: 16 * 1024 * 1024,
+            begin_timeout: Duration::from_secs(5),
+            read_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -145,7 +161,8 @@ impl<S> ServeFastCgi<S> {
         self
     }
 
-    /// Accept TCP connections only from these addresses. Without it, the
+    /// Accept TCP connections only from these addresses (an IPv4 peer on a
+    /// dual-stack listener, `::ffff:a.b.c.d`, matches `a.b.c.d`). Without it, the
     /// comma-separated `FCGI_WEB_SERVER_ADDRS` environment variable is used
     /// when set; when neither is, any peer is accepted. Unix-socket peers
     /// are governed by the socket's file permissions instead.
@@ -197,7 +214,8 @@ impl<S> ServeFastCgi<S> {
         let allow = match self.allow {
             Some(allow) => Some(allow),
             None => allow_list_from_env()?,
-        };
+        }
+        .map(|allow| allow.iter().map(IpAddr::to_canonical).collect::<Vec<_>>());
         if self.signals {
             super::drain_on_signals(&self.supervisor)?;
         }
@@ -219,7 +237,10 @@ impl<S> ServeFastCgi<S> {
                 break;
             };
             if let (Some(allow), Peer::Tcp(addr)) = (&allow, peer) {
-                if !allow.contains(&addr.ip()) {
+                // On a dual-stack `[::]` listener an IPv4 peer shows as
+                // `::ffff:a.b.c.d`: it matches the IPv4 entry (the list is
+                // canonical too, see `run`).
+                if !allow.contains(&addr.ip().to_canonical()) {
                     tracing::warn!(peer = %addr, "FastCGI peer not in the allow-list (FCGI_WEB_SERVER_ADDRS): connection refused");
                     continue;
                 }
@@ -236,6 +257,9 @@ impl<S> ServeFastCgi<S> {
                     conn::Ended::Closed => tracing::debug!(%peer, "FastCGI connection closed"),
                     conn::Ended::Protocol(err) => {
                         tracing::warn!(%peer, %err, "malformed FastCGI input: connection closed")
+                    }
+                    conn::Ended::TimedOut(waiting) => {
+                        tracing::info!(%peer, waiting, "FastCGI connection timed out: closed")
                     }
                     conn::Ended::Io(err) => {
                         tracing::debug!(%peer, %err, "FastCGI connection failed")

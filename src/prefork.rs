@@ -216,6 +216,12 @@ impl Prefork {
         let exit = master.supervise();
         drop(master);
         signals.restore();
+        // Every worker is gone: the socket file goes too.
+        if let StdListener::Unix(_) = listener {
+            if let Ok(ListenAddr::Unix(path)) = listener.local_addr() {
+                let _ = std::fs::remove_file(path);
+            }
+        }
         exit
     }
 }
@@ -227,15 +233,15 @@ enum StdListener {
 }
 
 fn bind_std(addr: &ListenAddr) -> io::Result<StdListener> {
+    let cannot = |err| crate::serve::cannot_listen(addr, err);
     match addr {
-        ListenAddr::Tcp(addr) => Ok(StdListener::Tcp(std::net::TcpListener::bind(
-            addr.as_str(),
-        )?)),
+        ListenAddr::Tcp(tcp) => std::net::TcpListener::bind(tcp.as_str())
+            .map(StdListener::Tcp)
+            .map_err(cannot),
         ListenAddr::Unix(path) => {
             crate::serve::remove_stale_socket(path)?;
-            Ok(StdListener::Unix(std::os::unix::net::UnixListener::bind(
-                path,
-            )?))
+            let listener = std::os::unix::net::UnixListener::bind(path).map_err(cannot)?;
+            Ok(StdListener::Unix(listener))
         }
     }
 }

@@ -61,3 +61,172 @@ async fn exit_drains_the_server_and_becomes_its_result() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------
+// Silent and slow clients, the connection cap, unix sockets (issue 15)
+// ---------------------------------------------------------------------------
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tower_exit::serve::{ListenAddr, Listener};
+
+type Svc = tower::util::BoxCloneService<
+    http::Request<hyper::body::Incoming>,
+    http::Response<http_body_util::Full<bytes::Bytes>>,
+    tower::BoxError,
+>;
+type Server = tokio::task::JoinHandle<std::io::Result<tower_exit::Exit>>;
+
+/// `common::handler` served with `configure`d options.
+async fn ok_server(
+    configure: impl FnOnce(tower_exit::serve::Serve<Svc>) -> tower_exit::serve::Serve<Svc>,
+) -> (std::net::SocketAddr, Supervisor, Server) {
+    let supervisor = Supervisor::new();
+    let svc = tower::util::BoxCloneService::new(ServiceBuilder::new().service_fn(handler));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let serve = configure(tower_exit::serve::http(listener, svc, &supervisor));
+    (addr, supervisor, tokio::spawn(serve.into_future()))
+}
+
+/// Waits until the server closes `stream`; how long that took.
+async fn closed_after(stream: &mut tokio::net::TcpStream) -> Duration {
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return started.elapsed(),
+            Ok(Ok(_)) => continue,
+            Err(_) => panic!("not closed within 10 s"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_partial_and_byte_a_second_clients_are_closed_at_the_header_timeout() {
+    let timeout = Duration::from_millis(500);
+    let (addr, supervisor, server) = ok_server(|s| s.header_read_timeout(timeout)).await;
+
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut partial = tokio::net::TcpStream::connect(addr).await.unwrap();
+    partial
+        .write_all(b"GET /ok HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    let mut trickle = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let trickling = tokio::spawn(async move {
+        for byte in b"GET /ok HTTP/1.1\r\nhost: x\r\nx-slow: yes\r\n\r\n" {
+            if trickle.write_all(&[*byte]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        closed_after(&mut trickle).await
+    });
+    for (name, took) in [
+        ("silent", closed_after(&mut silent).await),
+        ("partial header", closed_after(&mut partial).await),
+    ] {
+        assert!(took < Duration::from_secs(2), "{name}: {took:?}");
+    }
+    // The trickle started first; it is closed long before its 4.3 s of header.
+    trickling.await.unwrap();
+    // A keep-alive connection left idle is closed the same way.
+    let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+    idle.write_all(b"GET /ok HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let took = closed_after(&mut idle).await;
+    assert!(took < Duration::from_secs(2), "idle keep-alive: {took:?}");
+    // And the server serves on.
+    assert_eq!(get(addr, "/ok").await.unwrap().status, StatusCode::OK);
+    supervisor.trigger(tower_exit::Exit::success());
+    server.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_cap_wait_for_a_free_slot() {
+    let (addr, supervisor, server) = ok_server(|s| {
+        s.max_connections(4)
+            .header_read_timeout(Duration::from_millis(800))
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A fifth client is not served while four connections hold every slot;
+    // it is once the silent ones are closed at their header timeout.
+    let started = std::time::Instant::now();
+    let reply = get(addr, "/ok").await.unwrap();
+    assert_eq!(reply.status, StatusCode::OK);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(500),
+        "served at once: {waited:?}"
+    );
+    assert!(waited < Duration::from_secs(3), "{waited:?}");
+    drop(held);
+    supervisor.trigger(tower_exit::Exit::success());
+    server.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_live_unix_socket_is_kept_and_a_stale_one_replaced() {
+    let dir = std::env::temp_dir().join(format!("tower-exit-unix-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("app.sock");
+    let addr = ListenAddr::Unix(path.clone());
+
+    let first = Listener::bind(&addr).await.unwrap();
+    let supervisor = Supervisor::new();
+    let server = tokio::spawn(
+        tower_exit::serve::http(
+            first,
+            ServiceBuilder::new().service_fn(handler),
+            &supervisor,
+        )
+        .into_future(),
+    );
+    // A second server on the same path refuses, naming it; the first
+    // keeps its socket and serves on.
+    let err = Listener::bind(&addr).await.expect_err("refused");
+    assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "cannot listen on unix:{}: a server is listening there",
+            path.display()
+        )
+    );
+    assert_eq!(
+        common::get_unix(&path, "/ok").await.unwrap().status,
+        StatusCode::OK
+    );
+
+    // A clean exit removes the socket file.
+    supervisor.trigger(tower_exit::Exit::success());
+    server.await.unwrap().unwrap();
+    assert!(!path.exists(), "socket removed");
+
+    // A stale socket (its server gone without removing it) is replaced.
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    assert!(path.exists());
+    let again = Listener::bind(&addr).await.expect("stale socket replaced");
+    drop(again);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn a_bind_error_names_the_address() {
+    let taken = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let err = Listener::bind(&ListenAddr::Tcp(addr.clone()))
+        .await
+        .expect_err("in use");
+    assert!(
+        err.to_string()
+            .starts_with(&format!("cannot listen on {addr}: ")),
+        "{err}"
+    );
+}

@@ -27,7 +27,7 @@ use super::ServeService;
 use crate::{Exit, Supervisor};
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use std::future::{Future, IntoFuture};
@@ -37,6 +37,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tower_service::Service;
 
@@ -52,7 +53,22 @@ pub fn http<S>(listener: impl Into<Listener>, service: S, supervisor: &Superviso
         supervisor: supervisor.clone(),
         grace: DEFAULT_GRACE,
         signals: false,
+        header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+        max_connections: None,
     }
+}
+
+/// Default time a client has to send a request's whole header
+/// (HTTP/1), counted from the connection's start or from the end of the
+/// previous response: 30 s, hyper's. It is also how long an idle
+/// keep-alive connection is kept.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The default connection cap: half the process's soft limit on open file
+/// descriptors (`ulimit -n`; 512 for the common 1,024), so that the
+/// connections leave descriptors for everything else, at most 65,536.
+pub fn default_max_connections() -> usize {
+    super::listen::fd_limit().map_or(512, |limit| (limit / 2).clamp(16, 65_536))
 }
 
 /// An HTTP server that ends with the first [`Exit`]. Await it.
@@ -72,9 +88,30 @@ pub struct Serve<S> {
     supervisor: Supervisor,
     grace: Duration,
     signals: bool,
+    header_read_timeout: Duration,
+    max_connections: Option<usize>,
 }
 
 impl<S> Serve<S> {
+    /// How long a client may take to send a request's header, HTTP/1
+    /// (default [`DEFAULT_HEADER_READ_TIMEOUT`]); then the connection is
+    /// closed. The time counts from the connection's start or the end of
+    /// the previous response, so it also bounds an idle keep-alive
+    /// connection, a silent one, and one that sends a byte a second.
+    /// HTTP/2 connections are pinged instead: one that does not answer
+    /// within 20 s is closed.
+    pub fn header_read_timeout(mut self, timeout: Duration) -> Self {
+        self.header_read_timeout = timeout;
+        self
+    }
+
+    /// Connections served at once (default [`default_max_connections`]);
+    /// more wait in the listen backlog until one ends.
+    pub fn max_connections(mut self, max: usize) -> Self {
+        self.max_connections = Some(max.max(1));
+        self
+    }
+
     /// How long in-flight requests may run once draining starts (default
     /// 30 s). Connections still open after it are dropped.
     pub fn grace(mut self, grace: Duration) -> Self {
@@ -114,6 +151,8 @@ impl<S> Serve<S> {
             supervisor,
             grace,
             signals,
+            header_read_timeout,
+            max_connections,
         } = self;
         if signals {
             super::drain_on_signals(&supervisor)?;
@@ -121,29 +160,53 @@ impl<S> Serve<S> {
         // Rule 3: an exit escaping the service ends the server, not just
         // the connection (see `escape`).
         let service = super::escape::Escapes::new(service, &supervisor);
-        let builder = auto::Builder::new(TokioExecutor::new());
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        // hyper's header read timeout needs a timer: without one it is
+        // silently off, and a silent or byte-a-second client holds its
+        // connection forever.
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_read_timeout);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Some(H2_PING_INTERVAL))
+            .keep_alive_timeout(H2_PING_INTERVAL);
+        let slots = Arc::new(Semaphore::new(
+            max_connections.unwrap_or_else(default_max_connections),
+        ));
         let mut connections = JoinSet::new();
         let draining = Arc::new(AtomicBool::new(false));
         let shutdown = supervisor.shutdown_signal();
         tokio::pin!(shutdown);
 
         loop {
+            // A free connection slot first: beyond the cap, connections
+            // wait in the kernel's backlog.
+            let slot = tokio::select! {
+                biased;
+                _ = shutdown.as_mut() => break,
+                slot = slots.clone().acquire_owned() => slot.expect("semaphore never closed"),
+            };
             let Some((stream, peer)) = super::accept_until(&listener, shutdown.as_mut()).await
             else {
                 break;
             };
             while connections.try_join_next().is_some() {}
-            let http2 = Arc::new(AtomicBool::new(false));
+            let seen = Arc::new(Seen::default());
             let svc = DrainAware {
                 inner: service.clone(),
                 draining: draining.clone(),
-                http2: http2.clone(),
+                seen: seen.clone(),
             };
             let conn = builder
                 .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(svc))
                 .into_owned();
             let drain = supervisor.shutdown_signal();
             connections.spawn(async move {
+                // Held until the task ends, however it ends.
+                let _slot = slot;
                 // Serve. Once draining starts, an HTTP/1 connection is left
                 // to end by itself: its next response carries `connection:
                 // close` (see `DrainAware`), so a request a client already
@@ -152,14 +215,33 @@ impl<S> Serve<S> {
                 // for HTTP/2, whose GOAWAY clients handle) it is shut down
                 // gracefully: a request in flight still finishes.
                 tokio::pin!(conn);
-                let result = tokio::select! {
-                    result = conn.as_mut() => Some(result),
-                    () = drain => None,
+                tokio::pin!(drain);
+                // hyper-util reads a connection's first bytes to tell HTTP/1
+                // from HTTP/2 before hyper's header timer starts: a client
+                // that sends nothing (or less than an HTTP/2 preface) would
+                // hold its connection forever. So the first request must
+                // start within the header read timeout, counted from the
+                // accept as hyper counts it.
+                let first_request = tokio::time::sleep(header_read_timeout);
+                tokio::pin!(first_request);
+                let mut first_checked = false;
+                let result = loop {
+                    tokio::select! {
+                        result = conn.as_mut() => break Some(result),
+                        () = &mut drain => break None,
+                        () = &mut first_request, if !first_checked => {
+                            first_checked = true;
+                            if !seen.requested.load(Ordering::Acquire) {
+                                tracing::debug!(%peer, "no request within the header read timeout: connection closed");
+                                return;
+                            }
+                        }
+                    }
                 };
                 let result = match result {
                     Some(result) => result,
                     None => {
-                        let by_itself = if http2.load(Ordering::Acquire) {
+                        let by_itself = if seen.http2.load(Ordering::Acquire) {
                             None
                         } else {
                             tokio::time::timeout(NEXT_REQUEST_WAIT, conn.as_mut())
@@ -181,6 +263,7 @@ impl<S> Serve<S> {
             });
         }
         draining.store(true, Ordering::Release);
+        listener.remove_socket_if_bound_here();
         drop(listener);
 
         Ok(super::drain(connections, grace, &supervisor).await)
@@ -191,14 +274,27 @@ impl<S> Serve<S> {
 /// request its client may already have sent; then it is shut down.
 const NEXT_REQUEST_WAIT: Duration = Duration::from_secs(1);
 
+/// HTTP/2: a ping this often, and a peer that does not answer one within as
+/// long is dropped.
+const H2_PING_INTERVAL: Duration = Duration::from_secs(20);
+
+/// What a connection task learns from its requests.
+#[derive(Debug, Default)]
+struct Seen {
+    /// A request arrived (the first-request deadline is met).
+    requested: AtomicBool,
+    /// The connection speaks HTTP/2.
+    http2: AtomicBool,
+}
+
 /// Marks responses `connection: close` (HTTP/1) once the server drains, so
 /// that keep-alive clients stop sending on this connection, and tells the
-/// connection task whether it speaks HTTP/2.
+/// connection task what it [`Seen`].
 #[derive(Clone)]
 struct DrainAware<S> {
     inner: S,
     draining: Arc<AtomicBool>,
-    http2: Arc<AtomicBool>,
+    seen: Arc<Seen>,
 }
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for DrainAware<S>
@@ -215,8 +311,9 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let http1 = req.version() <= http::Version::HTTP_11;
+        self.seen.requested.store(true, Ordering::Release);
         if req.version() == http::Version::HTTP_2 {
-            self.http2.store(true, Ordering::Release);
+            self.seen.http2.store(true, Ordering::Release);
         }
         DrainAwareFuture {
             inner: self.inner.call(req),

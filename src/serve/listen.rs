@@ -93,13 +93,45 @@ impl From<std::net::TcpListener> for Listener {
 
 impl Listener {
     /// Binds `addr`. For a unix socket, a stale socket file left by an
-    /// earlier run is replaced; any other file at that path is an error.
+    /// earlier run (nothing accepts on it) is replaced; a socket a live
+    /// server listens on is left alone and the bind fails
+    /// ([`io::ErrorKind::AddrInUse`]); any other file at that path is an
+    /// error. A socket bound here is removed when a server of this crate
+    /// serving on it ends. Errors name the address.
     pub async fn bind(addr: &ListenAddr) -> io::Result<Self> {
         match addr {
-            ListenAddr::Tcp(addr) => Ok(Listener::Tcp(TcpListener::bind(addr.as_str()).await?)),
+            ListenAddr::Tcp(tcp) => TcpListener::bind(tcp.as_str())
+                .await
+                .map(Listener::Tcp)
+                .map_err(|err| cannot_listen(addr, err)),
             ListenAddr::Unix(path) => {
                 remove_stale_socket(path)?;
-                Ok(Listener::Unix(UnixListener::bind(path)?))
+                let listener = UnixListener::bind(path).map_err(|err| cannot_listen(addr, err))?;
+                bound_here(path);
+                Ok(Listener::Unix(listener))
+            }
+        }
+    }
+
+    /// Removes the socket file of a unix listener that [`bind`](Self::bind)
+    /// made in this process (not in a forked worker sharing it): called by
+    /// the servers once they have drained.
+    pub(crate) fn remove_socket_if_bound_here(&self) {
+        let Listener::Unix(listener) = self else {
+            return;
+        };
+        let Ok(addr) = listener.local_addr() else {
+            return;
+        };
+        let Some(path) = addr.as_pathname() else {
+            return;
+        };
+        let mut bound = BOUND_HERE.lock().unwrap_or_else(|e| e.into_inner());
+        let me = std::process::id();
+        if let Some(i) = bound.iter().position(|(p, pid)| p == path && *pid == me) {
+            bound.swap_remove(i);
+            if let Err(err) = std::fs::remove_file(path) {
+                tracing::warn!(path = %path.display(), %err, "cannot remove the socket file");
             }
         }
     }
@@ -133,15 +165,68 @@ impl Listener {
     }
 }
 
-/// Removes a socket file left by an earlier run at `path`; any other file
-/// there is an error, never deleted.
+/// Unix sockets bound by `Listener::bind` in this process (path, pid): the
+/// ones a server removes when it ends. The pid keeps a forked worker, which
+/// shares the listener, from removing the master's socket.
+static BOUND_HERE: std::sync::Mutex<Vec<(std::path::PathBuf, u32)>> =
+    std::sync::Mutex::new(Vec::new());
+
+pub(crate) fn bound_here(path: &Path) {
+    BOUND_HERE
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push((path.to_path_buf(), std::process::id()));
+}
+
+/// A bind error that names the address (in Display form, for `main`).
+pub(crate) fn cannot_listen(addr: &ListenAddr, err: io::Error) -> io::Error {
+    io::Error::new(err.kind(), format!("cannot listen on {addr}: {err}"))
+}
+
+/// The process's soft limit on open file descriptors (`ulimit -n`).
+pub(crate) fn fd_limit() -> Option<usize> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills the struct it is given; the result is checked.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return None;
+    }
+    usize::try_from(limit.rlim_cur).ok()
+}
+
+/// Removes a socket file left by an earlier run at `path`, that is, one
+/// nothing accepts on; a socket a live server listens on is an error
+/// ([`io::ErrorKind::AddrInUse`]), as is any other file there: neither is
+/// ever deleted.
 pub(crate) fn remove_stale_socket(path: &Path) -> io::Result<()> {
     use std::os::unix::fs::FileTypeExt;
     match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path),
+        Ok(meta) if meta.file_type().is_socket() => {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(_) => Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!(
+                        "cannot listen on unix:{}: a server is listening there",
+                        path.display()
+                    ),
+                )),
+                Err(err) if err.kind() == io::ErrorKind::ConnectionRefused => {
+                    std::fs::remove_file(path)
+                }
+                Err(err) => Err(io::Error::new(
+                    err.kind(),
+                    format!("cannot listen on unix:{}: {err}", path.display()),
+                )),
+            }
+        }
         Ok(_) => Err(io::Error::new(
             io::ErrorKind::AlreadyExists,
-            format!("{} exists and is not a socket", path.display()),
+            format!(
+                "cannot listen on unix:{}: the file exists and is not a socket",
+                path.display()
+            ),
         )),
         Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(err) => Err(err),

@@ -21,7 +21,7 @@ pub use self::fastcgi::fastcgi;
 pub use self::graceful::{graceful, Graceful};
 pub use self::http::{http, Serve};
 #[cfg(feature = "fork")]
-pub(crate) use self::listen::remove_stale_socket;
+pub(crate) use self::listen::{cannot_listen, remove_stale_socket};
 pub use self::listen::{BadListenAddr, ListenAddr, Listener, Peer};
 
 use crate::{Exit, Supervisor};
@@ -61,9 +61,13 @@ where
     type ResBody = B;
 }
 
-/// The next connection, or `None` once `shutdown` resolves. Accept errors
-/// (EMFILE and friends) are logged and retried shortly: the open
-/// connections keep being served meanwhile.
+/// The next connection, or `None` once `shutdown` resolves.
+///
+/// Accept errors (EMFILE when the process is out of file descriptors,
+/// ENFILE, ENOBUFS, ...) are retried after a backoff that doubles from
+/// 10 ms to 1 s while they last, so a server out of descriptors does not
+/// spin; the open connections keep being served meanwhile. They are logged
+/// at most once a second, with the number of failures since the last line.
 async fn accept_until<F>(
     listener: &Listener,
     mut shutdown: std::pin::Pin<&mut F>,
@@ -71,6 +75,10 @@ async fn accept_until<F>(
 where
     F: std::future::Future<Output = ()>,
 {
+    use std::time::Duration;
+    let mut backoff = Duration::from_millis(10);
+    let mut failed = 0u64;
+    let mut last_log: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             biased;
@@ -78,8 +86,19 @@ where
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => return Some(accepted),
                 Err(err) => {
-                    tracing::warn!(%err, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    failed += 1;
+                    let now = tokio::time::Instant::now();
+                    if last_log.is_none_or(|at| now - at >= Duration::from_secs(1)) {
+                        tracing::warn!(%err, failures = failed, retry_in = ?backoff, "accept failed");
+                        last_log = Some(now);
+                        failed = 0;
+                    }
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.as_mut() => return None,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
             },
         }

@@ -268,6 +268,7 @@ impl<S> ServeFastCgi<S> {
                 drop(slot);
             });
         }
+        self.listener.remove_socket_if_bound_here();
         drop(self.listener);
 
         Ok(super::drain(connections, self.grace, &self.supervisor).await)

@@ -9,20 +9,22 @@ use std::process::ExitCode;
 use std::time::Duration;
 use tower_exit::serve::fastcgi::RequestBody;
 use tower_exit::serve::Listener;
-use tower_exit::Supervisor;
+use tower_exit::{Exit, Supervisor};
 
 #[tokio::main]
-async fn main() -> std::io::Result<ExitCode> {
+async fn main() -> ExitCode {
     demo::init_logging();
+    demo::finish(run().await)
+}
+
+async fn run() -> std::io::Result<Exit> {
     let listener = Listener::bind(&demo::parse_args("127.0.0.1:9000", false).listen).await?;
     println!("listening on {}", listener.local_addr()?);
 
     let supervisor = Supervisor::new();
     let service = demo::service::<RequestBody>(&supervisor);
-    let exit = tower_exit::serve::fastcgi(listener, service, &supervisor)
+    tower_exit::serve::fastcgi(listener, service, &supervisor)
         .grace(Duration::from_secs(10))
         .with_signals()
-        .await?;
-    tracing::info!(%exit, "exiting");
-    Ok(exit.into())
+        .await
 }

@@ -7,7 +7,8 @@
 //! `--stop-all-code` (default 3) ends the whole server with N; any other
 //! `/exit/N` ends that worker, which the master replaces. SIGTERM drains,
 //! SIGINT stops at once, SIGHUP replaces every worker, SIGTTIN/SIGTTOU add
-//! or remove one.
+//! or remove one. `--restart-intensity N/SECS` stops the server (status 1)
+//! when workers fail N times within SECS seconds.
 
 mod demo;
 
@@ -15,7 +16,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 use tower_exit::prefork::Prefork;
 
-fn main() -> std::io::Result<ExitCode> {
+fn main() -> ExitCode {
     demo::init_logging();
     let args = demo::parse_args("127.0.0.1:8080", true);
     let mut prefork = Prefork::new(args.listen)
@@ -26,6 +27,8 @@ fn main() -> std::io::Result<ExitCode> {
     if let Some(max) = args.max_requests {
         prefork = prefork.max_requests(max);
     }
-    let exit = prefork.run_http(demo::service)?;
-    Ok(exit.into())
+    if let Some((crashes, within)) = args.restart_intensity {
+        prefork = prefork.restart_intensity(crashes, within);
+    }
+    demo::finish(prefork.run_http(demo::service))
 }

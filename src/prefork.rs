@@ -71,7 +71,11 @@ pub struct Prefork {
     stop_all_code: Option<i32>,
     grace: Duration,
     on_bound: Option<OnBound>,
+    restart_intensity: Option<(u32, Duration)>,
 }
+
+/// The most workers one master runs (`workers` and SIGTTIN stop there).
+pub const MAX_WORKERS: usize = 1024;
 
 impl std::fmt::Debug for Prefork {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -82,6 +86,7 @@ impl std::fmt::Debug for Prefork {
             .field("jitter", &self.jitter)
             .field("stop_all_code", &self.stop_all_code)
             .field("grace", &self.grace)
+            .field("restart_intensity", &self.restart_intensity)
             .finish_non_exhaustive()
     }
 }
@@ -97,6 +102,7 @@ impl Prefork {
             stop_all_code: None,
             grace: Duration::from_secs(30),
             on_bound: None,
+            restart_intensity: None,
         }
     }
 
@@ -107,9 +113,21 @@ impl Prefork {
         self
     }
 
-    /// How many workers to run (at least 1).
+    /// How many workers to run: 1 to [`MAX_WORKERS`] (default 2). Other
+    /// values make `run_http`/`run_fastcgi` fail at once with
+    /// [`io::ErrorKind::InvalidInput`].
     pub fn workers(mut self, workers: usize) -> Self {
-        self.workers = workers.max(1);
+        self.workers = workers;
+        self
+    }
+
+    /// Stops the whole server (status 1) when workers fail `crashes` times
+    /// within `within`, as OTP supervisors do, instead of respawning them
+    /// forever. Off by default: failed workers are respawned after a
+    /// backoff that doubles from 0.1 s to at most 10 s, reset by a worker
+    /// that lived 5 s.
+    pub fn restart_intensity(mut self, crashes: u32, within: Duration) -> Self {
+        self.restart_intensity = Some((crashes.max(1), within));
         self
     }
 
@@ -184,6 +202,12 @@ impl Prefork {
         W: Fn(Listener, &Supervisor, Option<u64>) -> Fut,
         Fut: Future<Output = io::Result<Exit>>,
     {
+        if !(1..=MAX_WORKERS).contains(&self.workers) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("workers({}): must be 1 to {MAX_WORKERS}", self.workers),
+            ));
+        }
         if let Some(code) = self.stop_all_code {
             if !(1..=255).contains(&code) {
                 return Err(io::Error::new(
@@ -211,7 +235,8 @@ impl Prefork {
             wanted: self.workers,
             failures: 0,
             next_spawn: Instant::now(),
-            stop_code: None,
+            crashes: std::collections::VecDeque::new(),
+            stop: None,
         };
         let exit = master.supervise();
         drop(master);
@@ -301,8 +326,12 @@ struct Master<'a, W> {
     /// Workers that failed in a row, for the respawn delay.
     failures: u32,
     next_spawn: Instant,
-    /// Set when a worker exits with the stop-all code.
-    stop_code: Option<i32>,
+    /// When recent workers failed, for the restart intensity (at most as
+    /// many entries as the crashes it allows).
+    crashes: std::collections::VecDeque<Instant>,
+    /// Set when the whole server must stop: a worker exited with the
+    /// stop-all code, or the restart intensity was exceeded.
+    stop: Option<Exit>,
 }
 
 impl<W, Fut> Master<'_, W>
@@ -329,6 +358,9 @@ where
                 Some(libc::SIGHUP) => {
                     tracing::info!("SIGHUP: replacing every worker");
                     self.retire(self.serving_count());
+                }
+                Some(libc::SIGTTIN) if self.wanted >= MAX_WORKERS => {
+                    tracing::warn!(workers = self.wanted, "SIGTTIN: already at the maximum");
                 }
                 Some(libc::SIGTTIN) => {
                     self.wanted += 1;
@@ -459,7 +491,7 @@ where
             // the status of a worker recycling itself.
             (Role::Serving, Some(code)) if Some(code) == self.config.stop_all_code => {
                 tracing::warn!(pid, code, "worker asked to stop the server");
-                self.stop_code = Some(code);
+                self.stop = Some(Exit::new(code).with_message("a worker asked to stop the server"));
             }
             (Role::Serving, Some(0)) => {
                 tracing::info!(pid, "worker recycled");
@@ -476,13 +508,31 @@ where
                 let delay = delay.min(Duration::from_secs(10));
                 tracing::warn!(pid, %status, respawn_in = ?delay, "worker failed: replacing it");
                 self.next_spawn = Instant::now() + delay;
+                if let Some((allowed, within)) = self.config.restart_intensity {
+                    let now = Instant::now();
+                    self.crashes.push_back(now);
+                    while self.crashes.len() > allowed as usize
+                        || self.crashes.front().is_some_and(|at| now - *at > within)
+                    {
+                        self.crashes.pop_front();
+                    }
+                    if self.crashes.len() >= allowed as usize {
+                        tracing::error!(
+                            crashes = allowed,
+                            ?within,
+                            "restart intensity exceeded: stopping the server"
+                        );
+                        self.stop = Some(Exit::failure(format!(
+                            "workers failed {allowed} times within {within:?}: restart intensity exceeded"
+                        )));
+                    }
+                }
             }
         }
     }
 
     fn stop_requested_by_worker(&mut self) -> Option<Exit> {
-        let code = self.stop_code.take()?;
-        let exit = Exit::new(code).with_message("a worker asked to stop the server");
+        let exit = self.stop.take()?;
         match self.stop_all(exit.clone(), true) {
             Ok(exit) => Some(exit),
             Err(err) => {
@@ -545,7 +595,10 @@ fn jitter(jitter: u64) -> u64 {
 fn die_with_parent(master: u32) {
     // SAFETY: prctl with integer arguments; getppid cannot fail.
     unsafe {
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0);
+        // SIGKILL, not SIGTERM: a worker whose master was killed must not
+        // linger through a graceful drain (it would serve alone for up to
+        // the grace period); it ends at once, as the master did.
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
         if libc::getppid() as u32 != master {
             // The master died before the line above: do not serve alone.
             libc::_exit(1);

@@ -207,3 +207,84 @@ async fn sighup_replaces_every_worker_and_ttin_ttou_change_their_number() {
     assert_eq!(master.wait_exit(Duration::from_secs(15)).code(), Some(0));
     assert!(gone(&after));
 }
+
+#[test]
+fn absurd_worker_counts_are_refused_with_a_clear_error() {
+    for workers in ["0", "18446744073709551615", "1025"] {
+        let mut command = Command::new(example("prefork"));
+        command.args(["--listen", "127.0.0.1:0", "--workers", workers]);
+        let mut proc = Proc::spawn(command);
+        assert_eq!(
+            proc.wait_exit(Duration::from_secs(10)).code(),
+            Some(1),
+            "{workers}"
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while proc.stderr_count("must be 1 to 1024") == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(proc.stderr_count("must be 1 to 1024"), 1, "{workers}");
+        assert_eq!(proc.stderr_count("panicked"), 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_end_within_a_second_of_the_masters_sigkill() {
+    // Orphans come to this process (not to an init that may not reap
+    // them), which reaps them below: none is left behind.
+    common::become_subreaper();
+    let (mut master, addr) = prefork(&["--workers", "2"]);
+    let mut pids = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pids.len() < 2 && Instant::now() < deadline {
+        pids.insert(pid_of_worker(addr).await);
+    }
+    // A client in the middle of a request: a worker draining gracefully
+    // would wait for it (up to its grace period, 10 s in the demo).
+    let mut busy = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut busy, b"GET /slow HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    signal(master.pid(), libc::SIGKILL);
+    let _ = master.wait_exit(Duration::from_secs(5));
+    let killed = Instant::now();
+    for pid in pids {
+        loop {
+            let mut status = 0;
+            // SAFETY: reaps a worker reparented to this (subreaper) process.
+            let reaped = unsafe { libc::waitpid(pid as i32, &mut status, libc::WNOHANG) };
+            if reaped == pid as i32 || reaped == -1 {
+                break;
+            }
+            assert!(
+                killed.elapsed() < Duration::from_secs(1),
+                "orphaned worker {pid} still running after {:?}",
+                killed.elapsed()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    assert!(killed.elapsed() < Duration::from_secs(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_failing_past_the_restart_intensity_stop_the_server() {
+    let (mut master, addr) = prefork(&["--workers", "1", "--restart-intensity", "2/30"]);
+    let mut pids = HashSet::new();
+    pids.insert(pid_of_worker(addr).await);
+    // Status 4 is not the stop-all code: each is a failed worker.
+    for _ in 0..2 {
+        let reply = loop {
+            // The replacement may still be starting (backoff 0.1 s).
+            match get(addr, "/exit/4").await {
+                Ok(reply) => break reply,
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(master.wait_exit(Duration::from_secs(15)).code(), Some(1));
+    assert!(master.stderr_count("restart intensity exceeded") >= 1);
+}

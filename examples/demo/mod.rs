@@ -22,6 +22,23 @@ pub struct Args {
     pub workers: usize,
     pub max_requests: Option<u64>,
     pub stop_all_code: i32,
+    /// `--restart-intensity N/SECS`: stop after N worker failures in SECS.
+    pub restart_intensity: Option<(u32, Duration)>,
+}
+
+/// Ends `main`: the exit's code, or a startup error in plain words and
+/// status 1 (not the `Debug` form `main` would print for an `Err`).
+pub fn finish(result: std::io::Result<Exit>) -> std::process::ExitCode {
+    match result {
+        Ok(exit) => {
+            tracing::info!(%exit, "exiting");
+            exit.into()
+        }
+        Err(err) => {
+            eprintln!("error: {err}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 pub fn parse_args(default_listen: &str, prefork: bool) -> Args {
@@ -32,6 +49,7 @@ pub fn parse_args(default_listen: &str, prefork: bool) -> Args {
         workers: 2,
         max_requests: None,
         stop_all_code: 3,
+        restart_intensity: None,
     };
     let number = |flag: &str, value: Option<String>| -> u64 {
         value
@@ -45,7 +63,20 @@ pub fn parse_args(default_listen: &str, prefork: bool) -> Args {
                     .next()
                     .unwrap_or_else(|| usage("--listen needs a value", prefork))
             }
-            "--workers" if prefork => parsed.workers = number("--workers", args.next()) as usize,
+            "--workers" if prefork => {
+                // Out-of-range values are the library's to refuse.
+                parsed.workers =
+                    usize::try_from(number("--workers", args.next())).unwrap_or(usize::MAX)
+            }
+            "--restart-intensity" if prefork => {
+                let value = args.next().unwrap_or_default();
+                parsed.restart_intensity = value
+                    .split_once('/')
+                    .and_then(|(n, secs)| {
+                        Some((n.parse().ok()?, Duration::from_secs(secs.parse().ok()?)))
+                    })
+                    .or_else(|| usage("--restart-intensity takes CRASHES/SECONDS", prefork));
+            }
             "--max-requests" if prefork => {
                 parsed.max_requests = Some(number("--max-requests", args.next()))
             }
@@ -67,7 +98,7 @@ pub fn parse_args(default_listen: &str, prefork: bool) -> Args {
 
 fn usage(problem: &str, prefork: bool) -> ! {
     let extra = if prefork {
-        " [--workers N] [--max-requests M] [--stop-all-code C]"
+        " [--workers N] [--max-requests M] [--stop-all-code C] [--restart-intensity N/SECS]"
     } else {
         ""
     };

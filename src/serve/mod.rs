@@ -139,6 +139,12 @@ async fn drain(
 /// Records `Exit::success()` on the first SIGTERM or SIGINT.
 fn drain_on_signals(supervisor: &Supervisor) -> std::io::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
+    // tokio sets up its signal driver with a socket pair on first use and
+    // panics when the process is out of file descriptors: make sure two are
+    // free, to fail with an error instead.
+    drop(std::os::unix::net::UnixStream::pair().map_err(|err| {
+        std::io::Error::new(err.kind(), format!("cannot set up signal handling: {err}"))
+    })?);
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let supervisor = supervisor.clone();

@@ -7,7 +7,7 @@ mod demo;
 
 use std::process::ExitCode;
 use std::time::Duration;
-use tower_exit::serve::fastcgi::RequestBody;
+use tower_exit::serve::fastcgi::{Limits, RequestBody};
 use tower_exit::serve::Listener;
 use tower_exit::{Exit, Supervisor};
 
@@ -18,12 +18,24 @@ async fn main() -> ExitCode {
 }
 
 async fn run() -> std::io::Result<Exit> {
-    let listener = Listener::bind(&demo::parse_args("127.0.0.1:9000", false).listen).await?;
+    let args = demo::parse_args("127.0.0.1:9000", false);
+    let listener = Listener::bind(&args.listen).await?;
     println!("listening on {}", listener.local_addr()?);
 
+    // `--header-timeout` bounds the first request and request input here;
+    // `--max-connections` the connections.
+    let mut limits = Limits::default();
+    if let Some(timeout) = args.header_timeout {
+        limits.begin_timeout = timeout;
+        limits.read_timeout = timeout;
+    }
+    if let Some(max) = args.max_connections {
+        limits.max_conns = max;
+    }
     let supervisor = Supervisor::new();
     let service = demo::service::<RequestBody>(&supervisor);
     tower_exit::serve::fastcgi(listener, service, &supervisor)
+        .limits(limits)
         .grace(Duration::from_secs(10))
         .with_signals()
         .await

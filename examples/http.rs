@@ -4,7 +4,9 @@
 //! `/panic` (reported once, 500); `/exit/N` (503, not reported, the server
 //! drains and the process exits with status N); `/fork` (the child writes a
 //! line and exits, the parent answers once); `/slow` (answers after 1 s).
-//! SIGTERM or SIGINT drain the server too, status 0.
+//! SIGTERM or SIGINT drain the server too, status 0. `--header-timeout SECS`
+//! and `--max-connections N` set those limits (defaults 30 s, half of
+//! `ulimit -n`).
 
 mod demo;
 
@@ -20,12 +22,19 @@ async fn main() -> ExitCode {
 }
 
 async fn run() -> std::io::Result<Exit> {
-    let listener = Listener::bind(&demo::parse_args("127.0.0.1:8080", false).listen).await?;
+    let args = demo::parse_args("127.0.0.1:8080", false);
+    let listener = Listener::bind(&args.listen).await?;
     println!("listening on {}", listener.local_addr()?);
 
     let supervisor = Supervisor::new();
-    tower_exit::serve::http(listener, demo::service(&supervisor), &supervisor)
+    let mut serve = tower_exit::serve::http(listener, demo::service(&supervisor), &supervisor)
         .grace(Duration::from_secs(10))
-        .with_signals()
-        .await
+        .with_signals();
+    if let Some(timeout) = args.header_timeout {
+        serve = serve.header_read_timeout(timeout);
+    }
+    if let Some(max) = args.max_connections {
+        serve = serve.max_connections(max);
+    }
+    serve.await
 }

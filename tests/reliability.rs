@@ -596,3 +596,79 @@ async fn fastcgi_aborts_mid_body_under_load() {
         aborts.load(Ordering::Relaxed)
     );
 }
+
+/// Silent peers under load (issue 15): 2,000 connections that send nothing
+/// against the HTTP demo capped at 1,000 connections, with a 3 s header
+/// timeout, while legitimate clients send 20,000 mixed requests. The
+/// server never holds more than its cap, every legitimate request is
+/// answered right (some wait for a slot), and the silent peers are shed
+/// at the timeout. Prints memory per idle connection and time to shed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "load: run with --ignored"]
+async fn silent_connections_at_the_cap_under_load_on_the_http_demo() {
+    const SILENT: usize = 2_000;
+    const CAP: usize = 1_000;
+    let mut command = Command::new(example("http"));
+    command.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--header-timeout",
+        "3",
+        "--max-connections",
+        &CAP.to_string(),
+    ]);
+    let mut app = Proc::spawn(command);
+    let base = format!("http://{}", app.wait_for_line("listening on "));
+    let addr: std::net::SocketAddr = base.trim_start_matches("http://").parse().unwrap();
+    let pid = app.pid();
+    let tally = Arc::new(Tally::default());
+    drive(base.clone(), 0..10_000, tally.clone()).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (fds_idle, rss_idle) = (open_fds(pid), resident_kib(pid));
+
+    let opened = Instant::now();
+    let mut silent = Vec::with_capacity(SILENT);
+    for _ in 0..SILENT {
+        silent.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (fds_held, rss_held) = (open_fds(pid), resident_kib(pid));
+    let held = fds_held - fds_idle;
+    assert!(
+        held <= CAP,
+        "{held} connections held beyond the cap of {CAP}"
+    );
+
+    // Legitimate load meanwhile: it waits for slots, then is served.
+    let load_started = Instant::now();
+    drive(base.clone(), 10_000..30_000, tally.clone()).await;
+    let load_took = load_started.elapsed();
+    tally.assert_all_right(30_000);
+
+    // Every silent peer is shed at the header timeout.
+    let mut shed = None;
+    while opened.elapsed() < Duration::from_secs(20) {
+        if open_fds(pid) <= fds_idle + 2 {
+            shed = Some(opened.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let shed = shed.expect("silent peers shed within 20 s");
+    let per_conn = (rss_held.saturating_sub(rss_idle)) as f64 * 1024.0 / held.max(1) as f64;
+    println!(
+        "{SILENT} silent connections, cap {CAP}: {held} held (fds {fds_idle} -> {fds_held}), \
+         ~{per_conn:.0} bytes of RSS each (RSS {rss_idle} -> {rss_held} KiB); 20,000 legitimate \
+         requests meanwhile: 0 wrong, in {:.1} s; all silent peers shed {:.1} s after they connected",
+        load_took.as_secs_f64(),
+        shed.as_secs_f64()
+    );
+    drop(silent);
+    signal_term(&mut app);
+}
+
+fn signal_term(app: &mut Proc) {
+    // SAFETY: a signal to the demo process this test started.
+    assert_eq!(unsafe { libc::kill(app.pid() as i32, libc::SIGTERM) }, 0);
+    assert_eq!(app.wait_exit(Duration::from_secs(15)).code(), Some(0));
+}

@@ -24,6 +24,10 @@ pub struct Args {
     pub stop_all_code: i32,
     /// `--restart-intensity N/SECS`: stop after N worker failures in SECS.
     pub restart_intensity: Option<(u32, Duration)>,
+    /// `--header-timeout SECS` (HTTP demo).
+    pub header_timeout: Option<Duration>,
+    /// `--max-connections N` (HTTP demo).
+    pub max_connections: Option<usize>,
 }
 
 /// Ends `main`: the exit's code, or a startup error in plain words and
@@ -50,6 +54,8 @@ pub fn parse_args(default_listen: &str, prefork: bool) -> Args {
         max_requests: None,
         stop_all_code: 3,
         restart_intensity: None,
+        header_timeout: None,
+        max_connections: None,
     };
     let number = |flag: &str, value: Option<String>| -> u64 {
         value
@@ -62,6 +68,17 @@ pub fn parse_args(default_listen: &str, prefork: bool) -> Args {
                 listen = args
                     .next()
                     .unwrap_or_else(|| usage("--listen needs a value", prefork))
+            }
+            "--header-timeout" if !prefork => {
+                parsed.header_timeout =
+                    Some(Duration::from_secs(number("--header-timeout", args.next())))
+            }
+            "--max-connections" if !prefork => {
+                parsed.max_connections = Some(
+                    number("--max-connections", args.next())
+                        .try_into()
+                        .unwrap_or(usize::MAX),
+                )
             }
             "--workers" if prefork => {
                 // Out-of-range values are the library's to refuse.
@@ -100,7 +117,7 @@ fn usage(problem: &str, prefork: bool) -> ! {
     let extra = if prefork {
         " [--workers N] [--max-requests M] [--stop-all-code C] [--restart-intensity N/SECS]"
     } else {
-        ""
+        " [--header-timeout SECS] [--max-connections N]"
     };
     eprintln!(
         "{problem}\nusage: {} [--listen HOST:PORT|unix:PATH]{extra}",

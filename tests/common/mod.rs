@@ -39,15 +39,7 @@ pub async fn get_h2(addr: SocketAddr, path: &str) -> Result<Reply, BoxError> {
     .await?;
     tokio::spawn(conn);
     let req = Request::get(format!("http://{addr}{path}")).body(Empty::<Bytes>::new())?;
-    let res = sender.send_request(req).await?;
-    let status = res.status();
-    let headers = res.headers().clone();
-    let body = res.into_body().collect().await?.to_bytes();
-    Ok(Reply {
-        status,
-        headers,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    })
+    Reply::of(sender.send_request(req).await?).await
 }
 
 /// One HTTP/1.1 exchange over a fresh unix-socket connection.
@@ -65,15 +57,21 @@ where
     let req = Request::get(path)
         .header("host", host)
         .body(Empty::<Bytes>::new())?;
-    let res = sender.send_request(req).await?;
-    let status = res.status();
-    let headers = res.headers().clone();
-    let body = res.into_body().collect().await?.to_bytes();
-    Ok(Reply {
-        status,
-        headers,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    })
+    Reply::of(sender.send_request(req).await?).await
+}
+
+impl Reply {
+    /// The response, its body read whole.
+    async fn of(res: Response<hyper::body::Incoming>) -> Result<Reply, BoxError> {
+        let status = res.status();
+        let headers = res.headers().clone();
+        let body = res.into_body().collect().await?.to_bytes();
+        Ok(Reply {
+            status,
+            headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        })
+    }
 }
 
 async fn nested_exit(code: i32) -> Response<Full<Bytes>> {

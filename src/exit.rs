@@ -445,6 +445,7 @@ pub(crate) fn end_child_if_ruled(exit: &Exit) {
 }
 
 /// The context of the frame this is called from.
+#[cfg(any(all(unix, feature = "fork"), feature = "axum"))]
 #[inline]
 pub(crate) fn context() -> RaiseContext {
     CONTEXT.get()

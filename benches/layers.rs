@@ -97,6 +97,18 @@ fn layers(c: &mut Criterion) {
     );
     bench(
         c,
+        "tower-exit stack as one layer",
+        ServiceBuilder::new()
+            .layer(
+                supervisor
+                    .stack()
+                    .report(reporter)
+                    .fork_guard(tower_exit::ForkGuardLayer::new()),
+            )
+            .service(inner()),
+    );
+    bench(
+        c,
         "tower-exit full stack",
         ServiceBuilder::new()
             .boundary(&supervisor)

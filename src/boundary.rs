@@ -215,11 +215,7 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        let request = Requested {
-            version: req.version(),
-            method: req.method().clone(),
-            uri: req.uri().clone(),
-        };
+        let request = Requested::of(&req);
         let inner = &mut self.inner;
         let outer = enter_catching();
         let called = catch_unwind(AssertUnwindSafe(|| inner.call(req)));
@@ -309,10 +305,20 @@ where
 
 /// What the boundary keeps of a request, to answer and log an exit.
 #[derive(Debug)]
-struct Requested {
-    version: Version,
+pub(crate) struct Requested {
+    pub(crate) version: Version,
     method: Method,
     uri: Uri,
+}
+
+impl Requested {
+    pub(crate) fn of<B>(req: &Request<B>) -> Self {
+        Requested {
+            version: req.version(),
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+        }
+    }
 }
 
 /// An exit turned into a response on its way out (`IntoResponse for Exit`
@@ -323,7 +329,7 @@ pub(crate) struct ExitResponse(pub(crate) Exit);
 
 /// The boundary caught `exit`: said once, here (INFO for status 0, WARN
 /// otherwise), then recorded.
-fn caught(supervisor: &Supervisor, exit: &Exit, request: &Requested) {
+pub(crate) fn caught(supervisor: &Supervisor, exit: &Exit, request: &Requested) {
     // An armed exit in a forked child ends the child before anything here
     // allocates.
     #[cfg(all(unix, feature = "fork"))]

@@ -483,6 +483,12 @@ pub(crate) fn leave(outer: RaiseContext) {
     CONTEXT.set(outer);
 }
 
+/// The context of a frame that catches exits, inside the current one.
+#[inline]
+pub(crate) fn catching_context() -> RaiseContext {
+    CONTEXT.get().catching()
+}
+
 /// [`enter`] the context of a frame that catches exits.
 #[inline]
 pub(crate) fn enter_catching() -> RaiseContext {

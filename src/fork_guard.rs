@@ -100,7 +100,7 @@ use tower_service::Service;
 /// into the parent's stack. See [the module docs](self).
 #[derive(Clone, Copy, Debug)]
 pub struct ForkGuardLayer {
-    end: ChildEnd,
+    pub(crate) end: ChildEnd,
 }
 
 impl Default for ForkGuardLayer {
@@ -193,13 +193,7 @@ where
         let outer = enter(guarded(started, self.end));
         let mut called = catch_unwind(AssertUnwindSafe(|| inner.call(req)));
         leave(outer);
-        if generation() != started {
-            if let Err(payload) = &mut called {
-                arm_or_end(self.end, payload);
-            } else {
-                end_child(self.end, 0);
-            }
-        }
+        in_child_after_call(started, self.end, &mut called);
         match called {
             Ok(future) => ResponseFuture {
                 future,
@@ -234,23 +228,50 @@ where
         let outer = enter(guarded(*this.started, *this.end));
         let mut polled = catch_unwind(AssertUnwindSafe(|| future.poll(cx)));
         leave(outer);
-        // The happy path costs this one relaxed load: the generation only
-        // changes in a child, in the `pthread_atfork` handler.
-        if generation() != *this.started {
-            match &mut polled {
-                Err(payload) => arm_or_end(*this.end, payload),
-                Ok(Poll::Ready(Err(err))) if *this.end == ChildEnd::Propagate => {
-                    match (err as &mut dyn Any).downcast_mut::<Exit>() {
-                        Some(exit) => exit.arm(Arc::new(Armed::new())),
-                        None => end_child(ChildEnd::Terminate, 1),
-                    }
-                }
-                _ => end_child(*this.end, status_of_poll(&polled)),
-            }
-        }
+        in_child_after_poll(*this.started, *this.end, &mut polled);
         match polled {
             Ok(poll) => poll,
             Err(payload) => resume_unwind(payload),
+        }
+    }
+}
+
+/// After the inner `call`: in a child forked during it, arms an unwinding
+/// exit (propagate mode) or ends the child. Returns at once in the parent.
+#[inline]
+pub(crate) fn in_child_after_call<T>(
+    started: u64,
+    end: ChildEnd,
+    called: &mut Result<T, Box<dyn Any + Send>>,
+) {
+    if generation() != started {
+        match called {
+            Err(payload) => arm_or_end(end, payload),
+            Ok(_) => end_child(end, 0),
+        }
+    }
+}
+
+/// After a poll of the inner future: in a child forked since `started`,
+/// whatever the outcome, arms an exit that travels on (propagate mode) or
+/// ends the child. The happy path costs one relaxed load: the generation
+/// only changes in a child, in the `pthread_atfork` handler.
+#[inline]
+pub(crate) fn in_child_after_poll<T, E: 'static>(
+    started: u64,
+    end: ChildEnd,
+    polled: &mut Result<Poll<Result<T, E>>, Box<dyn Any + Send>>,
+) {
+    if generation() != started {
+        match polled {
+            Err(payload) => arm_or_end(end, payload),
+            Ok(Poll::Ready(Err(err))) if end == ChildEnd::Propagate => {
+                match (err as &mut dyn Any).downcast_mut::<Exit>() {
+                    Some(exit) => exit.arm(Arc::new(Armed::new())),
+                    None => end_child(ChildEnd::Terminate, 1),
+                }
+            }
+            _ => end_child(end, status_of_poll(polled)),
         }
     }
 }
@@ -259,7 +280,7 @@ where
 /// meanwhile, `Exit::raise` ends the child in place (rule 1), before it can
 /// allocate or unwind through frames that hold the parent's locks.
 #[inline]
-fn guarded(started: u64, end: ChildEnd) -> RaiseContext {
+pub(crate) fn guarded(started: u64, end: ChildEnd) -> RaiseContext {
     context().with_child(ChildRule::guard(started, end))
 }
 

@@ -76,6 +76,7 @@ pub mod report;
 pub mod retry;
 #[cfg(all(unix, feature = "http"))]
 pub mod serve;
+pub mod stack;
 #[cfg(feature = "tower-http")]
 pub mod trace;
 pub mod tunnel;
@@ -88,4 +89,5 @@ pub use crate::exit::{exit, AsError, Exit};
 #[cfg(all(unix, feature = "fork"))]
 pub use crate::fork_guard::ForkGuardLayer;
 pub use crate::report::ReportLayer;
+pub use crate::stack::ExitStackLayer;
 pub use crate::tunnel::TunnelLayer;

@@ -85,6 +85,14 @@ fn happy_path_allocates_nothing_in_any_layer() {
         .catch_panic()
         .fork_guard()
         .service(inner());
+    let mut one_layer = ServiceBuilder::new()
+        .layer(
+            supervisor
+                .stack()
+                .report(reporter)
+                .fork_guard(tower_exit::ForkGuardLayer::new()),
+        )
+        .service(inner());
 
     // Warm up lazily initialised statics (thread locals, the atfork handler).
     for _ in 0..2 {
@@ -97,6 +105,7 @@ fn happy_path_allocates_nothing_in_any_layer() {
     assert_eq!(count_one_call(&mut catch_panic), 0, "catch_panic");
     assert_eq!(count_one_call(&mut fork_guard), 0, "fork_guard");
     assert_eq!(count_one_call(&mut full), 0, "full stack");
+    assert_eq!(count_one_call(&mut one_layer), 0, "the stack as one layer");
 
     // The counter works: tower-http's catch-panic boxes the body.
     let mut tower_http = ServiceBuilder::new()

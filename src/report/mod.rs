@@ -328,7 +328,11 @@ where
     }
 }
 
-fn report_error<E: AsError<M>, M, R: Reporter>(reporter: &R, exits: ExitPolicy, err: &E) {
+pub(crate) fn report_error<E: AsError<M>, M, R: Reporter>(
+    reporter: &R,
+    exits: ExitPolicy,
+    err: &E,
+) {
     let err = err.as_error();
     match Exit::from_error(err) {
         None => reporter.report(&Failure::Error(err)),
@@ -337,7 +341,11 @@ fn report_error<E: AsError<M>, M, R: Reporter>(reporter: &R, exits: ExitPolicy, 
     }
 }
 
-fn report_panic<R: Reporter>(reporter: &R, exits: ExitPolicy, payload: &Box<dyn Any + Send>) {
+pub(crate) fn report_panic<R: Reporter>(
+    reporter: &R,
+    exits: ExitPolicy,
+    payload: &Box<dyn Any + Send>,
+) {
     match Exit::from_panic(&**payload) {
         None => reporter.report(&Failure::Panic(&**payload)),
         Some(exit) if exits.reports(exit) => reporter.report(&Failure::Exit(exit)),

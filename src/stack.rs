@@ -1,0 +1,434 @@
+//! The whole exit-aware stack as one layer, at the cost of one.
+//!
+//! # Example
+//!
+//! ```
+//! use bytes::Bytes;
+//! use http::{Request, Response, StatusCode};
+//! use http_body_util::Full;
+//! use std::convert::Infallible;
+//! use tower::{ServiceBuilder, ServiceExt};
+//! use tower_exit::report::TracingReporter;
+//! use tower_exit::Supervisor;
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let supervisor = Supervisor::new();
+//! let svc = ServiceBuilder::new()
+//!     .layer(supervisor.stack().report(TracingReporter))
+//!     .service_fn(|_: Request<()>| async {
+//!         tower_exit::exit(3);
+//!         Ok::<_, Infallible>(Response::new(Full::<Bytes>::default()))
+//!     });
+//!
+//! let res = svc.oneshot(Request::new(())).await.unwrap();
+//! assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+//! assert_eq!(supervisor.exit().unwrap().code(), 3);
+//! # }
+//! ```
+//!
+//! [`Supervisor::stack`] gives an [`ExitStackLayer`] that behaves exactly
+//! like the recommended four layers stacked in the recommended order,
+//!
+//! ```text
+//! supervisor.layer()                       // boundary: exit → 503, drain
+//! CatchPanicLayer::new()                   // panic → 500, exits pass
+//! ReportLayer::new(r).report_exits(p)      // failures reported once
+//! ForkGuardLayer::new()                    // a forked child never returns
+//! ```
+//!
+//! with one `catch_unwind` per `call` and per poll instead of four, one
+//! response future and one body wrapper: each of the four layers must look
+//! at an unwind to tell an exit from a panic, and each `catch_unwind` moves
+//! the request and the nested futures once more. The separate layers stay,
+//! each usable alone; this one also cannot be put together in the wrong
+//! order (a reporter above the catch-all that sees no panic, a guard above
+//! a catch-all that protects nothing).
+//!
+//! There is no reporter unless [`report`](ExitStackLayer::report) sets one,
+//! and no fork guard unless [`fork_guard`](ExitStackLayer::fork_guard) does.
+
+use crate::body::ResponseBody;
+use crate::boundary::{caught, exit_response, ExitResponse, Requested};
+use crate::catch_panic::{DefaultResponseForPanic, ResponseForPanic};
+use crate::exit::{enter, leave, AsError, ConcreteError, RaiseContext};
+use crate::report::{report_error, report_panic, ExitPolicy, Failure, Reporter};
+use crate::{Exit, Supervisor};
+use http::{Request, Response};
+use pin_project_lite::pin_project;
+use std::fmt;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use tower_layer::Layer;
+use tower_service::Service;
+
+#[cfg(all(unix, feature = "fork"))]
+use crate::fork::{generation, ChildEnd};
+
+/// The reporter of a stack that reports nothing (the default).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoReporter;
+
+impl Reporter for NoReporter {
+    fn report(&self, _: &Failure<'_>) {}
+}
+
+/// The four exit-aware layers as one; see [the module docs](self). Built by
+/// [`Supervisor::stack`].
+///
+/// `M` is the [`AsError`] marker of the inner service's error, always
+/// inferred.
+pub struct ExitStackLayer<H = DefaultResponseForPanic, R = NoReporter, M = ConcreteError> {
+    supervisor: Supervisor,
+    handler: H,
+    reporter: R,
+    exits: ExitPolicy,
+    #[cfg(all(unix, feature = "fork"))]
+    guard: Option<ChildEnd>,
+    _error: PhantomData<fn() -> M>,
+}
+
+impl<H: Clone, R: Clone, M> Clone for ExitStackLayer<H, R, M> {
+    fn clone(&self) -> Self {
+        ExitStackLayer {
+            supervisor: self.supervisor.clone(),
+            handler: self.handler.clone(),
+            reporter: self.reporter.clone(),
+            exits: self.exits,
+            #[cfg(all(unix, feature = "fork"))]
+            guard: self.guard,
+            _error: PhantomData,
+        }
+    }
+}
+
+impl<H, R, M> fmt::Debug for ExitStackLayer<H, R, M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ExitStackLayer")
+            .field("supervisor", &self.supervisor)
+            .field("exits", &self.exits)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Supervisor {
+    /// The whole exit-aware stack as one layer (see [`ExitStackLayer`]):
+    /// put it outermost, where [`layer`](Self::layer) would go.
+    pub fn stack<M>(&self) -> ExitStackLayer<DefaultResponseForPanic, NoReporter, M> {
+        ExitStackLayer {
+            supervisor: self.clone(),
+            handler: DefaultResponseForPanic,
+            reporter: NoReporter,
+            exits: ExitPolicy::Never,
+            #[cfg(all(unix, feature = "fork"))]
+            guard: None,
+            _error: PhantomData,
+        }
+    }
+}
+
+impl<H, R, M> ExitStackLayer<H, R, M> {
+    /// Reports real failures (errors and panics) through `reporter`, once
+    /// each, as [`ReportLayer`](crate::ReportLayer) does; exits only as
+    /// [`report_exits`](Self::report_exits) says.
+    pub fn report<R2: Reporter>(self, reporter: R2) -> ExitStackLayer<H, R2, M> {
+        ExitStackLayer {
+            supervisor: self.supervisor,
+            handler: self.handler,
+            reporter,
+            exits: self.exits,
+            #[cfg(all(unix, feature = "fork"))]
+            guard: self.guard,
+            _error: PhantomData,
+        }
+    }
+
+    /// Which exits the reporter gets (default [`ExitPolicy::Never`]).
+    pub fn report_exits(mut self, policy: ExitPolicy) -> Self {
+        self.exits = policy;
+        self
+    }
+
+    /// Answers a real panic with `handler` instead of the default `500`, as
+    /// [`CatchPanicLayer::custom`](crate::CatchPanicLayer::custom) does.
+    pub fn panic_response<H2: ResponseForPanic>(self, handler: H2) -> ExitStackLayer<H2, R, M> {
+        ExitStackLayer {
+            supervisor: self.supervisor,
+            handler,
+            reporter: self.reporter,
+            exits: self.exits,
+            #[cfg(all(unix, feature = "fork"))]
+            guard: self.guard,
+            _error: PhantomData,
+        }
+    }
+
+    /// Ends a child forked during a request as `guard` would, innermost
+    /// (see [`ForkGuardLayer`](crate::ForkGuardLayer) and its modes).
+    #[cfg(all(unix, feature = "fork"))]
+    pub fn fork_guard(mut self, guard: crate::ForkGuardLayer) -> Self {
+        crate::fork::watch_forks();
+        self.guard = Some(guard.end);
+        self
+    }
+}
+
+/// What every service of one layer shares: one reference count per request
+/// instead of one per layer.
+struct Shared<H, R> {
+    supervisor: Supervisor,
+    handler: H,
+    reporter: R,
+    exits: ExitPolicy,
+    #[cfg(all(unix, feature = "fork"))]
+    guard: Option<ChildEnd>,
+}
+
+impl<S, H: Clone, R: Clone, M> Layer<S> for ExitStackLayer<H, R, M> {
+    type Service = ExitStack<S, H, R, M>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ExitStack {
+            inner,
+            shared: Arc::new(Shared {
+                supervisor: self.supervisor.clone(),
+                handler: self.handler.clone(),
+                reporter: self.reporter.clone(),
+                exits: self.exits,
+                #[cfg(all(unix, feature = "fork"))]
+                guard: self.guard,
+            }),
+            _error: PhantomData,
+        }
+    }
+}
+
+/// Service built by [`ExitStackLayer`].
+pub struct ExitStack<S, H = DefaultResponseForPanic, R = NoReporter, M = ConcreteError> {
+    inner: S,
+    shared: Arc<Shared<H, R>>,
+    _error: PhantomData<fn() -> M>,
+}
+
+impl<S: Clone, H, R, M> Clone for ExitStack<S, H, R, M> {
+    fn clone(&self) -> Self {
+        ExitStack {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+            _error: PhantomData,
+        }
+    }
+}
+
+impl<S: fmt::Debug, H, R, M> fmt::Debug for ExitStack<S, H, R, M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ExitStack")
+            .field("inner", &self.inner)
+            .field("supervisor", &self.shared.supervisor)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, H, R, M> ExitStack<S, H, R, M> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service, unwrapped.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+/// The fork generation a guarded call starts in (none without a guard).
+#[derive(Clone, Copy, Debug)]
+struct Guarded {
+    #[cfg(all(unix, feature = "fork"))]
+    started: Option<(u64, ChildEnd)>,
+}
+
+impl Guarded {
+    #[inline]
+    fn start<H, R>(shared: &Shared<H, R>) -> Self {
+        let _ = shared;
+        Guarded {
+            #[cfg(all(unix, feature = "fork"))]
+            started: shared.guard.map(|end| (generation(), end)),
+        }
+    }
+
+    /// The raise context while the inner service is called or polled: the
+    /// boundary's (exits are caught), plus the guard's rule for children.
+    #[inline]
+    fn context(self) -> RaiseContext {
+        #[cfg(all(unix, feature = "fork"))]
+        if let Some((started, end)) = self.started {
+            return crate::fork_guard::guarded(started, end).caught_here();
+        }
+        crate::exit::catching_context()
+    }
+}
+
+impl<S, H, R, M, ReqBody, ResBody> Service<Request<ReqBody>> for ExitStack<S, H, R, M>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    S::Error: AsError<M> + 'static,
+    H: ResponseForPanic,
+    R: Reporter,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, H, R, M>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        let result = ready!(self.inner.poll_ready(cx));
+        if let Err(err) = &result {
+            report_error(&self.shared.reporter, self.shared.exits, err);
+        }
+        Poll::Ready(result)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let request = Requested::of(&req);
+        let guarded = Guarded::start(&self.shared);
+        let inner = &mut self.inner;
+        let outer = enter(guarded.context());
+        #[allow(unused_mut)]
+        let mut called = catch_unwind(AssertUnwindSafe(|| inner.call(req)));
+        leave(outer);
+        #[cfg(all(unix, feature = "fork"))]
+        if let Some((started, end)) = guarded.started {
+            crate::fork_guard::in_child_after_call(started, end, &mut called);
+        }
+        let state = match called {
+            Ok(future) => State::Running { future },
+            Err(payload) => State::Answered {
+                answer: Some(answer_unwind(&self.shared, &request, payload)),
+            },
+        };
+        ResponseFuture {
+            state,
+            shared: self.shared.clone(),
+            request,
+            guarded,
+            _error: PhantomData,
+        }
+    }
+}
+
+/// What the stack answers instead of the inner service.
+enum Answer {
+    /// The boundary's `503` for this (already recorded) exit.
+    Exit(Exit),
+    /// The answer to a real panic.
+    Panic(Response<bytes::Bytes>),
+}
+
+impl Answer {
+    fn into_response<B>(self, request: &Requested) -> Response<ResponseBody<B>> {
+        match self {
+            Answer::Exit(exit) => exit_response(request.version, exit),
+            Answer::Panic(res) => res.map(ResponseBody::full),
+        }
+    }
+}
+
+/// An unwind out of the inner service: reported if it is a failure (or an
+/// exit the policy reports); an exit is recorded and answered `503`, a
+/// panic `500` (or the custom answer).
+fn answer_unwind<H: ResponseForPanic, R: Reporter>(
+    shared: &Shared<H, R>,
+    request: &Requested,
+    payload: Box<dyn std::any::Any + Send>,
+) -> Answer {
+    report_panic(&shared.reporter, shared.exits, &payload);
+    match Exit::from_panic(&*payload) {
+        Some(exit) => {
+            caught(&shared.supervisor, exit, request);
+            Answer::Exit(exit.clone())
+        }
+        None => Answer::Panic(shared.handler.clone().response_for_panic(payload)),
+    }
+}
+
+pin_project! {
+    /// Response future of [`ExitStack`].
+    pub struct ResponseFuture<F, H, R, M> {
+        #[pin]
+        state: State<F>,
+        shared: Arc<Shared<H, R>>,
+        request: Requested,
+        guarded: Guarded,
+        _error: PhantomData<fn() -> M>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F> {
+        Running { #[pin] future: F },
+        Answered { answer: Option<Answer> },
+    }
+}
+
+impl<F, H, R, M, B, E> Future for ResponseFuture<F, H, R, M>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    E: AsError<M> + 'static,
+    H: ResponseForPanic,
+    R: Reporter,
+{
+    type Output = Result<Response<ResponseBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let future = match this.state.project() {
+            StateProj::Running { future } => future,
+            StateProj::Answered { answer } => {
+                let answer = answer.take().expect("polled after completion");
+                return Poll::Ready(Ok(answer.into_response(this.request)));
+            }
+        };
+        let outer = enter(this.guarded.context());
+        #[allow(unused_mut)]
+        let mut polled = catch_unwind(AssertUnwindSafe(|| future.poll(cx)));
+        leave(outer);
+        #[cfg(all(unix, feature = "fork"))]
+        if let Some((started, end)) = this.guarded.started {
+            crate::fork_guard::in_child_after_poll(started, end, &mut polled);
+        }
+        let shared = &**this.shared;
+        let answer = match polled {
+            Ok(Poll::Pending) => return Poll::Pending,
+            Ok(Poll::Ready(Ok(mut res))) => match res.extensions_mut().remove::<ExitResponse>() {
+                None => return Poll::Ready(Ok(res.map(ResponseBody::inner))),
+                // An exit returned as a response: recorded like a raised one.
+                Some(ExitResponse(exit)) => {
+                    caught(&shared.supervisor, &exit, this.request);
+                    Answer::Exit(exit)
+                }
+            },
+            Ok(Poll::Ready(Err(err))) => {
+                report_error(&shared.reporter, shared.exits, &err);
+                match Exit::from_service_error(&err) {
+                    None => return Poll::Ready(Err(err)),
+                    Some(exit) => {
+                        caught(&shared.supervisor, exit, this.request);
+                        Answer::Exit(exit.clone())
+                    }
+                }
+            }
+            Err(payload) => answer_unwind(shared, this.request, payload),
+        };
+        Poll::Ready(Ok(answer.into_response(this.request)))
+    }
+}

@@ -18,7 +18,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 use tower::ServiceBuilder;
 use tower_exit::report::TracingReporter;
-use tower_exit::{Exit, ServiceBuilderExt, Supervisor};
+use tower_exit::{Exit, Supervisor};
 
 /// The app's error type: a real failure, or an exit carried via `?`.
 #[derive(Debug, thiserror::Error)]
@@ -88,16 +88,15 @@ fn app(supervisor: &Supervisor) -> Router {
         .layer(
             // The order, outermost first: trace sees every answer (an
             // exit's 503 is not logged as a failure), the timeout bounds
-            // every request, then the exit-aware stack.
+            // every request, then the exit-aware stack as one layer
+            // (boundary, catch-panic, reporter).
             ServiceBuilder::new()
                 .layer(tower_exit::trace::layer())
                 .layer(tower_http::timeout::TimeoutLayer::with_status_code(
                     StatusCode::REQUEST_TIMEOUT,
                     Duration::from_secs(10),
                 ))
-                .boundary(supervisor)
-                .catch_panic()
-                .report(TracingReporter),
+                .layer(supervisor.stack().report(TracingReporter)),
         )
 }
 

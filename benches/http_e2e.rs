@@ -1,6 +1,7 @@
 //! End to end over HTTP: the full exit-aware stack (boundary, report,
-//! catch-panic, fork guard) served by `serve::http`, against the same
-//! handler on bare hyper, loaded by wrk from a second process on loopback.
+//! catch-panic, fork guard) served by `serve::http`, as four layers and as
+//! one (`Supervisor::stack`), against the same handler on bare hyper,
+//! loaded by wrk from a second process on loopback.
 //!
 //! Run: `benches/http/run.sh` (installs wrk), or `cargo bench --bench
 //! http_e2e` with wrk on the PATH. Environment: `DURATION` (default 5s per
@@ -34,6 +35,8 @@ enum Setup {
     ServeOnly,
     /// The full exit-aware stack on `serve::http`.
     Full,
+    /// The same stack as one layer (`Supervisor::stack`) on `serve::http`.
+    OneLayer,
 }
 
 /// Starts a server on its own 1-thread runtime (wrk gets the other core);
@@ -59,6 +62,16 @@ fn start(setup: Setup) -> (SocketAddr, Box<dyn FnOnce()>) {
             .catch_panic()
             .report(TracingReporter)
             .fork_guard()
+            .service_fn(hello);
+        runtime.spawn(tower_exit::serve::http(listener, svc, &supervisor).into_future());
+    } else if setup == Setup::OneLayer {
+        let svc = ServiceBuilder::new()
+            .layer(
+                supervisor
+                    .stack()
+                    .report(TracingReporter)
+                    .fork_guard(tower_exit::ForkGuardLayer::new()),
+            )
             .service_fn(hello);
         runtime.spawn(tower_exit::serve::http(listener, svc, &supervisor).into_future());
     } else {
@@ -229,14 +242,14 @@ fn main() {
         .ok()
         .and_then(|r| r.parse().ok())
         .unwrap_or(3);
-    let setups = [Setup::Bare, Setup::ServeOnly, Setup::Full];
+    let setups = [Setup::Bare, Setup::ServeOnly, Setup::Full, Setup::OneLayer];
     // `ONLY=Full` (or `Bare`, `ServeOnly`): load that server alone, e.g.
     // under `perf record`; no table.
     if let Ok(only) = std::env::var("ONLY") {
         let setup = *setups
             .iter()
             .find(|s| format!("{s:?}") == only)
-            .expect("ONLY is Bare, ServeOnly or Full");
+            .expect("ONLY is Bare, ServeOnly, Full or OneLayer");
         let (addr, stop) = start(setup);
         let m = load(addr, &duration);
         stop();

@@ -42,7 +42,8 @@ use crate::body::ResponseBody;
 use crate::exit::{enter_catching, leave, AsError, ConcreteError};
 use crate::Exit;
 use bytes::Bytes;
-use http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
+use http::uri::PathAndQuery;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
 use pin_project_lite::pin_project;
 use std::fmt;
 use std::future::Future;
@@ -304,19 +305,24 @@ where
 }
 
 /// What the boundary keeps of a request, to answer and log an exit.
+///
+/// Only the path is kept of the URI (one reference count on the request's
+/// buffer): a whole `Uri` clone cost about 20 ns a request in
+/// `benches/layers.rs`.
 #[derive(Debug)]
 pub(crate) struct Requested {
     pub(crate) version: Version,
     method: Method,
-    uri: Uri,
+    path: Option<PathAndQuery>,
 }
 
 impl Requested {
+    #[inline]
     pub(crate) fn of<B>(req: &Request<B>) -> Self {
         Requested {
             version: req.version(),
             method: req.method().clone(),
-            uri: req.uri().clone(),
+            path: req.uri().path_and_query().cloned(),
         }
     }
 }
@@ -335,7 +341,8 @@ pub(crate) fn caught(supervisor: &Supervisor, exit: &Exit, request: &Requested) 
     #[cfg(all(unix, feature = "fork"))]
     crate::fork::end_if_armed(exit);
     let first = supervisor.exit().is_none();
-    let (method, path) = (&request.method, request.uri.path());
+    let method = &request.method;
+    let path = request.path.as_ref().map_or("/", PathAndQuery::path);
     if exit.is_success() {
         tracing::info!(exit.code = exit.code(), exit.message = exit.message(), %method, path, first, "exit: the server drains");
     } else {

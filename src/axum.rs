@@ -33,12 +33,11 @@ impl IntoResponse for Exit {
         // Rule 1 holds here too: in a forked child this is where it ends.
         crate::exit::end_child_if_ruled(&self);
         if !crate::exit::context().caught() {
-            tracing::error!(
-                exit.code = self.code(),
-                exit.message = self.message(),
-                at = %std::panic::Location::caller(),
+            crate::exit::say_unheeded(
+                &self,
+                Some(std::panic::Location::caller()),
                 "exit returned as a response where no boundary or server of tower-exit sees it: \
-                 the client gets a 503, nothing drains"
+                 the client gets a 503, nothing drains",
             );
         }
         let mut res = (StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable\n").into_response();

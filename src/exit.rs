@@ -500,13 +500,31 @@ pub(crate) fn enter_catching() -> RaiseContext {
 #[cold]
 #[inline(never)]
 fn unhandled(exit: &Exit, at: &std::panic::Location<'_>) {
-    const WHY: &str = "exit raised where nothing exit-aware catches it (no boundary, server, \
-                       exit::spawn or exit::main): it unwinds like a panic";
+    say_unheeded(
+        exit,
+        Some(at),
+        "exit raised where nothing exit-aware catches it (no boundary, server, exit::spawn or \
+         exit::main): it unwinds like a panic",
+    );
+}
+
+/// Says at ERROR an exit nothing will act on (with where it was raised,
+/// when known), or on stderr when no `tracing` subscriber would show it:
+/// never silent.
+#[cold]
+pub(crate) fn say_unheeded(exit: &Exit, at: Option<&std::panic::Location<'_>>, why: &str) {
     if tracing::enabled!(tracing::Level::ERROR) {
-        tracing::error!(exit.code = exit.code(), exit.message = exit.message(), at = %at, "{WHY}");
+        tracing::error!(
+            exit.code = exit.code(),
+            exit.message = exit.message(),
+            at = at.map(tracing::field::display),
+            "{why}"
+        );
     } else {
-        // No subscriber would show it: never silent, so stderr.
-        eprintln!("tower-exit: {exit} at {at}: {WHY}");
+        match at {
+            Some(at) => eprintln!("tower-exit: {exit} at {at}: {why}"),
+            None => eprintln!("tower-exit: {exit}: {why}"),
+        }
     }
 }
 
@@ -747,17 +765,11 @@ impl<F: Future> Future for ExitAwareTask<F> {
 
 #[cold]
 fn detached_exit(exit: &Exit) {
-    const WHY: &str = "exit raised in a task spawned with exit::spawn whose handle was dropped: \
-                       nothing acts on it";
-    if tracing::enabled!(tracing::Level::ERROR) {
-        tracing::error!(
-            exit.code = exit.code(),
-            exit.message = exit.message(),
-            "{WHY}"
-        );
-    } else {
-        eprintln!("tower-exit: {exit}: {WHY}");
-    }
+    say_unheeded(
+        exit,
+        None,
+        "exit raised in a task spawned with exit::spawn whose handle was dropped: nothing acts on it",
+    );
 }
 
 /// Runs `main`'s body so that an [`Exit`] raised in it (and not caught on

@@ -336,8 +336,8 @@ pub(crate) struct ExitResponse(pub(crate) Exit);
 /// The boundary caught `exit`: said once, here (INFO for status 0, WARN
 /// otherwise), then recorded.
 pub(crate) fn caught(supervisor: &Supervisor, exit: &Exit, request: &Requested) {
-    // An armed exit in a forked child ends the child before anything here
-    // allocates.
+    // An armed exit in a forked child ends the child here, before the log
+    // line allocates; otherwise the exit is said, then recorded.
     #[cfg(all(unix, feature = "fork"))]
     crate::fork::end_if_armed(exit);
     let first = supervisor.exit().is_none();
@@ -348,7 +348,7 @@ pub(crate) fn caught(supervisor: &Supervisor, exit: &Exit, request: &Requested) 
     } else {
         tracing::warn!(exit.code = exit.code(), exit.message = exit.message(), %method, path, first, "exit: the server drains");
     }
-    record(supervisor, exit);
+    supervisor.trigger(exit.clone());
 }
 
 /// Records `exit` as the server's end. An exit armed by a fork guard in a

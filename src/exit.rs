@@ -461,7 +461,7 @@ pub(crate) fn with_context<R>(context: RaiseContext, f: impl FnOnce() -> R) -> R
 /// Runs `f` inside an exit-aware frame that catches exits.
 #[inline]
 pub(crate) fn catching<R>(f: impl FnOnce() -> R) -> R {
-    with_context(CONTEXT.get().catching(), f)
+    with_context(catching_context(), f)
 }
 
 /// Makes `context` this thread's raise context; returns the one to give
@@ -492,7 +492,7 @@ pub(crate) fn catching_context() -> RaiseContext {
 /// [`enter`] the context of a frame that catches exits.
 #[inline]
 pub(crate) fn enter_catching() -> RaiseContext {
-    enter(CONTEXT.get().catching())
+    enter(catching_context())
 }
 
 /// Rule 4: an exit raised where nothing exit-aware will catch it is said

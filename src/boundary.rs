@@ -351,15 +351,6 @@ pub(crate) fn caught(supervisor: &Supervisor, exit: &Exit, request: &Requested) 
     supervisor.trigger(exit.clone());
 }
 
-/// Records `exit` as the server's end. An exit armed by a fork guard in a
-/// forked child ends that child here instead: it must not answer the
-/// parent's client nor stop the parent's server.
-pub(crate) fn record(supervisor: &Supervisor, exit: &Exit) {
-    #[cfg(all(unix, feature = "fork"))]
-    crate::fork::end_if_armed(exit);
-    supervisor.trigger(exit.clone());
-}
-
 /// `503`, and `connection: close` where HTTP/1 has it (HTTP/2 forbids the
 /// header; the server's graceful shutdown sends GOAWAY there). The exit
 /// rides in the response's extensions, so that layers outside can tell an

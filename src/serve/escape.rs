@@ -8,7 +8,7 @@
 //! the request is answered `503` with `connection: close`, as a boundary
 //! would.
 
-use crate::boundary::{record, ExitResponse};
+use crate::boundary::ExitResponse;
 use crate::exit::{enter_catching, leave};
 use crate::{Exit, Supervisor};
 use http::{header, HeaderValue, Request, Response, StatusCode, Version};
@@ -131,12 +131,17 @@ where
 
 #[cold]
 fn escaped(supervisor: &Supervisor, exit: &Exit) {
+    // An exit armed by a fork guard in a forked child ends that child here,
+    // before the log line allocates: it must not answer the parent's client
+    // nor stop the parent's server.
+    #[cfg(all(unix, feature = "fork"))]
+    crate::fork::end_if_armed(exit);
     tracing::error!(
         exit.code = exit.code(),
         exit.message = exit.message(),
         "exit escaped the service (no exit-aware boundary caught it): the server drains and ends with it"
     );
-    record(supervisor, exit);
+    supervisor.trigger(exit.clone());
 }
 
 /// `503`, and `connection: close` where HTTP/1 has it.

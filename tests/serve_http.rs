@@ -143,6 +143,102 @@ async fn silent_partial_and_byte_a_second_clients_are_closed_at_the_header_timeo
     assert_eq!(server.await.unwrap().unwrap().code(), 0);
 }
 
+/// A body that sends `frames` chunks, one every `every`.
+struct Trickle {
+    frames: u32,
+    every: Duration,
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl http_body::Body for Trickle {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        use std::future::Future;
+        if self.frames == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        std::task::ready!(self.sleep.as_mut().poll(cx));
+        self.frames -= 1;
+        let next = tokio::time::Instant::now() + self.every;
+        self.sleep.as_mut().reset(next);
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(bytes::Bytes::from_static(
+            b"x",
+        )))))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_handlers_and_slow_bodies_outlive_the_header_timeout() {
+    let timeout = Duration::from_millis(100);
+    let supervisor = Supervisor::new();
+    let svc = tower::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
+        let path = req.uri().path().to_owned();
+        let body = if path == "/stream" {
+            // 6 chunks, 100 ms apart: 600 ms of body, six periods.
+            Trickle {
+                frames: 6,
+                every: Duration::from_millis(100),
+                sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            }
+        } else {
+            // 500 ms in the handler before any byte of the answer.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            Trickle {
+                frames: 1,
+                every: Duration::ZERO,
+                sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            }
+        };
+        Ok::<_, std::convert::Infallible>(http::Response::new(body))
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(
+        tower_exit::serve::http(listener, svc, &supervisor)
+            .header_read_timeout(timeout)
+            .into_future(),
+    );
+    let stream = get(addr, "/stream").await.unwrap();
+    assert_eq!(
+        (stream.status, stream.body.as_str()),
+        (StatusCode::OK, "xxxxxx")
+    );
+    let slow = get(addr, "/slow").await.unwrap();
+    assert_eq!((slow.status, slow.body.as_str()), (StatusCode::OK, "x"));
+
+    // On one keep-alive connection: a pause shorter than the timeout keeps
+    // it, a slow handler in flight keeps it, a pause of three periods ends
+    // it.
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    for (pause, path) in [(50, "/slow"), (80, "/stream")] {
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        conn.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        while !got.ends_with(b"0\r\n\r\n") {
+            let n = conn.read(&mut buf).await.unwrap();
+            assert!(
+                n > 0,
+                "{path}: closed mid-answer: {:?}",
+                String::from_utf8_lossy(&got)
+            );
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(got.starts_with(b"HTTP/1.1 200"), "{path}");
+    }
+    let took = closed_after(&mut conn).await;
+    assert!(took < Duration::from_secs(1), "idle: {took:?}");
+    supervisor.trigger(tower_exit::Exit::success());
+    assert_eq!(server.await.unwrap().unwrap().code(), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_beyond_the_cap_wait_for_a_free_slot() {
     let (addr, supervisor, server) = ok_server(|s| {

@@ -7,6 +7,10 @@
 //! recorded in the supervisor (so the server drains and resolves to it) and
 //! the request is answered `503` with `connection: close`, as a boundary
 //! would.
+//!
+//! The same wrapper counts a connection's requests for its deadline (see
+//! `serve::http`) and marks HTTP/1 responses `connection: close` once the
+//! server drains: one wrapper, one future and one body per request.
 
 use crate::boundary::ExitResponse;
 use crate::exit::{enter_catching, leave};
@@ -17,23 +21,123 @@ use pin_project_lite::pin_project;
 use std::future::Future;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use tower::util::Oneshot;
 use tower_service::Service;
 
 use super::BoxError;
 
 /// Wraps the service a server runs; see [the module docs](self).
+///
+/// A tower service (FastCGI calls it so) and a hyper service (HTTP: no
+/// adapter, and no clone of this wrapper per request, only of `inner`).
 #[derive(Clone, Debug)]
 pub(crate) struct Escapes<S> {
     inner: S,
-    supervisor: Supervisor,
+    conn: Arc<Conn>,
 }
 
 impl<S> Escapes<S> {
-    pub(crate) fn new(inner: S, supervisor: &Supervisor) -> Self {
+    /// Wraps `inner` for one connection; `draining` is the server's flag
+    /// for HTTP/1's `connection: close`, if it has one.
+    pub(crate) fn new(
+        inner: S,
+        supervisor: &Supervisor,
+        draining: Option<&Arc<AtomicBool>>,
+    ) -> Self {
         Escapes {
             inner,
-            supervisor: supervisor.clone(),
+            conn: Arc::new(Conn {
+                supervisor: supervisor.clone(),
+                started: AtomicU32::new(0),
+                ended: AtomicU32::new(0),
+                http2: AtomicBool::new(false),
+                draining: draining.cloned(),
+            }),
+        }
+    }
+
+    /// What this connection's requests did so far.
+    pub(crate) fn conn(&self) -> &Arc<Conn> {
+        &self.conn
+    }
+
+    /// Counts a new request in flight.
+    fn start(&self, version: Version) -> InFlight {
+        let conn = &self.conn;
+        conn.started.fetch_add(1, Ordering::Relaxed);
+        if version == Version::HTTP_2 {
+            conn.http2.store(true, Ordering::Relaxed);
+        }
+        InFlight(conn.clone())
+    }
+}
+
+/// What a connection's task learns from its requests, without a timer per
+/// request: how many started and how many ended (a request ends when the
+/// server drops its response body, written or not, or its future), and
+/// whether it speaks HTTP/2. Also the supervisor an escaped exit goes to.
+///
+/// Invariant: `ended` never passes `started`; they differ exactly while a
+/// request is in flight, so the connection is busy. Relaxed atomics: the
+/// task only compares the counts on its own timer, and a late view delays
+/// the check by one period at most.
+#[derive(Debug)]
+pub(crate) struct Conn {
+    supervisor: Supervisor,
+    started: AtomicU32,
+    ended: AtomicU32,
+    http2: AtomicBool,
+    /// Server-wide: set once the server drains (HTTP only).
+    draining: Option<Arc<AtomicBool>>,
+}
+
+impl Conn {
+    /// `(started, ended)` requests so far.
+    pub(crate) fn activity(&self) -> (u32, u32) {
+        // `ended` first: read the other way round, a request starting and
+        // ending between the two loads would show as ended but never started.
+        let ended = self.ended.load(Ordering::Relaxed);
+        (self.started.load(Ordering::Relaxed), ended)
+    }
+
+    pub(crate) fn http2(&self) -> bool {
+        self.http2.load(Ordering::Relaxed)
+    }
+}
+
+/// A request in flight on a [`Conn`]: counted as ended when dropped, with
+/// the response body (or with the response future, if it never completes).
+#[derive(Debug)]
+struct InFlight(Arc<Conn>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.ended.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl<S, ReqBody, ResBody> hyper::service::Service<Request<ReqBody>> for Escapes<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+    S::Error: Into<BoxError>,
+{
+    type Response = Response<EscapeBody<ResBody>>;
+    type Error = BoxError;
+    type Future = EscapesFuture<Oneshot<S, Request<ReqBody>>>;
+
+    fn call(&self, req: Request<ReqBody>) -> Self::Future {
+        // `poll_ready` and `call` run in the future's first poll, inside
+        // its one `catch_unwind`.
+        let version = req.version();
+        EscapesFuture {
+            in_flight: Some(self.start(version)),
+            state: State::Running {
+                future: Oneshot::new(self.inner.clone(), req),
+            },
+            version,
         }
     }
 }
@@ -53,6 +157,7 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let version = req.version();
+        let in_flight = self.start(version);
         let inner = &mut self.inner;
         let outer = enter_catching();
         let called = catch_unwind(AssertUnwindSafe(|| inner.call(req)));
@@ -61,7 +166,7 @@ where
             Ok(future) => State::Running { future },
             Err(payload) => match Exit::from_panic(&*payload) {
                 Some(exit) => {
-                    escaped(&self.supervisor, exit);
+                    escaped(&self.conn.supervisor, exit);
                     State::Exited
                 }
                 None => resume_unwind(payload),
@@ -69,8 +174,8 @@ where
         };
         EscapesFuture {
             state,
-            supervisor: self.supervisor.clone(),
             version,
+            in_flight: Some(in_flight),
         }
     }
 }
@@ -79,8 +184,9 @@ pin_project! {
     pub(crate) struct EscapesFuture<F> {
         #[pin]
         state: State<F>,
-        supervisor: Supervisor,
         version: Version,
+        // Taken into the response body; `None` once the future completed.
+        in_flight: Option<InFlight>,
     }
 }
 
@@ -101,6 +207,12 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
+        let supervisor = &this
+            .in_flight
+            .as_ref()
+            .expect("EscapesFuture polled after completion")
+            .0
+            .supervisor;
         if let StateProj::Running { future } = this.state.project() {
             let outer = enter_catching();
             let polled = catch_unwind(AssertUnwindSafe(|| future.poll(cx)));
@@ -108,25 +220,48 @@ where
             match polled {
                 Ok(poll) => match ready!(poll) {
                     Ok(mut res) => match res.extensions_mut().remove::<ExitResponse>() {
-                        Some(ExitResponse(exit)) => escaped(this.supervisor, &exit),
-                        None => return Poll::Ready(Ok(res.map(|body| EscapeBody::Inner { body }))),
+                        Some(ExitResponse(exit)) => escaped(supervisor, &exit),
+                        None => {
+                            let in_flight = this.in_flight.take();
+                            if closing(in_flight.as_ref(), *this.version) {
+                                close(&mut res);
+                            }
+                            return Poll::Ready(Ok(res.map(|body| EscapeBody {
+                                kind: Kind::Inner { body },
+                                _in_flight: in_flight,
+                            })));
+                        }
                     },
                     Err(err) => {
                         let err: BoxError = err.into();
                         match Exit::from_error(&*err) {
-                            Some(exit) => escaped(this.supervisor, exit),
+                            Some(exit) => escaped(supervisor, exit),
                             None => return Poll::Ready(Err(err)),
                         }
                     }
                 },
                 Err(payload) => match Exit::from_panic(&*payload) {
-                    Some(exit) => escaped(this.supervisor, exit),
+                    Some(exit) => escaped(supervisor, exit),
                     None => resume_unwind(payload),
                 },
             }
         }
-        Poll::Ready(Ok(answer(*this.version)))
+        Poll::Ready(Ok(answer(*this.version, this.in_flight.take())))
     }
+}
+
+/// An HTTP/1 response on a connection of a draining server: it closes the
+/// connection, so that keep-alive clients stop sending on it.
+fn closing(in_flight: Option<&InFlight>, version: Version) -> bool {
+    version <= Version::HTTP_11
+        && in_flight
+            .and_then(|in_flight| in_flight.0.draining.as_ref())
+            .is_some_and(|draining| draining.load(Ordering::Acquire))
+}
+
+fn close<B>(res: &mut Response<B>) {
+    res.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
 }
 
 #[cold]
@@ -145,22 +280,34 @@ fn escaped(supervisor: &Supervisor, exit: &Exit) {
 }
 
 /// `503`, and `connection: close` where HTTP/1 has it.
-fn answer<B>(version: Version) -> Response<EscapeBody<B>> {
-    let mut res = Response::new(EscapeBody::Empty);
+fn answer<B>(version: Version, in_flight: Option<InFlight>) -> Response<EscapeBody<B>> {
+    let mut res = Response::new(EscapeBody {
+        kind: Kind::Empty,
+        _in_flight: in_flight,
+    });
     *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
     if version <= Version::HTTP_11 {
-        res.headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        close(&mut res);
     }
     res
 }
 
 pin_project! {
     /// The service's body, or the empty body of the `503` answered for an
-    /// escaped exit (empty, so any body type works).
-    #[project = EscapeBodyProj]
+    /// escaped exit (empty, so any body type works); holds its request's
+    /// place in flight until hyper drops it.
     #[derive(Debug)]
-    pub(crate) enum EscapeBody<B> {
+    pub(crate) struct EscapeBody<B> {
+        #[pin]
+        kind: Kind<B>,
+        _in_flight: Option<InFlight>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    #[derive(Debug)]
+    enum Kind<B> {
         Inner { #[pin] body: B },
         Empty,
     }
@@ -174,23 +321,23 @@ impl<B: Body> Body for EscapeBody<B> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        match self.project() {
-            EscapeBodyProj::Inner { body } => body.poll_frame(cx),
-            EscapeBodyProj::Empty => Poll::Ready(None),
+        match self.project().kind.project() {
+            KindProj::Inner { body } => body.poll_frame(cx),
+            KindProj::Empty => Poll::Ready(None),
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        match self {
-            EscapeBody::Inner { body } => body.is_end_stream(),
-            EscapeBody::Empty => true,
+        match &self.kind {
+            Kind::Inner { body } => body.is_end_stream(),
+            Kind::Empty => true,
         }
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self {
-            EscapeBody::Inner { body } => body.size_hint(),
-            EscapeBody::Empty => SizeHint::with_exact(0),
+        match &self.kind {
+            Kind::Inner { body } => body.size_hint(),
+            Kind::Empty => SizeHint::with_exact(0),
         }
     }
 }

@@ -16,6 +16,7 @@ pub mod fastcgi;
 pub mod graceful;
 pub mod http;
 mod listen;
+mod watch;
 
 pub use self::fastcgi::fastcgi;
 pub use self::graceful::{graceful, Graceful};

@@ -248,7 +248,7 @@ impl<S> ServeFastCgi<S> {
             // Reap finished connection tasks as we go.
             while connections.try_join_next().is_some() {}
             // Rule 3: an exit escaping the service ends the server.
-            let service = super::escape::Escapes::new(self.service.clone(), &self.supervisor);
+            let service = super::escape::Escapes::new(self.service.clone(), &self.supervisor, None);
             let limits = self.limits.clone();
             let drain = self.supervisor.shutdown_signal();
             connections.spawn(async move {

@@ -317,7 +317,7 @@ pub(crate) struct Requested {
 }
 
 impl Requested {
-    #[inline]
+    #[inline(always)]
     pub(crate) fn of<B>(req: &Request<B>) -> Self {
         Requested {
             version: req.version(),

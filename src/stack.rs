@@ -249,11 +249,13 @@ impl<S, H, R, M> ExitStack<S, H, R, M> {
     }
 }
 
-/// The fork generation a guarded call starts in (none without a guard).
+/// The fork generation a guarded call starts in (0 without a guard: the
+/// first generation is 1). 8 bytes in the future, not 16: its size is
+/// moved at every `catch_unwind` and return.
 #[derive(Clone, Copy, Debug)]
 struct Guarded {
     #[cfg(all(unix, feature = "fork"))]
-    started: Option<(u64, ChildEnd)>,
+    started: u64,
 }
 
 impl Guarded {
@@ -262,16 +264,28 @@ impl Guarded {
         let _ = shared;
         Guarded {
             #[cfg(all(unix, feature = "fork"))]
-            started: shared.guard.map(|end| (generation(), end)),
+            started: if shared.guard.is_some() {
+                generation()
+            } else {
+                0
+            },
         }
+    }
+
+    /// The generation and how a child ends, with a guard.
+    #[cfg(all(unix, feature = "fork"))]
+    #[inline]
+    fn rule<H, R>(self, shared: &Shared<H, R>) -> Option<(u64, ChildEnd)> {
+        shared.guard.map(|end| (self.started, end))
     }
 
     /// The raise context while the inner service is called or polled: the
     /// boundary's (exits are caught), plus the guard's rule for children.
     #[inline]
-    fn context(self) -> RaiseContext {
+    fn context<H, R>(self, shared: &Shared<H, R>) -> RaiseContext {
+        let _ = shared;
         #[cfg(all(unix, feature = "fork"))]
-        if let Some((started, end)) = self.started {
+        if let Some((started, end)) = self.rule(shared) {
             return crate::fork_guard::guarded(started, end).caught_here();
         }
         crate::exit::catching_context()
@@ -301,19 +315,22 @@ where
         let request = Requested::of(&req);
         let guarded = Guarded::start(&self.shared);
         let inner = &mut self.inner;
-        let outer = enter(guarded.context());
+        let outer = enter(guarded.context(&self.shared));
         #[allow(unused_mut)]
         let mut called = catch_unwind(AssertUnwindSafe(|| inner.call(req)));
         leave(outer);
         #[cfg(all(unix, feature = "fork"))]
-        if let Some((started, end)) = guarded.started {
+        if let Some((started, end)) = guarded.rule(&self.shared) {
             crate::fork_guard::in_child_after_call(started, end, &mut called);
         }
         let state = match called {
             Ok(future) => State::Running { future },
-            Err(payload) => State::Answered {
-                answer: Some(answer_unwind(&self.shared, &request, payload)),
-            },
+            Err(payload) => {
+                caught_unwind(&self.shared, &request, &payload);
+                State::Answered {
+                    payload: Some(payload),
+                }
+            }
         };
         ResponseFuture {
             state,
@@ -325,38 +342,33 @@ where
     }
 }
 
-/// What the stack answers instead of the inner service.
-enum Answer {
-    /// The boundary's `503` for this (already recorded) exit.
-    Exit(Exit),
-    /// The answer to a real panic.
-    Panic(Response<bytes::Bytes>),
-}
-
-impl Answer {
-    fn into_response<B>(self, request: &Requested) -> Response<ResponseBody<B>> {
-        match self {
-            Answer::Exit(exit) => exit_response(request.version, exit),
-            Answer::Panic(res) => res.map(ResponseBody::full),
-        }
+/// An unwind out of the inner service: reported if it is a failure (or an
+/// exit the policy reports); an exit is recorded.
+fn caught_unwind<H, R: Reporter>(
+    shared: &Shared<H, R>,
+    request: &Requested,
+    payload: &Box<dyn std::any::Any + Send>,
+) {
+    report_panic(&shared.reporter, shared.exits, payload);
+    if let Some(exit) = Exit::from_panic(&**payload) {
+        caught(&shared.supervisor, exit, request);
     }
 }
 
-/// An unwind out of the inner service: reported if it is a failure (or an
-/// exit the policy reports); an exit is recorded and answered `503`, a
-/// panic `500` (or the custom answer).
-fn answer_unwind<H: ResponseForPanic, R: Reporter>(
+/// The answer to a caught unwind: the boundary's `503` for an exit, `500`
+/// (or the custom answer) for a real panic.
+fn answer_unwind<H: ResponseForPanic, R, B>(
     shared: &Shared<H, R>,
     request: &Requested,
     payload: Box<dyn std::any::Any + Send>,
-) -> Answer {
-    report_panic(&shared.reporter, shared.exits, &payload);
+) -> Response<ResponseBody<B>> {
     match Exit::from_panic(&*payload) {
-        Some(exit) => {
-            caught(&shared.supervisor, exit, request);
-            Answer::Exit(exit.clone())
-        }
-        None => Answer::Panic(shared.handler.clone().response_for_panic(payload)),
+        Some(exit) => exit_response(request.version, exit.clone()),
+        None => shared
+            .handler
+            .clone()
+            .response_for_panic(payload)
+            .map(ResponseBody::full),
     }
 }
 
@@ -376,7 +388,9 @@ pin_project! {
     #[project = StateProj]
     enum State<F> {
         Running { #[pin] future: F },
-        Answered { answer: Option<Answer> },
+        // The unwind out of `call`, answered at the first poll (a payload,
+        // not the answer: the future stays small).
+        Answered { payload: Option<Box<dyn std::any::Any + Send>> },
     }
 }
 
@@ -393,42 +407,44 @@ where
         let this = self.project();
         let future = match this.state.project() {
             StateProj::Running { future } => future,
-            StateProj::Answered { answer } => {
-                let answer = answer.take().expect("polled after completion");
-                return Poll::Ready(Ok(answer.into_response(this.request)));
+            StateProj::Answered { payload } => {
+                let payload = payload.take().expect("polled after completion");
+                return Poll::Ready(Ok(answer_unwind(this.shared, this.request, payload)));
             }
         };
-        let outer = enter(this.guarded.context());
+        let shared = &**this.shared;
+        let outer = enter(this.guarded.context(shared));
         #[allow(unused_mut)]
         let mut polled = catch_unwind(AssertUnwindSafe(|| future.poll(cx)));
         leave(outer);
         #[cfg(all(unix, feature = "fork"))]
-        if let Some((started, end)) = this.guarded.started {
+        if let Some((started, end)) = this.guarded.rule(shared) {
             crate::fork_guard::in_child_after_poll(started, end, &mut polled);
         }
-        let shared = &**this.shared;
-        let answer = match polled {
-            Ok(Poll::Pending) => return Poll::Pending,
+        match polled {
+            Ok(Poll::Pending) => Poll::Pending,
             Ok(Poll::Ready(Ok(mut res))) => match res.extensions_mut().remove::<ExitResponse>() {
-                None => return Poll::Ready(Ok(res.map(ResponseBody::inner))),
+                None => Poll::Ready(Ok(res.map(ResponseBody::inner))),
                 // An exit returned as a response: recorded like a raised one.
                 Some(ExitResponse(exit)) => {
                     caught(&shared.supervisor, &exit, this.request);
-                    Answer::Exit(exit)
+                    Poll::Ready(Ok(exit_response(this.request.version, exit)))
                 }
             },
             Ok(Poll::Ready(Err(err))) => {
                 report_error(&shared.reporter, shared.exits, &err);
                 match Exit::from_service_error(&err) {
-                    None => return Poll::Ready(Err(err)),
+                    None => Poll::Ready(Err(err)),
                     Some(exit) => {
                         caught(&shared.supervisor, exit, this.request);
-                        Answer::Exit(exit.clone())
+                        Poll::Ready(Ok(exit_response(this.request.version, exit.clone())))
                     }
                 }
             }
-            Err(payload) => answer_unwind(shared, this.request, payload),
-        };
-        Poll::Ready(Ok(answer.into_response(this.request)))
+            Err(payload) => {
+                caught_unwind(shared, this.request, &payload);
+                Poll::Ready(Ok(answer_unwind(shared, this.request, payload)))
+            }
+        }
     }
 }

@@ -326,3 +326,69 @@ async fn a_bind_error_names_the_address() {
         "{err}"
     );
 }
+
+/// A service that is not ready at once is called through a clone once
+/// ready (the server calls a ready service in place); one whose
+/// `poll_ready` raises an exit ends the server with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_not_ready_at_once_are_waited_for_and_an_exit_in_poll_ready_is_kept() {
+    // One request at a time: the second waits for the first's permit.
+    let supervisor = Supervisor::new();
+    let svc = ServiceBuilder::new()
+        .concurrency_limit(1)
+        .service_fn(handler);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(tower_exit::serve::http(listener, svc, &supervisor).into_future());
+    let started = std::time::Instant::now();
+    let first = tokio::spawn(get(addr, "/slow"));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // (A clone waiting behind the original's place in the semaphore's
+    // queue would hang here.)
+    let second = tokio::time::timeout(Duration::from_secs(10), get(addr, "/slow"))
+        .await
+        .expect("the second request is answered")
+        .unwrap();
+    let first = first.await.unwrap().unwrap();
+    assert_eq!(
+        (first.status, second.status),
+        (StatusCode::OK, StatusCode::OK)
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(600),
+        "not one at a time: {:?}",
+        started.elapsed()
+    );
+    supervisor.trigger(tower_exit::Exit::success());
+    assert_eq!(server.await.unwrap().unwrap().code(), 0);
+
+    // `poll_ready` raises exit(6) on the second request.
+    #[derive(Clone)]
+    struct ExitsWhenReady(Arc<std::sync::atomic::AtomicU32>);
+    impl tower::Service<http::Request<hyper::body::Incoming>> for ExitsWhenReady {
+        type Response = http::Response<String>;
+        type Error = std::convert::Infallible;
+        type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+        fn poll_ready(
+            &mut self,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), Self::Error>> {
+            if self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+                tower_exit::exit(6);
+            }
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, _: http::Request<hyper::body::Incoming>) -> Self::Future {
+            std::future::ready(Ok(http::Response::new("ok".to_owned())))
+        }
+    }
+    let supervisor = Supervisor::new();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let svc = ExitsWhenReady(Arc::default());
+    let server = tokio::spawn(tower_exit::serve::http(listener, svc, &supervisor).into_future());
+    assert_eq!(get(addr, "/").await.unwrap().status, StatusCode::OK);
+    let exited = get(addr, "/").await.unwrap();
+    assert_eq!(exited.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(server.await.unwrap().unwrap().code(), 6);
+}

@@ -18,11 +18,13 @@ use crate::{Exit, Supervisor};
 use http::{header, HeaderValue, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
+use std::cell::RefCell;
 use std::future::Future;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
+use std::task::Waker;
 use std::task::{ready, Context, Poll};
 use tower::util::Oneshot;
 use tower_service::Service;
@@ -119,25 +121,88 @@ impl Drop for InFlight {
     }
 }
 
-impl<S, ReqBody, ResBody> hyper::service::Service<Request<ReqBody>> for Escapes<S>
+pin_project! {
+    /// The inner service's future, or a clone's call when it was not ready.
+    #[project = EitherProj]
+    pub(crate) enum Either<A, B> {
+        Left { #[pin] future: A },
+        Right { #[pin] future: B },
+    }
+}
+
+impl<A: Future, B: Future<Output = A::Output>> Future for Either<A, B> {
+    type Output = A::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<A::Output> {
+        match self.project() {
+            EitherProj::Left { future } => future.poll(cx),
+            EitherProj::Right { future } => future.poll(cx),
+        }
+    }
+}
+
+/// [`Escapes`] as hyper calls it, through `&self`, for one HTTP connection.
+///
+/// A service ready at once (a `Router`, a `service_fn`, the exit-aware
+/// stack over them: nearly always) is called in place, with no clone of it
+/// per request; otherwise it is polled until ready in the response future
+/// and a clone takes its place (hyper-util's `TowerToHyperService` clones
+/// for every request). Not `Sync`: hyper calls it from the
+/// connection's task only, so the `RefCell` is never contended.
+#[derive(Debug)]
+pub(crate) struct ForHyper<S>(RefCell<Escapes<S>>);
+
+impl<S> ForHyper<S> {
+    pub(crate) fn new(escapes: Escapes<S>) -> Self {
+        ForHyper(RefCell::new(escapes))
+    }
+}
+
+impl<S, ReqBody, ResBody> hyper::service::Service<Request<ReqBody>> for ForHyper<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
     S::Error: Into<BoxError>,
 {
     type Response = Response<EscapeBody<ResBody>>;
     type Error = BoxError;
-    type Future = EscapesFuture<Oneshot<S, Request<ReqBody>>>;
+    type Future = EscapesFuture<Either<S::Future, Oneshot<S, Request<ReqBody>>>>;
 
     fn call(&self, req: Request<ReqBody>) -> Self::Future {
-        // `poll_ready` and `call` run in the future's first poll, inside
-        // its one `catch_unwind`.
-        let version = req.version();
-        EscapesFuture {
-            in_flight: Some(self.start(version)),
-            state: State::Running {
-                future: Oneshot::new(self.inner.clone(), req),
-            },
-            version,
+        // Never fails: hyper does not call again before `call` returns.
+        let Ok(mut escapes) = self.0.try_borrow_mut() else {
+            unreachable!("hyper calls its service from one task, never re-entrantly")
+        };
+        let escapes = &mut *escapes;
+        let inner = &mut escapes.inner;
+        let outer = enter_catching();
+        let ready = catch_unwind(AssertUnwindSafe(|| {
+            inner.poll_ready(&mut Context::from_waker(Waker::noop()))
+        }));
+        leave(outer);
+        match ready {
+            // Ready now: called in place.
+            Ok(Poll::Ready(Ok(()))) => escapes.call_wrapped(req, |future| Either::Left { future }),
+            // Not ready, or failing: this very service goes into the future,
+            // to be polled until ready (or to say its error) with the
+            // task's waker, and a clone takes its place. Not the other way
+            // round: a `poll_ready` that returned `Pending` may hold a place
+            // in a queue (a semaphore's, `ConcurrencyLimit`), and a clone
+            // would wait behind it forever.
+            Ok(Poll::Pending | Poll::Ready(Err(_))) => {
+                let version = req.version();
+                let clone = escapes.inner.clone();
+                let pending = std::mem::replace(&mut escapes.inner, clone);
+                EscapesFuture {
+                    in_flight: Some(escapes.start(version)),
+                    state: State::Running {
+                        future: Either::Right {
+                            future: Oneshot::new(pending, req),
+                        },
+                    },
+                    version,
+                }
+            }
+            Err(payload) => escapes.unwound(req.version(), payload),
         }
     }
 }
@@ -156,26 +221,57 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        self.call_wrapped(req, |future| future)
+    }
+}
+
+impl<S> Escapes<S> {
+    /// Calls the inner service (ready) under the catch; its future wrapped
+    /// by `wrap`.
+    fn call_wrapped<ReqBody, ResBody, F>(
+        &mut self,
+        req: Request<ReqBody>,
+        wrap: impl FnOnce(S::Future) -> F,
+    ) -> EscapesFuture<F>
+    where
+        S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    {
         let version = req.version();
         let in_flight = self.start(version);
         let inner = &mut self.inner;
         let outer = enter_catching();
         let called = catch_unwind(AssertUnwindSafe(|| inner.call(req)));
         leave(outer);
-        let state = match called {
-            Ok(future) => State::Running { future },
-            Err(payload) => match Exit::from_panic(&*payload) {
-                Some(exit) => {
-                    escaped(&self.conn.supervisor, exit);
-                    State::Exited
-                }
-                None => resume_unwind(payload),
+        match called {
+            Ok(future) => EscapesFuture {
+                state: State::Running {
+                    future: wrap(future),
+                },
+                version,
+                in_flight: Some(in_flight),
             },
-        };
-        EscapesFuture {
-            state,
-            version,
-            in_flight: Some(in_flight),
+            Err(payload) => self.unwound(version, payload),
+        }
+    }
+
+    /// An unwind out of the inner service's `poll_ready` or `call`: an exit
+    /// is answered (see [`escaped`]), a panic goes on.
+    #[cold]
+    fn unwound<F>(
+        &self,
+        version: Version,
+        payload: Box<dyn std::any::Any + Send>,
+    ) -> EscapesFuture<F> {
+        match Exit::from_panic(&*payload) {
+            Some(exit) => {
+                escaped(&self.conn.supervisor, exit);
+                EscapesFuture {
+                    state: State::Exited,
+                    version,
+                    in_flight: Some(self.start(version)),
+                }
+            }
+            None => resume_unwind(payload),
         }
     }
 }

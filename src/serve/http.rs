@@ -22,7 +22,7 @@
 //! }
 //! ```
 
-use super::escape::Escapes;
+use super::escape::{Escapes, ForHyper};
 use super::listen::Listener;
 use super::watch::{Event, Watch};
 use super::ServeService;
@@ -195,7 +195,7 @@ impl<S> Serve<S> {
             let svc = Escapes::new(service.clone(), &supervisor, Some(&draining));
             let conn_state = svc.conn().clone();
             let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                .serve_connection_with_upgrades(TokioIo::new(stream), ForHyper::new(svc))
                 .into_owned();
             let drain = supervisor.shutdown_signal();
             connections.spawn(async move {

@@ -338,8 +338,7 @@ pub(crate) struct ExitResponse(pub(crate) Exit);
 pub(crate) fn caught(supervisor: &Supervisor, exit: &Exit, request: &Requested) {
     // An armed exit in a forked child ends the child here, before the log
     // line allocates; otherwise the exit is said, then recorded.
-    #[cfg(all(unix, feature = "fork"))]
-    crate::fork::end_if_armed(exit);
+    exit.end_if_armed();
     let first = supervisor.exit().is_none();
     let method = &request.method;
     let path = request.path.as_ref().map_or("/", PathAndQuery::path);

@@ -55,7 +55,7 @@ pub struct Exit {
     /// leaves a forked child: the child is killed when the last clone of
     /// this exit is dropped anywhere but at a boundary.
     #[cfg(all(unix, feature = "fork"))]
-    armed: Option<std::sync::Arc<crate::fork::Armed>>,
+    armed: Option<std::sync::Arc<crate::fork::end::Armed>>,
 }
 
 impl fmt::Debug for Exit {
@@ -209,14 +209,24 @@ impl Exit {
         }
     }
 
-    #[cfg(all(unix, feature = "fork"))]
-    pub(crate) fn arm(&mut self, armed: std::sync::Arc<crate::fork::Armed>) {
-        self.armed = Some(armed);
+    cfg_fork! {
+        /// Arms this exit as leaving a forked child (see
+        /// `ForkGuardLayer::propagate_exit`).
+        pub(crate) fn arm(&mut self) {
+            self.armed = Some(std::sync::Arc::new(crate::fork::end::Armed::new()));
+        }
     }
 
-    #[cfg(all(unix, feature = "fork"))]
-    pub(crate) fn armed(&self) -> Option<&crate::fork::Armed> {
-        self.armed.as_deref()
+    /// Called by an exit-aware boundary (or a server) that caught this
+    /// exit: if it is armed in this very child, the child ends here with
+    /// the exit's status (after its cleanups) instead of answering the
+    /// parent's client. Returns otherwise.
+    #[inline]
+    pub(crate) fn end_if_armed(&self) {
+        #[cfg(all(unix, feature = "fork"))]
+        if let Some(armed) = &self.armed {
+            armed.end_here(self.status());
+        }
     }
 
     /// The `Exit` carried by a panic payload, if it is one.
@@ -386,14 +396,14 @@ impl RaiseContext {
     /// The rule for a child forked below this frame, if any.
     #[cfg(all(unix, feature = "fork"))]
     #[inline]
-    pub(crate) fn child(self) -> Option<crate::fork::ChildRule> {
-        crate::fork::ChildRule::unpack(self.0 >> 1)
+    pub(crate) fn child(self) -> Option<crate::fork::end::ChildRule> {
+        crate::fork::end::ChildRule::unpack(self.0 >> 1)
     }
 
     /// This context with `rule` for children forked below (`caught` kept).
     #[cfg(all(unix, feature = "fork"))]
     #[inline]
-    pub(crate) fn with_child(self, rule: crate::fork::ChildRule) -> RaiseContext {
+    pub(crate) fn with_child(self, rule: crate::fork::end::ChildRule) -> RaiseContext {
         RaiseContext((self.0 & CAUGHT) | rule.pack() << 1)
     }
 
@@ -405,7 +415,7 @@ impl RaiseContext {
     #[inline]
     fn catching(self) -> RaiseContext {
         #[cfg(all(unix, feature = "fork"))]
-        if self.0 & (crate::fork::ChildRule::STICKY << 1) != 0 {
+        if self.0 & (crate::fork::end::ChildRule::STICKY << 1) != 0 {
             return RaiseContext(self.0 | CAUGHT);
         }
         RaiseContext(CAUGHT)
@@ -436,12 +446,11 @@ impl Drop for Restore {
 /// allocating. Returns otherwise.
 #[inline]
 pub(crate) fn end_child_if_ruled(exit: &Exit) {
+    let _ = exit;
     #[cfg(all(unix, feature = "fork"))]
     if let Some(rule) = CONTEXT.get().child() {
-        crate::fork::end_child_at_raise(rule, exit);
+        rule.end_at_raise(exit.status());
     }
-    #[cfg(not(all(unix, feature = "fork")))]
-    let _ = exit;
 }
 
 /// The context of the frame this is called from.
@@ -826,10 +835,10 @@ static ABORT_HOOKS: HookList<AbortHook> = HookList::new();
 pub fn on_abort_exit(hook: impl Fn(&Exit) + Send + Sync + 'static) {
     #[cfg(all(unix, feature = "fork"))]
     let hook = {
-        crate::fork::watch_forks();
-        let registered_in = crate::fork::generation();
+        crate::fork::end::watch_forks();
+        let registered_in = crate::fork::end::generation();
         move |exit: &Exit| {
-            if crate::fork::generation() == registered_in {
+            if crate::fork::end::generation() == registered_in {
                 hook(exit)
             }
         }

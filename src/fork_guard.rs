@@ -81,17 +81,16 @@
 //! ```
 
 use crate::exit::{context, enter, leave, RaiseContext};
-use crate::fork::{
-    exit_now, generation, run_child_hooks, status_of_panic, terminate_now, watch_forks, Armed,
-    ChildEnd, ChildRule,
+use crate::fork::end::{
+    exit_now, generation, run_child_hooks, terminate_now, watch_forks, ChildEnd, ChildRule,
 };
+use crate::fork::status_of_panic;
 use crate::Exit;
 use pin_project_lite::pin_project;
 use std::any::Any;
 use std::future::Future;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use tower_layer::Layer;
 use tower_service::Service;
@@ -267,7 +266,7 @@ pub(crate) fn in_child_after_poll<T, E: 'static>(
             Err(payload) => arm_or_end(end, payload),
             Ok(Poll::Ready(Err(err))) if end == ChildEnd::Propagate => {
                 match (err as &mut dyn Any).downcast_mut::<Exit>() {
-                    Some(exit) => exit.arm(Arc::new(Armed::new())),
+                    Some(exit) => exit.arm(),
                     None => end_child(ChildEnd::Terminate, 1),
                 }
             }
@@ -303,7 +302,7 @@ fn status_of_poll<T, E: 'static>(polled: &Result<Poll<Result<T, E>>, Box<dyn Any
 fn arm_or_end(end: ChildEnd, payload: &mut Box<dyn Any + Send>) {
     if end == ChildEnd::Propagate {
         if let Some(exit) = payload.downcast_mut::<Exit>() {
-            exit.arm(Arc::new(Armed::new()));
+            exit.arm();
             return;
         }
     }

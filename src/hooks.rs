@@ -7,6 +7,8 @@
 //! leaked nodes, appended to with compare-and-swap and walked with atomic
 //! loads only: no lock, no allocation on the reading side.
 
+#![allow(unsafe_code)] // raw nodes of the lock-free list, see the SAFETY comments
+
 use std::ptr;
 use std::sync::atomic::{AtomicPtr, Ordering};
 

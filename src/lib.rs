@@ -52,8 +52,16 @@
 //! supervisor.exit().map_or(ExitCode::FAILURE, ExitCode::from)
 //! # }
 //! ```
-#![deny(missing_docs, rust_2018_idioms, unreachable_pub)]
+#![deny(missing_docs, rust_2018_idioms, unreachable_pub, unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
+
+/// Items that exist only where processes fork (unix, feature `fork`): one
+/// spelling of the condition.
+macro_rules! cfg_fork {
+    ($($item:item)*) => {
+        $( #[cfg(all(unix, feature = "fork"))] $item )*
+    };
+}
 
 #[cfg(feature = "axum")]
 mod axum;
@@ -64,19 +72,17 @@ mod hooks;
 pub mod boundary;
 pub mod catch_panic;
 pub mod exit;
-#[cfg(all(unix, feature = "fork"))]
-pub mod fork;
-#[cfg(all(unix, feature = "fork"))]
-pub mod fork_guard;
-#[cfg(all(unix, feature = "fork"))]
-pub mod fork_server;
-#[cfg(all(unix, feature = "fork", feature = "http"))]
-pub mod prefork;
+cfg_fork! {
+    pub mod fork;
+    pub mod fork_guard;
+}
 pub mod report;
 pub mod retry;
 #[cfg(all(unix, feature = "http"))]
 pub mod serve;
 pub mod stack;
+#[cfg(all(unix, any(feature = "fork", feature = "http")))]
+mod sys;
 #[cfg(feature = "tower-http")]
 pub mod trace;
 pub mod tunnel;
@@ -86,8 +92,17 @@ pub use crate::boundary::{BoundaryLayer, Supervisor};
 pub use crate::builder::ServiceBuilderExt;
 pub use crate::catch_panic::CatchPanicLayer;
 pub use crate::exit::{exit, AsError, Exit};
-#[cfg(all(unix, feature = "fork"))]
-pub use crate::fork_guard::ForkGuardLayer;
+cfg_fork! {
+    pub use crate::fork_guard::ForkGuardLayer;
+}
 pub use crate::report::ReportLayer;
 pub use crate::stack::ExitStackLayer;
 pub use crate::tunnel::TunnelLayer;
+
+cfg_fork! {
+    /// The fork server, now at [`fork::server`] (this path is kept).
+    pub use crate::fork::server as fork_server;
+}
+/// The prefork server, now at [`serve::prefork`] (this path is kept).
+#[cfg(all(unix, feature = "fork", feature = "http"))]
+pub use crate::serve::prefork;

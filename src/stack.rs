@@ -66,7 +66,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 #[cfg(all(unix, feature = "fork"))]
-use crate::fork::{generation, ChildEnd};
+use crate::fork::end::{generation, ChildEnd};
 
 /// The reporter of a stack that reports nothing (the default).
 #[derive(Clone, Copy, Debug, Default)]
@@ -170,7 +170,7 @@ impl<H, R, M> ExitStackLayer<H, R, M> {
     /// (see [`ForkGuardLayer`](crate::ForkGuardLayer) and its modes).
     #[cfg(all(unix, feature = "fork"))]
     pub fn fork_guard(mut self, guard: crate::ForkGuardLayer) -> Self {
-        crate::fork::watch_forks();
+        crate::fork::end::watch_forks();
         self.guard = Some(guard.end);
         self
     }
@@ -249,8 +249,8 @@ impl<S, H, R, M> ExitStack<S, H, R, M> {
     }
 }
 
-/// The fork generation a guarded call starts in (0 without a guard: the
-/// first generation is 1). 8 bytes in the future, not 16: its size is
+/// The fork generation a guarded call starts in (0, unused, without a
+/// guard). 8 bytes in the future, not 16: its size is
 /// moved at every `catch_unwind` and return.
 #[derive(Clone, Copy, Debug)]
 struct Guarded {

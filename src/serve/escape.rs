@@ -365,8 +365,7 @@ fn escaped(supervisor: &Supervisor, exit: &Exit) {
     // An exit armed by a fork guard in a forked child ends that child here,
     // before the log line allocates: it must not answer the parent's client
     // nor stop the parent's server.
-    #[cfg(all(unix, feature = "fork"))]
-    crate::fork::end_if_armed(exit);
+    exit.end_if_armed();
     tracing::error!(
         exit.code = exit.code(),
         exit.message = exit.message(),

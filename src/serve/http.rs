@@ -66,7 +66,7 @@ pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// descriptors (`ulimit -n`; 512 for the common 1,024), so that the
 /// connections leave descriptors for everything else, at most 65,536.
 pub fn default_max_connections() -> usize {
-    super::listen::fd_limit().map_or(512, |limit| (limit / 2).clamp(16, 65_536))
+    crate::sys::fd_limit().map_or(512, |limit| (limit / 2).clamp(16, 65_536))
 }
 
 /// An HTTP server that ends with the first [`Exit`]. Await it.

@@ -100,15 +100,15 @@ impl Listener {
     /// serving on it ends. Errors name the address.
     pub async fn bind(addr: &ListenAddr) -> io::Result<Self> {
         match addr {
+            // tokio's bind resolves a host name off the runtime's threads.
             ListenAddr::Tcp(tcp) => TcpListener::bind(tcp.as_str())
                 .await
                 .map(Listener::Tcp)
                 .map_err(|err| cannot_listen(addr, err)),
             ListenAddr::Unix(path) => {
-                remove_stale_socket(path)?;
-                let listener = UnixListener::bind(path).map_err(|err| cannot_listen(addr, err))?;
-                bound_here(path);
-                Ok(Listener::Unix(listener))
+                let listener = bind_unix(path)?;
+                listener.set_nonblocking(true)?;
+                Ok(Listener::Unix(UnixListener::from_std(listener)?))
             }
         }
     }
@@ -117,21 +117,14 @@ impl Listener {
     /// made in this process (not in a forked worker sharing it): called by
     /// the servers once they have drained.
     pub(crate) fn remove_socket_if_bound_here(&self) {
-        let Listener::Unix(listener) = self else {
-            return;
-        };
-        let Ok(addr) = listener.local_addr() else {
-            return;
-        };
-        let Some(path) = addr.as_pathname() else {
-            return;
-        };
-        let mut bound = BOUND_HERE.lock().unwrap_or_else(|e| e.into_inner());
-        let me = std::process::id();
-        if let Some(i) = bound.iter().position(|(p, pid)| p == path && *pid == me) {
-            bound.swap_remove(i);
-            if let Err(err) = std::fs::remove_file(path) {
-                tracing::warn!(path = %path.display(), %err, "cannot remove the socket file");
+        if let Listener::Unix(listener) = self {
+            if let Some(path) = listener
+                .local_addr()
+                .ok()
+                .as_ref()
+                .and_then(|a| a.as_pathname())
+            {
+                remove_if_bound_here(path);
             }
         }
     }
@@ -171,36 +164,111 @@ impl Listener {
 static BOUND_HERE: std::sync::Mutex<Vec<(std::path::PathBuf, u32)>> =
     std::sync::Mutex::new(Vec::new());
 
-pub(crate) fn bound_here(path: &Path) {
+fn bound_here(path: &Path) {
     BOUND_HERE
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .push((path.to_path_buf(), std::process::id()));
 }
 
-/// A bind error that names the address (in Display form, for `main`).
-pub(crate) fn cannot_listen(addr: &ListenAddr, err: io::Error) -> io::Error {
-    io::Error::new(err.kind(), format!("cannot listen on {addr}: {err}"))
+fn remove_if_bound_here(path: &Path) {
+    let mut bound = BOUND_HERE.lock().unwrap_or_else(|e| e.into_inner());
+    let me = std::process::id();
+    if let Some(i) = bound.iter().position(|(p, pid)| p == path && *pid == me) {
+        bound.swap_remove(i);
+        if let Err(err) = std::fs::remove_file(path) {
+            tracing::warn!(path = %path.display(), %err, "cannot remove the socket file");
+        }
+    }
 }
 
-/// The process's soft limit on open file descriptors (`ulimit -n`).
-pub(crate) fn fd_limit() -> Option<usize> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit fills the struct it is given; the result is checked.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return None;
+/// The one way a unix socket is bound here: a stale socket file is
+/// replaced, a live one or another file refused, errors name the address,
+/// and the socket is remembered as bound by this process.
+fn bind_unix(path: &Path) -> io::Result<std::os::unix::net::UnixListener> {
+    remove_stale_socket(path)?;
+    let listener = std::os::unix::net::UnixListener::bind(path)
+        .map_err(|err| cannot_listen(&ListenAddr::Unix(path.to_path_buf()), err))?;
+    bound_here(path);
+    Ok(listener)
+}
+
+/// A listener bound with no runtime (a prefork master binds before any
+/// worker exists; every worker serves on it).
+#[cfg(feature = "fork")]
+#[derive(Debug)]
+pub(crate) enum StdListener {
+    Tcp(std::net::TcpListener),
+    Unix(std::os::unix::net::UnixListener),
+}
+
+#[cfg(feature = "fork")]
+impl StdListener {
+    /// Binds `addr` as [`Listener::bind`] does, blocking.
+    pub(crate) fn bind(addr: &ListenAddr) -> io::Result<Self> {
+        match addr {
+            ListenAddr::Tcp(tcp) => std::net::TcpListener::bind(tcp.as_str())
+                .map(StdListener::Tcp)
+                .map_err(|err| cannot_listen(addr, err)),
+            ListenAddr::Unix(path) => bind_unix(path).map(StdListener::Unix),
+        }
     }
-    usize::try_from(limit.rlim_cur).ok()
+
+    /// The address actually bound.
+    pub(crate) fn local_addr(&self) -> io::Result<ListenAddr> {
+        match self {
+            StdListener::Tcp(l) => Ok(ListenAddr::Tcp(l.local_addr()?.to_string())),
+            StdListener::Unix(l) => Ok(ListenAddr::Unix(
+                l.local_addr()?
+                    .as_pathname()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_default(),
+            )),
+        }
+    }
+
+    /// The same socket for a worker's runtime.
+    pub(crate) fn to_tokio(&self) -> io::Result<Listener> {
+        match self {
+            StdListener::Tcp(l) => {
+                let l = l.try_clone()?;
+                l.set_nonblocking(true)?;
+                Ok(Listener::Tcp(TcpListener::from_std(l)?))
+            }
+            StdListener::Unix(l) => {
+                let l = l.try_clone()?;
+                l.set_nonblocking(true)?;
+                Ok(Listener::Unix(UnixListener::from_std(l)?))
+            }
+        }
+    }
+
+    /// Removes the socket file if this process bound it (see
+    /// [`Listener::bind`]).
+    pub(crate) fn remove_socket_if_bound_here(&self) {
+        if let StdListener::Unix(listener) = self {
+            if let Some(path) = listener
+                .local_addr()
+                .ok()
+                .as_ref()
+                .and_then(|a| a.as_pathname())
+            {
+                remove_if_bound_here(path);
+            }
+        }
+    }
+}
+
+/// A bind error that names the address (in Display form, for `main`).
+fn cannot_listen(addr: &ListenAddr, err: io::Error) -> io::Error {
+    io::Error::new(err.kind(), format!("cannot listen on {addr}: {err}"))
 }
 
 /// Removes a socket file left by an earlier run at `path`, that is, one
 /// nothing accepts on; a socket a live server listens on is an error
 /// ([`io::ErrorKind::AddrInUse`]), as is any other file there: neither is
 /// ever deleted.
-pub(crate) fn remove_stale_socket(path: &Path) -> io::Result<()> {
+fn remove_stale_socket(path: &Path) -> io::Result<()> {
     use std::os::unix::fs::FileTypeExt;
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {

@@ -16,13 +16,13 @@ pub mod fastcgi;
 pub mod graceful;
 pub mod http;
 mod listen;
+#[cfg(feature = "fork")]
+pub mod prefork;
 mod watch;
 
 pub use self::fastcgi::fastcgi;
 pub use self::graceful::{graceful, Graceful};
 pub use self::http::{http, Serve};
-#[cfg(feature = "fork")]
-pub(crate) use self::listen::{cannot_listen, remove_stale_socket};
 pub use self::listen::{BadListenAddr, ListenAddr, Listener, Peer};
 
 use crate::{Exit, Supervisor};

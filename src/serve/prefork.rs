@@ -47,8 +47,10 @@
 //! }
 //! ```
 
+use super::listen::StdListener;
 use crate::fork::{self, Child};
 use crate::serve::{ListenAddr, Listener, ServeService};
+use crate::sys::{self, BlockedSignals};
 use crate::{Exit, Supervisor};
 use std::future::{Future, IntoFuture};
 use std::io;
@@ -219,8 +221,8 @@ impl Prefork {
                 ));
             }
         }
-        let signals = MasterSignals::block()?;
-        let listener = bind_std(&self.listen)?;
+        let signals = BlockedSignals::block(&MASTER_SIGNALS)?;
+        let listener = StdListener::bind(&self.listen)?;
         let bound = listener.local_addr()?;
         tracing::info!(listen = %bound, workers = self.workers, "prefork master started");
         if let Some(on_bound) = &self.on_bound {
@@ -240,64 +242,10 @@ impl Prefork {
         };
         let exit = master.supervise();
         drop(master);
-        signals.restore();
+        let _ = signals.restore();
         // Every worker is gone: the socket file goes too.
-        if let StdListener::Unix(_) = listener {
-            if let Ok(ListenAddr::Unix(path)) = listener.local_addr() {
-                let _ = std::fs::remove_file(path);
-            }
-        }
+        listener.remove_socket_if_bound_here();
         exit
-    }
-}
-
-/// The listener, bound before any worker exists, inherited by all.
-enum StdListener {
-    Tcp(std::net::TcpListener),
-    Unix(std::os::unix::net::UnixListener),
-}
-
-fn bind_std(addr: &ListenAddr) -> io::Result<StdListener> {
-    let cannot = |err| crate::serve::cannot_listen(addr, err);
-    match addr {
-        ListenAddr::Tcp(tcp) => std::net::TcpListener::bind(tcp.as_str())
-            .map(StdListener::Tcp)
-            .map_err(cannot),
-        ListenAddr::Unix(path) => {
-            crate::serve::remove_stale_socket(path)?;
-            let listener = std::os::unix::net::UnixListener::bind(path).map_err(cannot)?;
-            Ok(StdListener::Unix(listener))
-        }
-    }
-}
-
-impl StdListener {
-    fn local_addr(&self) -> io::Result<ListenAddr> {
-        match self {
-            StdListener::Tcp(l) => Ok(ListenAddr::Tcp(l.local_addr()?.to_string())),
-            StdListener::Unix(l) => Ok(ListenAddr::Unix(
-                l.local_addr()?
-                    .as_pathname()
-                    .map(std::path::Path::to_path_buf)
-                    .unwrap_or_default(),
-            )),
-        }
-    }
-
-    /// The worker's tokio listener (the same socket, shared by all workers).
-    fn to_tokio(&self) -> io::Result<Listener> {
-        match self {
-            StdListener::Tcp(l) => {
-                let l = l.try_clone()?;
-                l.set_nonblocking(true)?;
-                Ok(Listener::Tcp(tokio::net::TcpListener::from_std(l)?))
-            }
-            StdListener::Unix(l) => {
-                let l = l.try_clone()?;
-                l.set_nonblocking(true)?;
-                Ok(Listener::Unix(tokio::net::UnixListener::from_std(l)?))
-            }
-        }
     }
 }
 
@@ -319,7 +267,7 @@ struct Worker {
 struct Master<'a, W> {
     config: &'a Prefork,
     listener: &'a StdListener,
-    signals: &'a MasterSignals,
+    signals: &'a BlockedSignals,
     serve: &'a W,
     workers: Vec<Worker>,
     wanted: usize,
@@ -437,8 +385,13 @@ where
         let serve = self.serve;
         let signals = self.signals;
         fork::spawn(move || {
-            die_with_parent(master);
-            signals.restore();
+            // SIGKILL, not SIGTERM: a worker whose master was killed must
+            // not linger through a graceful drain (it would serve alone for
+            // up to the grace period); it ends at once, as the master did.
+            sys::die_with_parent(libc::SIGKILL, master);
+            if signals.restore().is_err() {
+                crate::exit(1)
+            }
             // One thread per worker: processes are the unit of parallelism
             // here, as in Apache prefork (run as many workers as cores).
             let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -591,29 +544,10 @@ fn jitter(jitter: u64) -> u64 {
     mixed % (jitter + 1)
 }
 
-/// In a worker: die with the master, even if it is killed outright.
-fn die_with_parent(master: u32) {
-    // SAFETY: prctl with integer arguments; getppid cannot fail.
-    unsafe {
-        // SIGKILL, not SIGTERM: a worker whose master was killed must not
-        // linger through a graceful drain (it would serve alone for up to
-        // the grace period); it ends at once, as the master did.
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
-        if libc::getppid() as u32 != master {
-            // The master died before the line above: do not serve alone.
-            libc::_exit(1);
-        }
-    }
-}
-
 /// The master's signals, blocked and taken synchronously with
-/// `sigtimedwait`: no handler runs, nothing async-signal-unsafe can happen,
-/// and a forked worker restores the mask it had before.
-struct MasterSignals {
-    set: libc::sigset_t,
-    old: libc::sigset_t,
-}
-
+/// `sigtimedwait` (see `sys::BlockedSignals`): no handler runs, nothing
+/// async-signal-unsafe can happen, and a forked worker restores the mask
+/// it had before.
 const MASTER_SIGNALS: [libc::c_int; 7] = [
     libc::SIGTERM,
     libc::SIGINT,
@@ -623,44 +557,6 @@ const MASTER_SIGNALS: [libc::c_int; 7] = [
     libc::SIGTTOU,
     libc::SIGCHLD,
 ];
-
-impl MasterSignals {
-    fn block() -> io::Result<Self> {
-        // SAFETY: sigset_t is plain data, initialised by sigemptyset before
-        // use; pthread_sigmask only reads `set` and writes `old`.
-        unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            let mut old: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            for sig in MASTER_SIGNALS {
-                libc::sigaddset(&mut set, sig);
-            }
-            let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
-            if rc != 0 {
-                return Err(io::Error::from_raw_os_error(rc));
-            }
-            Ok(MasterSignals { set, old })
-        }
-    }
-
-    /// The next of our signals, or `None` after `timeout`.
-    fn wait(&self, timeout: Duration) -> Option<libc::c_int> {
-        let timeout = libc::timespec {
-            tv_sec: timeout.as_secs() as libc::time_t,
-            tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
-        };
-        // SAFETY: `set` is initialised; a null siginfo is allowed.
-        let sig = unsafe { libc::sigtimedwait(&self.set, std::ptr::null_mut(), &timeout) };
-        (sig > 0).then_some(sig)
-    }
-
-    fn restore(&self) {
-        // SAFETY: `old` was filled by pthread_sigmask in `block`.
-        unsafe {
-            libc::pthread_sigmask(libc::SIG_SETMASK, &self.old, std::ptr::null_mut());
-        }
-    }
-}
 
 /// Counts requests and records an exit when a worker served its share.
 #[derive(Clone)]

@@ -39,9 +39,9 @@
 //! ```
 
 use crate::fork::{self, Child};
+use crate::sys;
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
@@ -76,21 +76,20 @@ impl Builder {
         let (ours, theirs) = StdUnixStream::pair()?;
         let jobs: HashMap<String, JobFn> = self.jobs.into_iter().collect();
         let parent = std::process::id();
-        let ours_fd = ours.as_raw_fd();
+        let mut ours = Some(ours);
         let child = fork::spawn(|| {
             // The fork server must not hold the parent's end, or it would
-            // never see it close. SAFETY: `ours` is the parent's; in this
-            // child its Rust value is never used or dropped (the child ends
-            // in `_exit` without unwinding the parent's frames), so closing
-            // the descriptor here cannot double-close or reuse it.
-            unsafe { libc::close(ours_fd) };
-            die_with(parent);
+            // never see it close: its copy is dropped here, in the child's
+            // memory; the parent's stays (the closure runs only here).
+            drop(ours.take());
+            sys::die_with_parent(libc::SIGKILL, parent);
             match theirs.try_clone() {
                 Ok(socket) => serve(socket, &jobs),
                 Err(_) => crate::exit(1),
             }
         })?;
         drop(theirs);
+        let ours = ours.expect("the closure runs in the child only");
         Ok(ForkServer {
             process: Mutex::new(Some(child)),
             socket: Mutex::new(Some(ours)),
@@ -365,16 +364,6 @@ async fn read_replies(mut reader: tokio::net::unix::OwnedReadHalf, state: Arc<Mu
 // The fork server process
 // ---------------------------------------------------------------------------
 
-fn die_with(parent: u32) {
-    // SAFETY: prctl with integer arguments; getppid cannot fail.
-    unsafe {
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
-        if libc::getppid() as u32 != parent {
-            libc::_exit(1);
-        }
-    }
-}
-
 /// The fork server's loop: read requests, fork jobs, reap them, report.
 /// Synchronous and single-threaded on purpose: it must stay a clean state
 /// to fork from.
@@ -403,7 +392,7 @@ fn serve(mut socket: StdUnixStream, jobs: &HashMap<String, JobFn>) {
                 Some(&job) => {
                     let input = input.to_vec();
                     match fork::spawn(move || {
-                        die_with(me);
+                        sys::die_with_parent(libc::SIGKILL, me);
                         crate::exit(job(&input))
                     }) {
                         Ok(child) => {

@@ -168,11 +168,7 @@ impl<S, M> Layer<S> for BoundaryLayer<M> {
     type Service = Boundary<S, M>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Boundary {
-            inner,
-            supervisor: self.supervisor.clone(),
-            _error: PhantomData,
-        }
+        Boundary::new(inner, &self.supervisor)
     }
 }
 
@@ -182,6 +178,19 @@ pub struct Boundary<S, M = ConcreteError> {
     supervisor: Supervisor,
     _error: PhantomData<fn() -> M>,
 }
+
+impl<S, M> Boundary<S, M> {
+    /// The boundary of `supervisor` around `inner`.
+    pub fn new(inner: S, supervisor: &Supervisor) -> Self {
+        Boundary {
+            inner,
+            supervisor: supervisor.clone(),
+            _error: PhantomData,
+        }
+    }
+}
+
+inner_accessors!(Boundary<S, M>, inner);
 
 impl<S: Clone, M> Clone for Boundary<S, M> {
     fn clone(&self) -> Self {

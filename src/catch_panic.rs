@@ -110,10 +110,7 @@ impl<S, H: Clone> Layer<S> for CatchPanicLayer<H> {
     type Service = CatchPanic<S, H>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        CatchPanic {
-            inner,
-            handler: self.handler.clone(),
-        }
+        CatchPanic::custom(inner, self.handler.clone())
     }
 }
 
@@ -123,6 +120,22 @@ pub struct CatchPanic<S, H = DefaultResponseForPanic> {
     inner: S,
     handler: H,
 }
+
+impl<S> CatchPanic<S> {
+    /// Catches the panics of `inner`, answered `500`.
+    pub fn new(inner: S) -> Self {
+        CatchPanic::custom(inner, DefaultResponseForPanic)
+    }
+}
+
+impl<S, H> CatchPanic<S, H> {
+    /// Catches the panics of `inner`, answered by `handler`.
+    pub fn custom(inner: S, handler: H) -> Self {
+        CatchPanic { inner, handler }
+    }
+}
+
+inner_accessors!(CatchPanic<S, H>, inner);
 
 impl<S, H, ReqBody, ResBody> Service<Request<ReqBody>> for CatchPanic<S, H>
 where

@@ -540,6 +540,7 @@ pub(crate) fn say_unheeded(exit: &Exit, at: Option<&std::panic::Location<'_>>, w
 /// What a failed [`tokio::task::JoinHandle`] carried, told apart by
 /// [`classify_join`].
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum JoinFailure {
     /// The task raised an [`Exit`].
     Exit(Exit),

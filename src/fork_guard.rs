@@ -143,8 +143,9 @@ impl ForkGuardLayer {
     /// at the raise, as [`exit_code`](Self::exit_code) does.
     ///
     /// Only an unwinding exit, or an `Err` whose error type is `Exit`
-    /// itself, travels on; every other outcome ends the child at the guard
-    /// with `SIGTERM`. Between the guard and the boundary, the child runs
+    /// itself, travels on; an exit deeper in an error's chain cannot be
+    /// armed in place and ends the child at the guard with its status;
+    /// every other outcome ends the child at the guard with `SIGTERM`. Between the guard and the boundary, the child runs
     /// the code of the layers it passes through: a catch-all that reports
     /// before it drops the exit still reports, from the child. Use this mode
     /// only where the layers above the guard are exit-aware or tunneled.
@@ -158,11 +159,7 @@ impl<S> Layer<S> for ForkGuardLayer {
     type Service = ForkGuard<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        watch_forks();
-        ForkGuard {
-            inner,
-            end: self.end,
-        }
+        ForkGuard::new(inner, *self)
     }
 }
 
@@ -172,6 +169,19 @@ pub struct ForkGuard<S> {
     inner: S,
     end: ChildEnd,
 }
+
+impl<S> ForkGuard<S> {
+    /// Guards `inner` as `guard` says (see [`ForkGuardLayer`]'s modes).
+    pub fn new(inner: S, guard: ForkGuardLayer) -> Self {
+        watch_forks();
+        ForkGuard {
+            inner,
+            end: guard.end,
+        }
+    }
+}
+
+inner_accessors!(ForkGuard<S>, inner);
 
 impl<S, Req> Service<Req> for ForkGuard<S>
 where
@@ -227,7 +237,7 @@ where
         let outer = enter(guarded(*this.started, *this.end));
         let mut polled = catch_unwind(AssertUnwindSafe(|| future.poll(cx)));
         leave(outer);
-        in_child_after_poll(*this.started, *this.end, &mut polled);
+        in_child_after_poll(*this.started, *this.end, &mut polled, exit_in_any);
         match polled {
             Ok(poll) => poll,
             Err(payload) => resume_unwind(payload),
@@ -260,6 +270,7 @@ pub(crate) fn in_child_after_poll<T, E: 'static>(
     started: u64,
     end: ChildEnd,
     polled: &mut Result<Poll<Result<T, E>>, Box<dyn Any + Send>>,
+    exit_in: impl Fn(&E) -> Option<&Exit>,
 ) {
     if generation() != started {
         match polled {
@@ -267,10 +278,15 @@ pub(crate) fn in_child_after_poll<T, E: 'static>(
             Ok(Poll::Ready(Err(err))) if end == ChildEnd::Propagate => {
                 match (err as &mut dyn Any).downcast_mut::<Exit>() {
                     Some(exit) => exit.arm(),
-                    None => end_child(ChildEnd::Terminate, 1),
+                    // An exit deeper in the chain cannot be armed in place:
+                    // the child ends here with its status.
+                    None => match exit_in(err) {
+                        Some(exit) => end_child(ChildEnd::ExitCode, i32::from(exit.status())),
+                        None => end_child(ChildEnd::Terminate, 1),
+                    },
                 }
             }
-            _ => end_child(end, status_of_poll(polled)),
+            _ => end_child(end, status_of_poll(polled, exit_in)),
         }
     }
 }
@@ -283,18 +299,41 @@ pub(crate) fn guarded(started: u64, end: ChildEnd) -> RaiseContext {
     context().with_child(ChildRule::guard(started, end))
 }
 
-fn status_of_poll<T, E: 'static>(polled: &Result<Poll<Result<T, E>>, Box<dyn Any + Send>>) -> i32 {
+fn status_of_poll<T, E: 'static>(
+    polled: &Result<Poll<Result<T, E>>, Box<dyn Any + Send>>,
+    exit_in: impl Fn(&E) -> Option<&Exit>,
+) -> i32 {
     match polled {
         Ok(Poll::Ready(Ok(_))) => 0,
-        // The error type is not bounded (the guard sits on any service), so
-        // an `Err(Exit)` is only recognised where the error is an `Exit`
-        // itself; raise the exit (or return `Err` of an `Exit`) to be sure.
-        Ok(Poll::Ready(Err(err))) => (err as &dyn Any)
-            .downcast_ref::<Exit>()
-            .map_or(1, |exit| i32::from(exit.status())),
+        Ok(Poll::Ready(Err(err))) => exit_in(err).map_or(1, |exit| i32::from(exit.status())),
         Ok(Poll::Pending) => 1,
         Err(payload) => status_of_panic(&**payload),
     }
+}
+
+/// The exit in a service error of any type, anywhere in its chain: the
+/// guard sits on any service (its error type is not bounded, unlike the
+/// other layers', which take an [`AsError`](crate::AsError) marker), so the
+/// error is looked at as what it is: an `Exit` itself, tower's boxed errors
+/// and `std::io::Error` (searched down their chain). An exit wrapped in
+/// another concrete error type is not seen here (the child then ends
+/// with 1); raise it, or box the error, to be sure.
+pub(crate) fn exit_in_any<E: 'static>(err: &E) -> Option<&Exit> {
+    let any = err as &dyn Any;
+    if let Some(exit) = any.downcast_ref::<Exit>() {
+        return Some(exit);
+    }
+    let err: &(dyn std::error::Error + 'static) =
+        if let Some(boxed) = any.downcast_ref::<Box<dyn std::error::Error + Send + Sync>>() {
+            &**boxed
+        } else if let Some(boxed) = any.downcast_ref::<Box<dyn std::error::Error + Send>>() {
+            &**boxed
+        } else if let Some(boxed) = any.downcast_ref::<Box<dyn std::error::Error>>() {
+            &**boxed
+        } else {
+            any.downcast_ref::<std::io::Error>()?
+        };
+    Exit::from_error(err)
 }
 
 /// In a child, for an unwind: arms an `Exit` to travel on (propagate mode),

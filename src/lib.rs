@@ -63,6 +63,32 @@ macro_rules! cfg_fork {
     };
 }
 
+/// The boxed error the crate's services and servers return.
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// `get_ref`, `get_mut` and `into_inner` (tower-http's accessors) for a
+/// service that wraps another in its `$field`, written once.
+macro_rules! inner_accessors {
+    ($service:ident<$inner:ident $(, $param:ident)*>, $field:ident) => {
+        impl<$inner $(, $param)*> $service<$inner $(, $param)*> {
+            /// The inner service.
+            pub fn get_ref(&self) -> &$inner {
+                &self.$field
+            }
+
+            /// The inner service, mutably.
+            pub fn get_mut(&mut self) -> &mut $inner {
+                &mut self.$field
+            }
+
+            /// The inner service, unwrapped.
+            pub fn into_inner(self) -> $inner {
+                self.$field
+            }
+        }
+    };
+}
+
 #[cfg(feature = "axum")]
 mod axum;
 mod body;

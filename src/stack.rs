@@ -232,22 +232,7 @@ impl<S: fmt::Debug, H, R, M> fmt::Debug for ExitStack<S, H, R, M> {
     }
 }
 
-impl<S, H, R, M> ExitStack<S, H, R, M> {
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// The inner service, unwrapped.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
-}
+inner_accessors!(ExitStack<S, H, R, M>, inner);
 
 /// The fork generation a guarded call starts in (0, unused, without a
 /// guard). 8 bytes in the future, not 16: its size is
@@ -419,7 +404,9 @@ where
         leave(outer);
         #[cfg(all(unix, feature = "fork"))]
         if let Some((started, end)) = this.guarded.rule(shared) {
-            crate::fork_guard::in_child_after_poll(started, end, &mut polled);
+            crate::fork_guard::in_child_after_poll(started, end, &mut polled, |err| {
+                Exit::from_service_error(err)
+            });
         }
         match polled {
             Ok(Poll::Pending) => Poll::Pending,

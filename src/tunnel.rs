@@ -76,7 +76,7 @@ use std::task::{Context, Poll};
 use tower_layer::Layer;
 use tower_service::Service;
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use crate::BoxError;
 
 /// A request type that can carry a tunnel's slot past a foreign layer.
 ///
@@ -224,12 +224,7 @@ where
     type Service = Tunnel<L::Service>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Tunnel {
-            foreign: self.foreign.layer(Capture {
-                inner,
-                _error: PhantomData,
-            }),
-        }
+        Tunnel::new(inner, &self.foreign)
     }
 }
 
@@ -239,6 +234,25 @@ where
 pub struct Tunnel<T> {
     foreign: T,
 }
+
+impl<T> Tunnel<T> {
+    /// Wraps `inner` in the `foreign` layer with a tunnel around it: what
+    /// `TunnelLayer::new(foreign).layer(inner)` builds. `M` is the
+    /// [`AsError`] marker of `inner`'s error.
+    pub fn new<S, L, M>(inner: S, foreign: &L) -> Self
+    where
+        L: Layer<Capture<S, M>, Service = T>,
+    {
+        Tunnel {
+            foreign: foreign.layer(Capture {
+                inner,
+                _error: PhantomData,
+            }),
+        }
+    }
+}
+
+inner_accessors!(Tunnel<T>, foreign);
 
 impl<T, Req> Service<Req> for Tunnel<T>
 where

@@ -39,12 +39,10 @@ fn server() -> SocketAddr {
                 let _ = req.into_body().collect().await;
                 Ok::<_, Infallible>(http::Response::new(String::from("ok")))
             });
-            let limits = Limits {
-                max_params_bytes: 2048,
-                max_body_bytes: 4096,
-                max_requests_per_conn: 4,
-                ..Limits::default()
-            };
+            let limits = Limits::default()
+                .max_params_bytes(2048)
+                .max_body_bytes(4096)
+                .max_requests_per_conn(4);
             let serve = tower_exit::serve::fastcgi(listener, svc, &supervisor).limits(limits);
             tokio::spawn(async move {
                 let _keep = supervisor;

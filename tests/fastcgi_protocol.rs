@@ -212,11 +212,7 @@ async fn keep_conn_and_multiplexed_requests_on_one_connection() {
 
 #[tokio::test]
 async fn get_values_is_answered_and_unknown_management_records_get_unknown_type() {
-    let limits = Limits {
-        max_conns: 3,
-        max_requests_per_conn: 5,
-        ..Limits::default()
-    };
+    let limits = Limits::default().max_conns(3).max_requests_per_conn(5);
     let server = server(limits, None).await;
     let mut stream = TcpStream::connect(server.addr).await.unwrap();
     let asked = pairs(&[
@@ -359,11 +355,9 @@ async fn an_unsupported_role_is_rejected() {
 
 #[tokio::test]
 async fn oversized_params_and_body_are_rejected() {
-    let limits = Limits {
-        max_params_bytes: 1024,
-        max_body_bytes: 10_000,
-        ..Limits::default()
-    };
+    let limits = Limits::default()
+        .max_params_bytes(1024)
+        .max_body_bytes(10_000);
     let server = server(limits, None).await;
     let mut stream = TcpStream::connect(server.addr).await.unwrap();
     let huge = "v".repeat(2000);
@@ -409,12 +403,10 @@ async fn a_peer_outside_the_allow_list_is_refused() {
 // ---------------------------------------------------------------------------
 
 fn short_timeouts() -> Limits {
-    Limits {
-        begin_timeout: Duration::from_millis(300),
-        read_timeout: Duration::from_millis(300),
-        idle_timeout: Duration::from_millis(300),
-        ..Limits::default()
-    }
+    Limits::default()
+        .begin_timeout(Duration::from_millis(300))
+        .read_timeout(Duration::from_millis(300))
+        .idle_timeout(Duration::from_millis(300))
 }
 
 /// Waits for the server to close `stream`; how long it took.

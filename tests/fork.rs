@@ -140,6 +140,8 @@ async fn child_handle_can_poll_kill_and_is_reaped_when_dropped() {
 enum InChild {
     Exit,
     Error,
+    /// `Err` of an error whose source is `Exit::new(6)`.
+    NestedExit,
     Panic,
     Respond,
     Await,
@@ -164,6 +166,7 @@ impl InChild {
         match self {
             InChild::Exit => tower_exit::exit(0),
             InChild::Error => Err("child error".into()),
+            InChild::NestedExit => Err(std::io::Error::other(tower_exit::Exit::new(6)).into()),
             InChild::Panic => panic!("child panics"),
             InChild::Respond => Ok(Response::new(Full::from("from child"))),
             InChild::Await => {
@@ -299,6 +302,7 @@ async fn guard_ends_the_child_whatever_its_outcome_and_the_parent_runs_on_once()
     for in_child in [
         InChild::Exit,
         InChild::Error,
+        InChild::NestedExit,
         InChild::Panic,
         InChild::Respond,
         InChild::Await,
@@ -311,6 +315,8 @@ async fn guard_ends_the_child_whatever_its_outcome_and_the_parent_runs_on_once()
                 ForkGuardLayer::new().exit_code(),
                 match in_child {
                     InChild::Error | InChild::Await => "Some(1) None",
+                    // An exit anywhere in the error's chain gives its status.
+                    InChild::NestedExit => "Some(6) None",
                     InChild::Panic => "Some(101) None",
                     _ => "Some(0) None",
                 }

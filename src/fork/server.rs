@@ -109,6 +109,7 @@ pub struct ForkServer {
 
 /// Why a job could not be started.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum SpawnError {
     /// No job of that name was registered.
     #[error("no job named {0:?} is registered with the fork server")]
@@ -117,11 +118,19 @@ pub enum SpawnError {
     #[error("job input of {0} bytes is larger than the limit of {MAX_INPUT}")]
     InputTooLarge(usize),
     /// The fork server could not fork.
-    #[error("the fork server could not fork: {0}")]
-    Fork(String),
+    #[error("the fork server could not fork")]
+    Fork(#[source] io::Error),
     /// The fork server is gone.
     #[error("the fork server is gone: {0}")]
     Gone(#[source] io::Error),
+}
+
+/// The fork server's answer to a spawn request, as read off the socket.
+#[derive(Debug)]
+enum Started {
+    Pid(u32),
+    UnknownJob,
+    ForkFailed(io::Error),
 }
 
 impl From<SpawnError> for io::Error {
@@ -164,7 +173,7 @@ struct Link {
 #[derive(Debug, Default)]
 struct Pending {
     next_id: u64,
-    started: HashMap<u64, oneshot::Sender<Result<u32, SpawnError>>>,
+    started: HashMap<u64, oneshot::Sender<Started>>,
     exits: HashMap<u64, oneshot::Sender<ExitStatus>>,
 }
 
@@ -241,9 +250,9 @@ impl ForkServer {
             .await
             .map_err(|_| SpawnError::Gone(io::Error::new(io::ErrorKind::BrokenPipe, "no reply")))?;
         let pid = match started {
-            Ok(pid) => pid,
-            Err(SpawnError::UnknownJob(_)) => return Err(SpawnError::UnknownJob(job.to_owned())),
-            Err(err) => return Err(err),
+            Started::Pid(pid) => pid,
+            Started::UnknownJob => return Err(SpawnError::UnknownJob(job.to_owned())),
+            Started::ForkFailed(err) => return Err(SpawnError::Fork(err)),
         };
         Ok(Job {
             pid,
@@ -344,14 +353,12 @@ async fn read_replies(mut reader: tokio::net::unix::OwnedReadHalf, state: Arc<Mu
                 }
                 continue;
             }
-            STARTED => Ok(value as u32),
-            UNKNOWN => Err(SpawnError::UnknownJob(String::new())),
-            FORK_FAILED => Err(SpawnError::Fork(
-                io::Error::from_raw_os_error(value).to_string(),
-            )),
+            STARTED => Started::Pid(value as u32),
+            UNKNOWN => Started::UnknownJob,
+            FORK_FAILED => Started::ForkFailed(io::Error::from_raw_os_error(value)),
             _ => continue,
         };
-        if started.is_err() {
+        if !matches!(started, Started::Pid(_)) {
             pending.exits.remove(&id);
         }
         if let Some(waiter) = pending.started.remove(&id) {

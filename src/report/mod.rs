@@ -263,6 +263,21 @@ impl<S, R, M> Layer<S> for ReportLayer<R, M> {
     }
 }
 
+impl<S, R, M> Report<S, R, M> {
+    /// Reports the failures of `inner` through `reporter`, never its exits
+    /// (see [`ReportLayer::report_exits`] to change that).
+    pub fn new(inner: S, reporter: R) -> Self {
+        Report {
+            inner,
+            reporter: Arc::new(reporter),
+            exits: ExitPolicy::Never,
+            _error: PhantomData,
+        }
+    }
+}
+
+inner_accessors!(Report<S, R, M>, inner);
+
 /// Service built by [`ReportLayer`].
 ///
 /// `M` is the [`AsError`] marker of the inner service's error, always

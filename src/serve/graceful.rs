@@ -30,7 +30,6 @@ use crate::{Exit, Supervisor};
 use std::future::{Future, IntoFuture};
 use std::io;
 use std::pin::Pin;
-use std::time::Duration;
 
 /// Runs the server `start` builds around the shutdown future it is given,
 /// until the first [`Exit`]; see [`Graceful`].
@@ -42,8 +41,7 @@ where
     Graceful {
         supervisor: supervisor.clone(),
         start,
-        grace: super::http::DEFAULT_GRACE,
-        signals: false,
+        drain: super::DrainOptions::default(),
     }
 }
 
@@ -63,23 +61,10 @@ where
 pub struct Graceful<F> {
     supervisor: Supervisor,
     start: F,
-    grace: Duration,
-    signals: bool,
+    drain: super::DrainOptions,
 }
 
-impl<F> Graceful<F> {
-    /// How long connections may run once draining starts (default 30 s).
-    pub fn grace(mut self, grace: Duration) -> Self {
-        self.grace = grace;
-        self
-    }
-
-    /// Also drain on SIGTERM and SIGINT, which count as [`Exit::success`].
-    pub fn with_signals(mut self) -> Self {
-        self.signals = true;
-        self
-    }
-}
+drain_options!(Graceful<F>);
 
 impl<F, S> IntoFuture for Graceful<F>
 where
@@ -94,10 +79,10 @@ where
         let Graceful {
             supervisor,
             start,
-            grace,
-            signals,
+            drain,
         } = self;
-        let signals = if signals {
+        let grace = drain.grace;
+        let signals = if drain.signals {
             super::drain_on_signals(&supervisor)
         } else {
             Ok(())

@@ -25,14 +25,14 @@
 use super::escape::{Escapes, ForHyper};
 use super::listen::Listener;
 use super::watch::{Event, Watch};
+use super::DrainOptions;
 use super::ServeService;
 use crate::{Exit, Supervisor};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::io;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
@@ -40,8 +40,7 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-/// Default time in-flight requests get to finish once the server drains.
-pub const DEFAULT_GRACE: Duration = Duration::from_secs(30);
+pub use super::DEFAULT_GRACE;
 
 /// Serves `service` on `listener` (TCP or unix) until `supervisor` records
 /// an exit; see [`Serve`].
@@ -50,8 +49,7 @@ pub fn http<S>(listener: impl Into<Listener>, service: S, supervisor: &Superviso
         listener: listener.into(),
         service,
         supervisor: supervisor.clone(),
-        grace: DEFAULT_GRACE,
-        signals: false,
+        drain: DrainOptions::default(),
         header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
         max_connections: None,
     }
@@ -84,8 +82,7 @@ pub struct Serve<S> {
     listener: Listener,
     service: S,
     supervisor: Supervisor,
-    grace: Duration,
-    signals: bool,
+    drain: DrainOptions,
     header_read_timeout: Duration,
     max_connections: Option<usize>,
 }
@@ -114,34 +111,9 @@ impl<S> Serve<S> {
         self.max_connections = Some(max.max(1));
         self
     }
-
-    /// How long in-flight requests may run once draining starts (default
-    /// 30 s). Connections still open after it are dropped.
-    pub fn grace(mut self, grace: Duration) -> Self {
-        self.grace = grace;
-        self
-    }
-
-    /// Also drain on SIGTERM and SIGINT, which count as [`Exit::success`].
-    ///
-    /// This installs tokio's signal handlers for the rest of the process.
-    pub fn with_signals(mut self) -> Self {
-        self.signals = true;
-        self
-    }
 }
 
-impl<S> IntoFuture for Serve<S>
-where
-    S: ServeService<Incoming>,
-{
-    type Output = io::Result<Exit>;
-    type IntoFuture = Pin<Box<dyn Future<Output = io::Result<Exit>> + Send>>;
-
-    fn into_future(self) -> Self::IntoFuture {
-        Box::pin(self.run())
-    }
-}
+drain_options!(Serve<S>, Incoming);
 
 impl<S> Serve<S> {
     async fn run(self) -> io::Result<Exit>
@@ -152,14 +124,11 @@ impl<S> Serve<S> {
             listener,
             service,
             supervisor,
-            grace,
-            signals,
+            drain,
             header_read_timeout,
             max_connections,
         } = self;
-        if signals {
-            super::drain_on_signals(&supervisor)?;
-        }
+        drain.start(&supervisor)?;
         let mut builder = auto::Builder::new(TokioExecutor::new());
         // No timer for HTTP/1: hyper's header read timeout makes a timer
         // entry per request head (measured: 4 to 5 % more CPU per request);
@@ -276,7 +245,7 @@ impl<S> Serve<S> {
         listener.remove_socket_if_bound_here();
         drop(listener);
 
-        Ok(super::drain(connections, grace, &supervisor).await)
+        Ok(super::drain(connections, drain.grace, &supervisor).await)
     }
 }
 

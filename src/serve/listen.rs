@@ -133,12 +133,7 @@ impl Listener {
     pub fn local_addr(&self) -> io::Result<ListenAddr> {
         match self {
             Listener::Tcp(l) => Ok(ListenAddr::Tcp(l.local_addr()?.to_string())),
-            Listener::Unix(l) => Ok(ListenAddr::Unix(
-                l.local_addr()?
-                    .as_pathname()
-                    .map(Path::to_path_buf)
-                    .unwrap_or_default(),
-            )),
+            Listener::Unix(l) => Ok(unix_addr(l.local_addr()?.as_pathname())),
         }
     }
 
@@ -169,6 +164,12 @@ fn bound_here(path: &Path) {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .push((path.to_path_buf(), std::process::id()));
+}
+
+/// The address of a unix listener bound at `path` (none for an unnamed
+/// socket).
+fn unix_addr(path: Option<&Path>) -> ListenAddr {
+    ListenAddr::Unix(path.map(Path::to_path_buf).unwrap_or_default())
 }
 
 fn remove_if_bound_here(path: &Path) {
@@ -218,12 +219,7 @@ impl StdListener {
     pub(crate) fn local_addr(&self) -> io::Result<ListenAddr> {
         match self {
             StdListener::Tcp(l) => Ok(ListenAddr::Tcp(l.local_addr()?.to_string())),
-            StdListener::Unix(l) => Ok(ListenAddr::Unix(
-                l.local_addr()?
-                    .as_pathname()
-                    .map(Path::to_path_buf)
-                    .unwrap_or_default(),
-            )),
+            StdListener::Unix(l) => Ok(unix_addr(l.local_addr()?.as_pathname())),
         }
     }
 

@@ -11,6 +11,50 @@
 //! let in-flight requests finish within a grace period, and resolve to the
 //! exit, for `main` to return as its exit code.
 
+/// The builder methods every server here has, written once: `grace` and
+/// `with_signals`, on a `drain: DrainOptions` field; and, given the
+/// request body type, `IntoFuture` through the server's `run`.
+macro_rules! drain_options {
+    ($server:ident<$param:ident>) => {
+        impl<$param> $server<$param> {
+            /// How long in-flight work may run once draining starts
+            /// (default [`DEFAULT_GRACE`](crate::serve::DEFAULT_GRACE));
+            /// what still runs then is dropped, logged at WARN.
+            pub fn grace(mut self, grace: std::time::Duration) -> Self {
+                self.drain.grace = grace;
+                self
+            }
+
+            /// Also drain on SIGTERM and SIGINT, which count as
+            /// [`Exit::success`](crate::Exit::success).
+            ///
+            /// This installs tokio's signal handlers for the rest of the
+            /// process.
+            pub fn with_signals(mut self) -> Self {
+                self.drain.signals = true;
+                self
+            }
+        }
+    };
+    ($server:ident<$param:ident>, $body:ty) => {
+        drain_options!($server<$param>);
+
+        impl<$param> std::future::IntoFuture for $server<$param>
+        where
+            $param: crate::serve::ServeService<$body>,
+        {
+            type Output = std::io::Result<crate::Exit>;
+            type IntoFuture = std::pin::Pin<
+                Box<dyn std::future::Future<Output = std::io::Result<crate::Exit>> + Send>,
+            >;
+
+            fn into_future(self) -> Self::IntoFuture {
+                Box::pin(self.run())
+            }
+        }
+    };
+}
+
 mod escape;
 pub mod fastcgi;
 pub mod graceful;
@@ -30,7 +74,37 @@ use ::http::{Request, Response};
 use http_body::Body;
 use tower_service::Service;
 
-pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use crate::BoxError;
+
+/// Default time in-flight requests get to finish once a server drains.
+pub const DEFAULT_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How a server drains: its grace period, and whether SIGTERM and SIGINT
+/// start the drain. One type for every server here.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct DrainOptions {
+    pub(crate) grace: std::time::Duration,
+    pub(crate) signals: bool,
+}
+
+impl Default for DrainOptions {
+    fn default() -> Self {
+        DrainOptions {
+            grace: DEFAULT_GRACE,
+            signals: false,
+        }
+    }
+}
+
+impl DrainOptions {
+    /// Installs the signal handling asked for, at the server's start.
+    fn start(self, supervisor: &Supervisor) -> std::io::Result<()> {
+        if self.signals {
+            drain_on_signals(supervisor)?;
+        }
+        Ok(())
+    }
+}
 
 /// What the servers here need of a tower service taking `Request<ReqBody>`:
 /// cloneable and `Send`, a `Send` future, errors and a response body hyper

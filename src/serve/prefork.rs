@@ -102,7 +102,7 @@ impl Prefork {
             max_requests: None,
             jitter: 0,
             stop_all_code: None,
-            grace: Duration::from_secs(30),
+            grace: super::DEFAULT_GRACE,
             on_bound: None,
             restart_intensity: None,
         }

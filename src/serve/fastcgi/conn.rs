@@ -22,7 +22,7 @@ use tokio::task::AbortHandle;
 use tower::ServiceExt;
 use tower_service::Service;
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use crate::BoxError;
 
 /// Records written to the web server, in whole records.
 type Out = mpsc::Sender<Bytes>;
@@ -378,7 +378,7 @@ where
             return Ok(());
         }
         let params = std::mem::take(params).freeze();
-        let req = match request_from_params(params, self.peer, &self.limits) {
+        let req = match request_from_params(params, self.peer) {
             Ok(req) => req,
             Err(err) => {
                 tracing::warn!(peer = %self.peer, id, %err, "FastCGI request rejected with 400");

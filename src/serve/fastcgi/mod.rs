@@ -54,17 +54,28 @@ pub use self::request::{BodyError, Params, RemoteAddr, RequestBody};
 use super::listen::{Listener, Peer};
 use super::ServeService;
 use crate::{Exit, Supervisor};
-use std::future::{Future, IntoFuture};
 use std::io;
 use std::net::IpAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 /// Limits on what a web server may make this server hold.
+///
+/// More limits may come: start from [`Limits::default`] and set what you
+/// need, with the fields or the setters of the same names:
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_exit::serve::fastcgi::Limits;
+/// let limits = Limits::default()
+///     .max_conns(256)
+///     .read_timeout(Duration::from_secs(10));
+/// assert_eq!(limits.max_conns, 256);
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Limits {
     /// Connections served at once; more wait in the listen backlog
     /// (answered as `FCGI_MAX_CONNS`). Default 1024.
@@ -107,6 +118,32 @@ impl Default for Limits {
     }
 }
 
+/// A setter for each field of [`Limits`], written once.
+macro_rules! limit_setters {
+    ($($field:ident: $ty:ty),* $(,)?) => {
+        impl Limits {
+            $(
+                #[doc = concat!("Sets [`", stringify!($field), "`](Self::", stringify!($field), ").")]
+                #[must_use]
+                pub fn $field(mut self, value: $ty) -> Self {
+                    self.$field = value;
+                    self
+                }
+            )*
+        }
+    };
+}
+
+limit_setters! {
+    max_conns: usize,
+    max_requests_per_conn: usize,
+    max_params_bytes: usize,
+    max_body_bytes: u64,
+    begin_timeout: Duration,
+    read_timeout: Duration,
+    idle_timeout: Duration,
+}
+
 /// Serves `service` as a FastCGI Responder on `listener` until `supervisor`
 /// records an exit; see [`ServeFastCgi`].
 pub fn fastcgi<S>(
@@ -118,8 +155,7 @@ pub fn fastcgi<S>(
         listener: listener.into(),
         service,
         supervisor: supervisor.clone(),
-        grace: super::http::DEFAULT_GRACE,
-        signals: false,
+        drain: super::DrainOptions::default(),
         limits: Limits::default(),
         allow: None,
     }
@@ -136,25 +172,14 @@ pub struct ServeFastCgi<S> {
     listener: Listener,
     service: S,
     supervisor: Supervisor,
-    grace: Duration,
-    signals: bool,
+    drain: super::DrainOptions,
     limits: Limits,
     allow: Option<Vec<IpAddr>>,
 }
 
+drain_options!(ServeFastCgi<S>, RequestBody);
+
 impl<S> ServeFastCgi<S> {
-    /// How long active requests may run once draining starts (default 30 s).
-    pub fn grace(mut self, grace: Duration) -> Self {
-        self.grace = grace;
-        self
-    }
-
-    /// Also drain on SIGTERM and SIGINT, which count as [`Exit::success`].
-    pub fn with_signals(mut self) -> Self {
-        self.signals = true;
-        self
-    }
-
     /// The limits (default [`Limits::default`]).
     pub fn limits(mut self, limits: Limits) -> Self {
         self.limits = limits;
@@ -194,18 +219,6 @@ fn allow_list_from_env() -> io::Result<Option<Vec<IpAddr>>> {
         .map(Some)
 }
 
-impl<S> IntoFuture for ServeFastCgi<S>
-where
-    S: ServeService<RequestBody>,
-{
-    type Output = io::Result<Exit>;
-    type IntoFuture = Pin<Box<dyn Future<Output = io::Result<Exit>> + Send>>;
-
-    fn into_future(self) -> Self::IntoFuture {
-        Box::pin(self.run())
-    }
-}
-
 impl<S> ServeFastCgi<S> {
     async fn run(self) -> io::Result<Exit>
     where
@@ -216,9 +229,7 @@ impl<S> ServeFastCgi<S> {
             None => allow_list_from_env()?,
         }
         .map(|allow| allow.iter().map(IpAddr::to_canonical).collect::<Vec<_>>());
-        if self.signals {
-            super::drain_on_signals(&self.supervisor)?;
-        }
+        self.drain.start(&self.supervisor)?;
         let slots = Arc::new(Semaphore::new(self.limits.max_conns.max(1)));
         let mut connections = JoinSet::new();
         let shutdown = self.supervisor.shutdown_signal();
@@ -271,6 +282,6 @@ impl<S> ServeFastCgi<S> {
         self.listener.remove_socket_if_bound_here();
         drop(self.listener);
 
-        Ok(super::drain(connections, self.grace, &self.supervisor).await)
+        Ok(super::drain(connections, self.drain.grace, &self.supervisor).await)
     }
 }

@@ -48,7 +48,11 @@ pub(crate) struct Record {
 }
 
 /// Why the peer's bytes are not FastCGI. Each closes the connection.
+///
+/// A request whose `FCGI_PARAMS` cannot become an HTTP request is not one
+/// of these: it is answered `400` and the connection serves on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ProtocolError {
     /// A record header with a version other than 1.
     #[error("unsupported FastCGI version {0} (only 1 is spoken)")]
@@ -62,14 +66,6 @@ pub enum ProtocolError {
     /// A name-value pair whose lengths run past the end of its data.
     #[error("malformed name-value pair in {0}")]
     NameValue(&'static str),
-    /// A record for a request id that is not active.
-    #[error("record type {kind} for request {request_id}, which is not active")]
-    UnknownRequest {
-        /// The record type.
-        kind: u8,
-        /// The request id it named.
-        request_id: u16,
-    },
     /// A second `FCGI_BEGIN_REQUEST` for an active request id.
     #[error("FCGI_BEGIN_REQUEST for request {0}, which is already active")]
     DuplicateRequest(u16),
@@ -81,9 +77,6 @@ pub enum ProtocolError {
         /// The request id it named.
         request_id: u16,
     },
-    /// Params that cannot become an HTTP request.
-    #[error("bad params: {0}")]
-    Params(String),
 }
 
 /// Splits a byte stream into records.

@@ -1,8 +1,6 @@
 //! FastCGI params → `http::Request`, stdin → its streaming body, and the
 //! response → CGI-style stdout.
 
-use super::record::ProtocolError;
-use super::Limits;
 use crate::serve::Peer;
 use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
@@ -60,8 +58,9 @@ pub struct RemoteAddr(pub SocketAddr);
 
 /// Why a request body ended early.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum BodyError {
-    /// The body is larger than [`Limits::max_body_bytes`].
+    /// The body is larger than [`Limits::max_body_bytes`](super::Limits::max_body_bytes).
     #[error("request body larger than the limit of {limit} bytes")]
     TooLarge {
         /// The limit.
@@ -143,15 +142,18 @@ pub(crate) fn body_channel(
     )
 }
 
+/// Params that cannot become an HTTP request: the request is answered
+/// `400`, the connection serves on.
+#[derive(Debug, thiserror::Error)]
+#[error("bad FCGI_PARAMS: {0}")]
+pub(crate) struct BadParams(String);
+
 /// Builds the HTTP request the params describe (its body comes later).
-pub(crate) fn request_from_params(
-    params: Bytes,
-    peer: Peer,
-    _limits: &Limits,
-) -> Result<Request<()>, ProtocolError> {
-    let pairs = super::record::parse_pairs(&params, "FCGI_PARAMS")?;
+pub(crate) fn request_from_params(params: Bytes, peer: Peer) -> Result<Request<()>, BadParams> {
+    let pairs = super::record::parse_pairs(&params, "FCGI_PARAMS")
+        .map_err(|err| BadParams(err.to_string()))?;
     let params = Params { pairs };
-    let bad = |what: &str| ProtocolError::Params(what.to_owned());
+    let bad = |what: &str| BadParams(what.to_owned());
 
     let method = match params.get("REQUEST_METHOD") {
         Some(m) => Method::from_bytes(m).map_err(|_| bad("invalid REQUEST_METHOD"))?,

@@ -14,7 +14,7 @@ mod demo;
 
 use std::process::ExitCode;
 use std::time::Duration;
-use tower_exit::prefork::Prefork;
+use tower_exit::serve::prefork::Prefork;
 
 fn main() -> ExitCode {
     demo::init_logging();

@@ -1,16 +1,6 @@
 //! The exit-aware boundary: where an [`Exit`] stops travelling and becomes
 //! the end of the server.
 //!
-//! A [`Supervisor`] belongs to one server. Its [`BoundaryLayer`], the
-//! outermost layer of the stack, catches an `Exit` (as unwind or as `Err`),
-//! answers that request with `503 Service Unavailable` and
-//! `connection: close`, records the first exit and tells the server to drain:
-//! [`Supervisor::shutdown_signal`] resolves, so a server built with graceful
-//! shutdown stops accepting and finishes in-flight requests. `main` then
-//! returns the recorded exit as its [`ExitCode`](std::process::ExitCode).
-//!
-//! Real failures pass through the boundary unchanged.
-//!
 //! # Example
 //!
 //! ```
@@ -37,6 +27,16 @@
 //! assert_eq!(supervisor.exit().unwrap().code(), 3);
 //! # }
 //! ```
+//!
+//! A [`Supervisor`] belongs to one server. Its [`BoundaryLayer`], the
+//! outermost layer of the stack, catches an `Exit` (as unwind or as `Err`),
+//! answers that request with `503 Service Unavailable` and
+//! `connection: close`, records the first exit and tells the server to drain:
+//! [`Supervisor::shutdown_signal`] resolves, so a server built with graceful
+//! shutdown stops accepting and finishes in-flight requests. `main` then
+//! returns the recorded exit as its [`ExitCode`](std::process::ExitCode).
+//!
+//! Real failures pass through the boundary unchanged.
 
 use crate::body::ResponseBody;
 use crate::exit::{enter_catching, leave, AsError, ConcreteError};

@@ -1,54 +1,6 @@
 //! Keep a child forked during a request from returning into the parent's
 //! stack.
 //!
-//! The seed's worst case: a handler forks, the child calls
-//! [`exit(0)`](fn@crate::exit), a catch-all above swallows the exit, and the
-//! child runs on into the parent's code: a second response, a second commit,
-//! a copy of the server accepting on the parent's socket.
-//!
-//! [`ForkGuardLayer`] sits just above the handler, below every catch-all.
-//! While it calls and polls the inner service, an [`Exit`] raised in a child
-//! forked meanwhile ends that child right at the raise: no allocation, no
-//! unwinding through the handler's frames (whose destructors would take
-//! locks that other threads of the parent held at the fork: the allocator's,
-//! a semaphore's, a pool's). After the inner `call` and after every poll it
-//! also checks (one atomic load) whether it now runs in such a child; if
-//! so, whatever the outcome (an error, a panic, a response, or `Pending`),
-//! it ends the child without returning. Either way the child first runs
-//! its cleanup hooks ([`fork::on_child_exit`](crate::fork::on_child_exit)),
-//! then ends:
-//!
-//! - by default, like the seed's remedy, with `SIGTERM` sent to itself after
-//!   resetting that signal to its default action (an application's SIGTERM
-//!   handler must not keep the child alive);
-//! - with [`ForkGuardLayer::exit_code`], by `_exit(status)` so the parent
-//!   sees the status: `Ok` 0, an `Exit` its status, a panic 101, an error or
-//!   `Pending` (the child tried to await after the fork) 1;
-//! - with [`ForkGuardLayer::propagate_exit`], an `Exit` unwinds on, *armed*,
-//!   up to an exit-aware [`BoundaryLayer`](crate::BoundaryLayer), which ends
-//!   the child with the exit's status; a layer that drops it on the way kills
-//!   the child at that moment. This is the one mode in which a child
-//!   unwinds, on purpose: see its docs for the price.
-//!
-//! A child's `_exit` and `SIGTERM` skip `atexit` handlers and do not flush
-//! the parent's buffered output a second time.
-//!
-//! In the parent it changes nothing.
-//!
-//! # What it does not cover
-//!
-//! - A fork made on another thread, or in another task than the guarded
-//!   future, while this request is not being polled: the child continues in
-//!   that other code. (If that child later polls this request, the guard
-//!   ends it then.) Guard every service, or fork with
-//!   [`fork::spawn`](crate::fork::spawn), whose child cannot return at all.
-//! - Processes made by raw `clone` syscalls or `vfork`: `pthread_atfork`
-//!   handlers do not run for them. `posix_spawn` and `std::process::Command`
-//!   exec at once and need no guard.
-//! - Code in the child that awaits after the fork: the parent's tokio runtime
-//!   does not work in a child. The guard ends the child when the inner future
-//!   returns `Pending`.
-//!
 //! # Example
 //!
 //! ```no_run
@@ -79,6 +31,54 @@
 //!     .service_fn(handler);
 //! # let _ = svc;
 //! ```
+//!
+//! The worst case: a handler forks, the child calls
+//! [`exit(0)`](fn@crate::exit), a catch-all above swallows the exit, and the
+//! child runs on into the parent's code: a second response, a second commit,
+//! a copy of the server accepting on the parent's socket.
+//!
+//! [`ForkGuardLayer`] sits just above the handler, below every catch-all.
+//! While it calls and polls the inner service, an [`Exit`] raised in a child
+//! forked meanwhile ends that child right at the raise: no allocation, no
+//! unwinding through the handler's frames (whose destructors would take
+//! locks that other threads of the parent held at the fork: the allocator's,
+//! a semaphore's, a pool's). After the inner `call` and after every poll it
+//! also checks (one atomic load) whether it now runs in such a child; if
+//! so, whatever the outcome (an error, a panic, a response, or `Pending`),
+//! it ends the child without returning. Either way the child first runs
+//! its cleanup hooks ([`fork::on_child_exit`](crate::fork::on_child_exit)),
+//! then ends:
+//!
+//! - by default with `SIGTERM` sent to itself after
+//!   resetting that signal to its default action (an application's SIGTERM
+//!   handler must not keep the child alive);
+//! - with [`ForkGuardLayer::exit_code`], by `_exit(status)` so the parent
+//!   sees the status: `Ok` 0, an `Exit` its status, a panic 101, an error or
+//!   `Pending` (the child tried to await after the fork) 1;
+//! - with [`ForkGuardLayer::propagate_exit`], an `Exit` unwinds on, *armed*,
+//!   up to an exit-aware [`BoundaryLayer`](crate::BoundaryLayer), which ends
+//!   the child with the exit's status; a layer that drops it on the way kills
+//!   the child at that moment. This is the one mode in which a child
+//!   unwinds, on purpose: see its docs for the price.
+//!
+//! A child's `_exit` and `SIGTERM` skip `atexit` handlers and do not flush
+//! the parent's buffered output a second time.
+//!
+//! In the parent it changes nothing.
+//!
+//! # What it does not cover
+//!
+//! - A fork made on another thread, or in another task than the guarded
+//!   future, while this request is not being polled: the child continues in
+//!   that other code. (If that child later polls this request, the guard
+//!   ends it then.) Guard every service, or fork with
+//!   [`fork::spawn`](crate::fork::spawn), whose child cannot return at all.
+//! - Processes made by raw `clone` syscalls or `vfork`: `pthread_atfork`
+//!   handlers do not run for them. `posix_spawn` and `std::process::Command`
+//!   exec at once and need no guard.
+//! - Code in the child that awaits after the fork: the parent's tokio runtime
+//!   does not work in a child. The guard ends the child when the inner future
+//!   returns `Pending`.
 
 use crate::exit::{context, enter, leave, RaiseContext};
 use crate::fork::end::{

@@ -22,7 +22,7 @@
     doc = "- [`ForkGuardLayer`] and [`fork`], so that a forked child never runs on into the parent's code."
 )]
 //!
-//! # The seed scenario
+//! # Example
 //!
 //! ```
 //! use bytes::Bytes;
@@ -53,7 +53,7 @@
 //! # }
 //! ```
 #![deny(missing_docs, rust_2018_idioms, unreachable_pub, unsafe_code)]
-#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 /// Items that exist only where processes fork (unix, feature `fork`): one
 /// spelling of the condition.

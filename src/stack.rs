@@ -82,24 +82,14 @@ impl Reporter for NoReporter {
 /// `M` is the [`AsError`] marker of the inner service's error, always
 /// inferred.
 pub struct ExitStackLayer<H = DefaultResponseForPanic, R = NoReporter, M = ConcreteError> {
-    supervisor: Supervisor,
-    handler: H,
-    reporter: R,
-    exits: ExitPolicy,
-    #[cfg(all(unix, feature = "fork"))]
-    guard: Option<ChildEnd>,
+    shared: Shared<H, R>,
     _error: PhantomData<fn() -> M>,
 }
 
 impl<H: Clone, R: Clone, M> Clone for ExitStackLayer<H, R, M> {
     fn clone(&self) -> Self {
         ExitStackLayer {
-            supervisor: self.supervisor.clone(),
-            handler: self.handler.clone(),
-            reporter: self.reporter.clone(),
-            exits: self.exits,
-            #[cfg(all(unix, feature = "fork"))]
-            guard: self.guard,
+            shared: self.shared.clone(),
             _error: PhantomData,
         }
     }
@@ -108,8 +98,8 @@ impl<H: Clone, R: Clone, M> Clone for ExitStackLayer<H, R, M> {
 impl<H, R, M> fmt::Debug for ExitStackLayer<H, R, M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ExitStackLayer")
-            .field("supervisor", &self.supervisor)
-            .field("exits", &self.exits)
+            .field("supervisor", &self.shared.supervisor)
+            .field("exits", &self.shared.exits)
             .finish_non_exhaustive()
     }
 }
@@ -119,12 +109,14 @@ impl Supervisor {
     /// put it outermost, where [`layer`](Self::layer) would go.
     pub fn stack<M>(&self) -> ExitStackLayer<DefaultResponseForPanic, NoReporter, M> {
         ExitStackLayer {
-            supervisor: self.clone(),
-            handler: DefaultResponseForPanic,
-            reporter: NoReporter,
-            exits: ExitPolicy::Never,
-            #[cfg(all(unix, feature = "fork"))]
-            guard: None,
+            shared: Shared {
+                supervisor: self.clone(),
+                handler: DefaultResponseForPanic,
+                reporter: NoReporter,
+                exits: ExitPolicy::Never,
+                #[cfg(all(unix, feature = "fork"))]
+                guard: None,
+            },
             _error: PhantomData,
         }
     }
@@ -136,19 +128,14 @@ impl<H, R, M> ExitStackLayer<H, R, M> {
     /// [`report_exits`](Self::report_exits) says.
     pub fn report<R2: Reporter>(self, reporter: R2) -> ExitStackLayer<H, R2, M> {
         ExitStackLayer {
-            supervisor: self.supervisor,
-            handler: self.handler,
-            reporter,
-            exits: self.exits,
-            #[cfg(all(unix, feature = "fork"))]
-            guard: self.guard,
+            shared: self.shared.with(|handler, _| (handler, reporter)),
             _error: PhantomData,
         }
     }
 
     /// Which exits the reporter gets (default [`ExitPolicy::Never`]).
     pub fn report_exits(mut self, policy: ExitPolicy) -> Self {
-        self.exits = policy;
+        self.shared.exits = policy;
         self
     }
 
@@ -156,12 +143,7 @@ impl<H, R, M> ExitStackLayer<H, R, M> {
     /// [`CatchPanicLayer::custom`](crate::CatchPanicLayer::custom) does.
     pub fn panic_response<H2: ResponseForPanic>(self, handler: H2) -> ExitStackLayer<H2, R, M> {
         ExitStackLayer {
-            supervisor: self.supervisor,
-            handler,
-            reporter: self.reporter,
-            exits: self.exits,
-            #[cfg(all(unix, feature = "fork"))]
-            guard: self.guard,
+            shared: self.shared.with(|_, reporter| (handler, reporter)),
             _error: PhantomData,
         }
     }
@@ -171,13 +153,14 @@ impl<H, R, M> ExitStackLayer<H, R, M> {
     #[cfg(all(unix, feature = "fork"))]
     pub fn fork_guard(mut self, guard: crate::ForkGuardLayer) -> Self {
         crate::fork::end::watch_forks();
-        self.guard = Some(guard.end);
+        self.shared.guard = Some(guard.end);
         self
     }
 }
 
-/// What every service of one layer shares: one reference count per request
-/// instead of one per layer.
+/// What the layer holds, and every service of one layer shares: one
+/// reference count per request instead of one per layer.
+#[derive(Clone)]
 struct Shared<H, R> {
     supervisor: Supervisor,
     handler: H,
@@ -187,20 +170,28 @@ struct Shared<H, R> {
     guard: Option<ChildEnd>,
 }
 
+impl<H, R> Shared<H, R> {
+    /// The same, with the handler and reporter `replace` gives.
+    fn with<H2, R2>(self, replace: impl FnOnce(H, R) -> (H2, R2)) -> Shared<H2, R2> {
+        let (handler, reporter) = replace(self.handler, self.reporter);
+        Shared {
+            supervisor: self.supervisor,
+            handler,
+            reporter,
+            exits: self.exits,
+            #[cfg(all(unix, feature = "fork"))]
+            guard: self.guard,
+        }
+    }
+}
+
 impl<S, H: Clone, R: Clone, M> Layer<S> for ExitStackLayer<H, R, M> {
     type Service = ExitStack<S, H, R, M>;
 
     fn layer(&self, inner: S) -> Self::Service {
         ExitStack {
             inner,
-            shared: Arc::new(Shared {
-                supervisor: self.supervisor.clone(),
-                handler: self.handler.clone(),
-                reporter: self.reporter.clone(),
-                exits: self.exits,
-                #[cfg(all(unix, feature = "fork"))]
-                guard: self.guard,
-            }),
+            shared: Arc::new(self.shared.clone()),
             _error: PhantomData,
         }
     }

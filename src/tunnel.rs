@@ -1,23 +1,5 @@
 //! Carry an [`Exit`] around a layer you do not control.
 //!
-//! tower-http's `CatchPanicLayer` answers an exit with a `500`, a reporter
-//! files it as a crash, a retry policy runs the work again, a timeout fires
-//! while it unwinds. [`TunnelLayer::new(foreign)`](TunnelLayer::new) wraps
-//! such a layer so that it never sees the exit:
-//!
-//! ```text
-//!   Tunnel            puts a slot into the request, polls the foreign future,
-//!    └ foreign layer  and, once the slot is filled, drops it and re-raises
-//!       └ Capture     catches the exit below the foreign layer, stores it in
-//!          └ inner      the slot, wakes the tunnel, and stays pending forever
-//! ```
-//!
-//! Above the tunnel the exit re-appears in the form it entered: an unwind
-//! resumes with the same payload, an `Err` is returned as the same error
-//! value (converted into the foreign service's error type when that is
-//! `tower::BoxError`). Real failures go through the foreign layer exactly as
-//! before.
-//!
 //! # Example
 //!
 //! ```
@@ -43,6 +25,24 @@
 //! assert_eq!(supervisor.exit().unwrap().code(), 4);
 //! # }
 //! ```
+//!
+//! tower-http's `CatchPanicLayer` answers an exit with a `500`, a reporter
+//! files it as a crash, a retry policy runs the work again, a timeout fires
+//! while it unwinds. [`TunnelLayer::new(foreign)`](TunnelLayer::new) wraps
+//! such a layer so that it never sees the exit:
+//!
+//! ```text
+//!   Tunnel            puts a slot into the request, polls the foreign future,
+//!    └ foreign layer  and, once the slot is filled, drops it and re-raises
+//!       └ Capture     catches the exit below the foreign layer, stores it in
+//!          └ inner      the slot, wakes the tunnel, and stays pending forever
+//! ```
+//!
+//! Above the tunnel the exit re-appears in the form it entered: an unwind
+//! resumes with the same payload, an `Err` is returned as the same error
+//! value (converted into the foreign service's error type when that is
+//! `tower::BoxError`). Real failures go through the foreign layer exactly as
+//! before.
 //!
 //! # Cost and limits
 //!

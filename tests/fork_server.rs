@@ -5,7 +5,7 @@
 mod common;
 
 use std::time::Duration;
-use tower_exit::fork_server::{ForkServer, SpawnError};
+use tower_exit::fork::server::{ForkServer, SpawnError};
 
 fn len(input: &[u8]) -> i32 {
     input.len() as i32

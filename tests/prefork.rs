@@ -11,7 +11,7 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
-use tower_exit::prefork::Prefork;
+use tower_exit::serve::prefork::Prefork;
 
 fn prefork(args: &[&str]) -> (Proc, SocketAddr) {
     let mut command = Command::new(example("prefork"));

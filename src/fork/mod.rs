@@ -1,11 +1,24 @@
 //! Fork a child that can never run on into the caller's code, and reap it.
 //!
+//! # Example
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> std::io::Result<()> {
+//! let mut child = tower_exit::fork::spawn(|| {
+//!     // Runs in the child only, then the child ends: status 7.
+//!     tower_exit::exit(7)
+//! })?;
+//! let status = child.wait().await?;
+//! assert_eq!(status.code(), Some(7));
+//! # Ok(()) }
+//! ```
+//!
 //! - [`spawn`] runs a closure in a forked child under `catch_unwind`, then
 //!   the child's cleanup hooks, then `_exit`: the closure returning gives
 //!   status 0, [`exit(n)`](fn@crate::exit) gives `n`, a panic gives 101. Like
 //!   Python's `multiprocessing`, the child never returns into the caller.
-//! - [`fork`] is the raw form, for code that must fork in place (the seed's
-//!   scenario): the child continues after the call, and a
+//! - [`fork`] is the raw form, for code that must fork in place (a handler
+//!   that forks and goes on in the child): the child continues after the call, and a
 //!   [`ForkGuardLayer`](crate::ForkGuardLayer) ends it before it can return
 //!   into the parent's stack.
 //! - [`Child`] waits for the child without a thread per child (a pidfd where
@@ -28,19 +41,6 @@
 //!
 //! `_exit` does not flush buffered output: flush in the closure or in an
 //! [`on_child_exit`] hook.
-//!
-//! # Example
-//!
-//! ```
-//! # #[tokio::main(flavor = "current_thread")] async fn main() -> std::io::Result<()> {
-//! let mut child = tower_exit::fork::spawn(|| {
-//!     // Runs in the child only, then the child ends: status 7.
-//!     tower_exit::exit(7)
-//! })?;
-//! let status = child.wait().await?;
-//! assert_eq!(status.code(), Some(7));
-//! # Ok(()) }
-//! ```
 
 #![allow(unsafe_code)] // `fork` is an `unsafe fn` by contract; see `crate::sys`.
 

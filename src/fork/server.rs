@@ -2,24 +2,10 @@
 //! `main`, outside every error-handling chain, that forks jobs from its
 //! clean state on request.
 //!
-//! This is the seed's "better" remedy. Forking from a request handler
-//! copies the whole server into the child (its runtime, its locks, its
-//! catch-all layers); forking from the fork server copies a small,
-//! single-threaded process that has nothing but the registered jobs.
-//!
-//! - Start it with [`ForkServer::builder`] first thing in `main`, before
-//!   any runtime or thread exists. Jobs are plain functions registered by
-//!   name, `fn(&[u8]) -> i32` (closures cannot cross processes): they get
-//!   the input bytes and return the exit status.
-//! - From async code, [`ForkServer::spawn`] asks it (over a unix socket
-//!   pair) to fork a job and returns a [`Job`] to wait on.
-//! - The fork server dies with its parent (`PR_SET_PDEATHSIG`, and it ends
-//!   when its socket closes), its jobs die with it, and it reaps every job
-//!   it forked. A job runs under [`fork::spawn`]: it can
-//!   never return into anyone's code.
+//! # Example
 //!
 //! ```no_run
-//! use tower_exit::fork_server::ForkServer;
+//! use tower_exit::fork::server::ForkServer;
 //!
 //! fn resize(input: &[u8]) -> i32 {
 //!     // ... heavy, crash-prone work in its own process ...
@@ -37,6 +23,22 @@
 //!     })
 //! }
 //! ```
+//!
+//! Forking from a request handler
+//! copies the whole server into the child (its runtime, its locks, its
+//! catch-all layers); forking from the fork server copies a small,
+//! single-threaded process that has nothing but the registered jobs.
+//!
+//! - Start it with [`ForkServer::builder`] first thing in `main`, before
+//!   any runtime or thread exists. Jobs are plain functions registered by
+//!   name, `fn(&[u8]) -> i32` (closures cannot cross processes): they get
+//!   the input bytes and return the exit status.
+//! - From async code, [`ForkServer::spawn`] asks it (over a unix socket
+//!   pair) to fork a job and returns a [`Job`] to wait on.
+//! - The fork server dies with its parent (`PR_SET_PDEATHSIG`, and it ends
+//!   when its socket closes), its jobs die with it, and it reaps every job
+//!   it forked. A job runs under [`fork::spawn`]: it can
+//!   never return into anyone's code.
 
 use crate::fork::{self, Child};
 use crate::sys;

@@ -117,15 +117,8 @@ impl Listener {
     /// made in this process (not in a forked worker sharing it): called by
     /// the servers once they have drained.
     pub(crate) fn remove_socket_if_bound_here(&self) {
-        if let Listener::Unix(listener) = self {
-            if let Some(path) = listener
-                .local_addr()
-                .ok()
-                .as_ref()
-                .and_then(|a| a.as_pathname())
-            {
-                remove_if_bound_here(path);
-            }
+        if let Ok(ListenAddr::Unix(path)) = self.local_addr() {
+            remove_if_bound_here(&path);
         }
     }
 
@@ -172,6 +165,7 @@ fn unix_addr(path: Option<&Path>) -> ListenAddr {
     ListenAddr::Unix(path.map(Path::to_path_buf).unwrap_or_default())
 }
 
+/// Removes the socket file at `path` if this process bound it.
 fn remove_if_bound_here(path: &Path) {
     let mut bound = BOUND_HERE.lock().unwrap_or_else(|e| e.into_inner());
     let me = std::process::id();
@@ -242,15 +236,8 @@ impl StdListener {
     /// Removes the socket file if this process bound it (see
     /// [`Listener::bind`]).
     pub(crate) fn remove_socket_if_bound_here(&self) {
-        if let StdListener::Unix(listener) = self {
-            if let Some(path) = listener
-                .local_addr()
-                .ok()
-                .as_ref()
-                .and_then(|a| a.as_pathname())
-            {
-                remove_if_bound_here(path);
-            }
+        if let Ok(ListenAddr::Unix(path)) = self.local_addr() {
+            remove_if_bound_here(&path);
         }
     }
 }

@@ -1,6 +1,29 @@
 //! A prefork server: a master forks its workers from a clean state, as
 //! Apache prefork, flup and gunicorn do.
 //!
+//! # Example
+//!
+//! ```no_run
+//! use std::process::ExitCode;
+//! use tower_exit::serve::prefork::Prefork;
+//! use tower_exit::ServiceBuilderExt;
+//!
+//! # async fn handler(_: http::Request<hyper::body::Incoming>) -> Result<http::Response<String>, std::convert::Infallible> { todo!() }
+//! fn main() -> std::io::Result<ExitCode> {
+//!     let exit = Prefork::new("127.0.0.1:8080".parse().unwrap())
+//!         .workers(4)
+//!         .max_requests(1000)
+//!         .stop_all_code(3)
+//!         .run_http(|supervisor| {
+//!             tower::ServiceBuilder::new()
+//!                 .boundary(supervisor)
+//!                 .catch_panic()
+//!                 .service_fn(handler)
+//!         })?;
+//!     Ok(exit.into())
+//! }
+//! ```
+//!
 //! Call [`Prefork::run_http`] or [`Prefork::run_fastcgi`] at the top of
 //! `main`, before any tokio runtime or thread exists. The master binds the
 //! listener, forks the workers and then only watches them: it never creates
@@ -25,27 +48,6 @@
 //! - **No zombies, no orphans**: the master reaps each worker it forked (by
 //!   pid) and waits for all of them before it returns; a worker dies with
 //!   its master (`PR_SET_PDEATHSIG`), even if the master is killed.
-//!
-//! ```no_run
-//! use std::process::ExitCode;
-//! use tower_exit::prefork::Prefork;
-//! use tower_exit::ServiceBuilderExt;
-//!
-//! # async fn handler(_: http::Request<hyper::body::Incoming>) -> Result<http::Response<String>, std::convert::Infallible> { todo!() }
-//! fn main() -> std::io::Result<ExitCode> {
-//!     let exit = Prefork::new("127.0.0.1:8080".parse().unwrap())
-//!         .workers(4)
-//!         .max_requests(1000)
-//!         .stop_all_code(3)
-//!         .run_http(|supervisor| {
-//!             tower::ServiceBuilder::new()
-//!                 .boundary(supervisor)
-//!                 .catch_panic()
-//!                 .service_fn(handler)
-//!         })?;
-//!     Ok(exit.into())
-//! }
-//! ```
 
 use super::listen::StdListener;
 use crate::fork::{self, Child};

@@ -2,25 +2,7 @@
 //! `fastcgi_pass`, Apache's `mod_proxy_fcgi`, `cgi-fcgi`), until the first
 //! [`Exit`].
 //!
-//! - Records are decoded without trusting the peer: a connection buffers at
-//!   most one record, params and body have configurable [`Limits`].
-//! - Keep-alive connections (`FCGI_KEEP_CONN`) and multiplexed request ids;
-//!   `FCGI_GET_VALUES` is answered (`FCGI_MAX_CONNS`, `FCGI_MAX_REQS`,
-//!   `FCGI_MPXS_CONNS`); `FCGI_ABORT_REQUEST` drops that request's future;
-//!   unknown management records get `FCGI_UNKNOWN_TYPE`.
-//! - Params become an `http::Request`: method, `REQUEST_URI` (or
-//!   `SCRIPT_NAME` + `PATH_INFO` + `QUERY_STRING`), `HTTP_*` headers,
-//!   `CONTENT_TYPE`, `CONTENT_LENGTH`; the client's address is the
-//!   [`RemoteAddr`] extension and every param is in the [`Params`]
-//!   extension. Stdin streams in as the body ([`RequestBody`]).
-//! - The response goes out CGI-style (`Status:` line, headers, body) in
-//!   records of at most 65,535 bytes, then `FCGI_END_REQUEST`.
-//! - Bad input (malformed or truncated records, another version) closes
-//!   that connection with a log line; a bad request (unsupported role,
-//!   oversized params, unusable params) is rejected with a log line; every
-//!   other connection goes on. A peer outside the allow-list
-//!   (`FCGI_WEB_SERVER_ADDRS`, as flup and php-fpm read it, or
-//!   [`ServeFastCgi::allow`]) is refused.
+//! # Example
 //!
 //! ```no_run
 //! use std::process::ExitCode;
@@ -43,6 +25,26 @@
 //!     Ok(exit.into())
 //! }
 //! ```
+//!
+//! - Records are decoded without trusting the peer: a connection buffers at
+//!   most one record, params and body have configurable [`Limits`].
+//! - Keep-alive connections (`FCGI_KEEP_CONN`) and multiplexed request ids;
+//!   `FCGI_GET_VALUES` is answered (`FCGI_MAX_CONNS`, `FCGI_MAX_REQS`,
+//!   `FCGI_MPXS_CONNS`); `FCGI_ABORT_REQUEST` drops that request's future;
+//!   unknown management records get `FCGI_UNKNOWN_TYPE`.
+//! - Params become an `http::Request`: method, `REQUEST_URI` (or
+//!   `SCRIPT_NAME` + `PATH_INFO` + `QUERY_STRING`), `HTTP_*` headers,
+//!   `CONTENT_TYPE`, `CONTENT_LENGTH`; the client's address is the
+//!   [`RemoteAddr`] extension and every param is in the [`Params`]
+//!   extension. Stdin streams in as the body ([`RequestBody`]).
+//! - The response goes out CGI-style (`Status:` line, headers, body) in
+//!   records of at most 65,535 bytes, then `FCGI_END_REQUEST`.
+//! - Bad input (malformed or truncated records, another version) closes
+//!   that connection with a log line; a bad request (unsupported role,
+//!   oversized params, unusable params) is rejected with a log line; every
+//!   other connection goes on. A peer outside the allow-list
+//!   (`FCGI_WEB_SERVER_ADDRS`, as flup and php-fpm read it, or
+//!   [`ServeFastCgi::allow`]) is refused.
 
 mod conn;
 pub(crate) mod record;

@@ -1,6 +1,12 @@
-//! The demo routes on a prefork server, plus `/pid` (the worker's pid):
+//! The demo routes on a prefork server, with `/pid` (the worker's pid),
+//! `/hang` (blocks its worker's thread, never answers) and `/grow/MIB`
+//! (allocates and keeps MIB MiB):
 //!
-//! `cargo run --example prefork -- --listen 127.0.0.1:8080 --workers 4 --max-requests 1000`
+//! `cargo run --example prefork -- --listen 127.0.0.1:8080 --workers 4 --max-requests 1000 --timeout 30 --max-rss 512`
+//!
+//! Without `--listen`, under systemd socket activation (`LISTEN_FDS`), it
+//! serves on the socket systemd passes and tells systemd when it is ready
+//! (`NOTIFY_SOCKET`).
 //!
 //! The master forks the workers before any runtime exists. A worker
 //! recycles itself after `--max-requests`; `/exit/N` with N the
@@ -19,16 +25,40 @@ use tower_exit::serve::prefork::Prefork;
 fn main() -> ExitCode {
     demo::init_logging();
     let args = demo::parse_args("127.0.0.1:8080", true);
-    let mut prefork = Prefork::new(args.listen)
+    let prefork = if !args.listen_given && Prefork::is_socket_activated() {
+        Prefork::socket_activated()
+    } else {
+        Ok(Prefork::new(args.listen))
+    };
+    let prefork = match prefork {
+        Ok(prefork) => prefork,
+        Err(err) => return demo::finish(Err(err)),
+    };
+    let mut prefork = prefork
         .workers(args.workers)
         .stop_all_code(args.stop_all_code)
         .grace(Duration::from_secs(10))
-        .on_bound(|addr| println!("listening on {addr}"));
+        .on_bound(|addr| println!("listening on {addr}"))
+        // The hooks, visible: in the master before each fork, in each new
+        // worker (a fresh single-threaded process: printing is safe), and
+        // in the master once a worker was reaped.
+        .before_fork(|| eprintln!("hook: forking a worker"))
+        .worker_started(|| eprintln!("hook: worker {} started", std::process::id()))
+        .worker_ended(|pid, status| eprintln!("hook: worker {pid} ended: {status}"));
     if let Some(max) = args.max_requests {
         prefork = prefork.max_requests(max);
     }
     if let Some((crashes, within)) = args.restart_intensity {
         prefork = prefork.restart_intensity(crashes, within);
+    }
+    if let Some(jitter) = args.max_requests_jitter {
+        prefork = prefork.max_requests_jitter(jitter);
+    }
+    if let Some(timeout) = args.timeout {
+        prefork = prefork.timeout(timeout);
+    }
+    if let Some(mib) = args.max_rss_mib {
+        prefork = prefork.max_rss(mib << 20);
     }
     demo::finish(prefork.run_http(demo::service))
 }

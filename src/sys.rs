@@ -161,6 +161,102 @@ mod process {
         }
     }
 
+    /// Takes ownership of a descriptor the service manager passed to this
+    /// process (socket activation: `LISTEN_FDS`, checked against
+    /// `LISTEN_PID` by the caller).
+    #[cfg(feature = "http")]
+    pub(crate) fn inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
+        // SAFETY: fcntl(F_GETFD) only reads the descriptor's flags; -1
+        // means it is not open.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the descriptor is open, was passed to this process by
+        // its service manager for it to own, and nothing else here wraps it.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// The size of a memory page, for reading `/proc/self/statm`.
+    #[cfg(feature = "http")]
+    pub(crate) fn page_size() -> u64 {
+        // SAFETY: sysconf takes a constant and returns -1 on error.
+        match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+            size if size > 0 => size as u64,
+            _ => 4096,
+        }
+    }
+
+    /// Counters in memory shared with every child forked afterwards (an
+    /// anonymous shared mapping): a prefork master reads its workers'
+    /// heartbeats there.
+    #[cfg(feature = "http")]
+    pub(crate) struct SharedCounters {
+        counters: std::ptr::NonNull<std::sync::atomic::AtomicU64>,
+        len: usize,
+    }
+
+    // SAFETY: the counters are atomics, shared by design; the mapping lives
+    // until `drop`.
+    #[cfg(feature = "http")]
+    unsafe impl Send for SharedCounters {}
+    // SAFETY: as above: `&SharedCounters` only hands out `&AtomicU64`.
+    #[cfg(feature = "http")]
+    unsafe impl Sync for SharedCounters {}
+
+    #[cfg(feature = "http")]
+    impl SharedCounters {
+        /// `len` counters, all 0.
+        pub(crate) fn new(len: usize) -> io::Result<Self> {
+            let bytes = len.max(1) * std::mem::size_of::<u64>();
+            // SAFETY: a new anonymous mapping, no address asked for; the
+            // result is checked against MAP_FAILED.
+            let ptr = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    bytes,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            if ptr == libc::MAP_FAILED {
+                return Err(io::Error::last_os_error());
+            }
+            // A fresh anonymous mapping is zeroed and page-aligned: valid
+            // `AtomicU64`s, all 0.
+            let counters = std::ptr::NonNull::new(ptr.cast())
+                .ok_or_else(|| io::Error::other("mmap gave a null address"))?;
+            Ok(SharedCounters {
+                counters,
+                len: len.max(1),
+            })
+        }
+
+        /// Counter `i` (panics past the end, as indexing does).
+        pub(crate) fn get(&self, i: usize) -> &std::sync::atomic::AtomicU64 {
+            assert!(i < self.len, "counter {i} of {}", self.len);
+            // SAFETY: `i` is in bounds of the mapping, which is valid,
+            // aligned and zero-initialised memory for `len` atomics, alive
+            // as long as `self`.
+            unsafe { &*self.counters.as_ptr().add(i) }
+        }
+    }
+
+    #[cfg(feature = "http")]
+    impl Drop for SharedCounters {
+        fn drop(&mut self) {
+            // SAFETY: unmaps exactly the mapping `new` made; no reference
+            // into it outlives `self`.
+            unsafe {
+                libc::munmap(
+                    self.counters.as_ptr().cast(),
+                    self.len * std::mem::size_of::<u64>(),
+                )
+            };
+        }
+    }
+
     /// A set of signals.
     pub(super) struct SignalSet(libc::sigset_t);
 

@@ -72,6 +72,16 @@ async fn a_killed_worker_is_replaced_within_a_second() {
     }
     assert!(!common::alive(victim), "the killed worker was reaped");
     assert!(master.stderr_count("worker failed: replacing it") >= 1);
+    // The hooks ran where they belong: before each of the 3 forks, in each
+    // worker, and for the killed one once it was reaped.
+    assert_eq!(master.stderr_count("hook: forking a worker"), 3);
+    for pid in &seen {
+        assert_eq!(master.stderr_count(&format!("hook: worker {pid} started")), 1);
+    }
+    assert_eq!(
+        master.stderr_count(&format!("hook: worker {victim} ended: signal: 9")),
+        1
+    );
     signal(master.pid(), libc::SIGTERM);
     assert_eq!(master.wait_exit(Duration::from_secs(15)).code(), Some(0));
 }
@@ -287,4 +297,272 @@ async fn workers_failing_past_the_restart_intensity_stop_the_server() {
     }
     assert_eq!(master.wait_exit(Duration::from_secs(15)).code(), Some(1));
     assert!(master.stderr_count("restart intensity exceeded") >= 1);
+}
+
+// ---------------------------------------------------------------------------
+// For operators (issue 16): hung workers, memory, exact max_requests,
+// reload under load, systemd.
+// ---------------------------------------------------------------------------
+
+/// The pid in a master's log line `... pid=N ...`.
+fn pid_in(line: &str) -> u32 {
+    line.split_whitespace()
+        .find_map(|word| word.strip_prefix("pid="))
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {line:?}"))
+}
+
+fn stderr_line(master: &Proc, needle: &str, within: Duration) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(line) = master
+            .stderr
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|l| l.contains(needle))
+        {
+            return line.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} line within {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_worker_is_killed_after_the_timeout_and_replaced_while_others_serve() {
+    let (mut master, addr) = prefork(&["--workers", "2", "--timeout", "2"]);
+    let mut seen = HashSet::new();
+    while seen.len() < 2 {
+        seen.insert(pid_of_worker(addr).await);
+    }
+    // `/hang` blocks one worker's thread for good: it never answers.
+    let hung = tokio::spawn(get(addr, "/hang"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The other worker serves every request meanwhile.
+    let started = Instant::now();
+    let mut served = 0;
+    while started.elapsed() < Duration::from_millis(1500) {
+        let pid = pid_of_worker(addr).await;
+        assert!(seen.contains(&pid));
+        served += 1;
+    }
+    assert!(
+        served > 10,
+        "{served} requests served beside the hung worker"
+    );
+    let line = stderr_line(
+        &master,
+        "worker silent for longer than the timeout",
+        Duration::from_secs(4),
+    );
+    let victim = pid_in(&line);
+    assert!(seen.contains(&victim), "{line}");
+    assert!(line.contains("silent="), "how long it was silent: {line}");
+    // Its client sees the connection end; the victim is reaped and replaced.
+    let hung = tokio::time::timeout(Duration::from_secs(5), hung)
+        .await
+        .expect("hung request ended");
+    assert!(hung.unwrap().is_err(), "the hung request is never answered");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while common::alive(victim) {
+        assert!(Instant::now() < deadline, "hung worker not reaped");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut fresh = None;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while fresh.is_none() {
+        assert!(Instant::now() < deadline, "no replacement worker");
+        let pid = pid_of_worker(addr).await;
+        if !seen.contains(&pid) {
+            fresh = Some(pid);
+        }
+    }
+    assert_eq!(
+        master.stderr_count("worker silent for longer than the timeout"),
+        1
+    );
+    signal(master.pid(), libc::SIGTERM);
+    assert_eq!(master.wait_exit(Duration::from_secs(15)).code(), Some(0));
+    seen.insert(fresh.unwrap());
+    assert!(gone(&seen));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_past_max_rss_answers_then_recycles() {
+    let (mut master, addr) = prefork(&["--workers", "1", "--max-rss", "64"]);
+    let before = pid_of_worker(addr).await;
+    let grown = get(addr, "/grow/128").await.expect("answered");
+    assert_eq!(grown.status, StatusCode::OK, "{}", grown.body);
+    let line = stderr_line(
+        &master,
+        "worker over max_rss: recycling",
+        Duration::from_secs(5),
+    );
+    assert!(
+        line.contains("rss=") && line.contains("max_rss=67108864"),
+        "{line}"
+    );
+    stderr_line(&master, "worker recycled", Duration::from_secs(5));
+    assert!(!common::alive(before));
+    let after = pid_of_worker(addr).await;
+    assert_ne!(after, before, "a fresh worker serves");
+    signal(master.pid(), libc::SIGTERM);
+    assert_eq!(master.wait_exit(Duration::from_secs(15)).code(), Some(0));
+    assert!(gone(&HashSet::from([before, after])));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_requests_1_is_exact_under_keep_alive_clients() {
+    let (mut master, addr) = prefork(&["--workers", "1", "--max-requests", "1"]);
+    // 8 keep-alive clients (pooled connections), 3 requests each.
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut pids = Vec::new();
+            for _ in 0..3 {
+                let res = client
+                    .get(format!("http://{addr}/pid").parse().unwrap())
+                    .await
+                    .expect("no failed request");
+                assert_eq!(res.status(), StatusCode::OK);
+                let body = http_body_util::BodyExt::collect(res.into_body())
+                    .await
+                    .unwrap();
+                pids.push(
+                    String::from_utf8_lossy(&body.to_bytes())
+                        .parse::<u32>()
+                        .unwrap(),
+                );
+            }
+            pids
+        }));
+    }
+    let mut answers: std::collections::HashMap<u32, usize> = std::collections::HashMap::new();
+    for task in tasks {
+        for pid in task.await.unwrap() {
+            *answers.entry(pid).or_default() += 1;
+        }
+    }
+    assert_eq!(answers.values().sum::<usize>(), 24);
+    assert!(
+        answers.values().all(|&n| n == 1),
+        "a worker served more than one request: {answers:?}"
+    );
+    signal(master.pid(), libc::SIGTERM);
+    assert_eq!(master.wait_exit(Duration::from_secs(15)).code(), Some(0));
+    assert!(gone(&answers.keys().copied().collect()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_three_times_under_load_fails_no_request() {
+    let (mut master, addr) = prefork(&["--workers", "2"]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let stop = stop.clone();
+        load.push(tokio::spawn(async move {
+            let (mut ok, mut failed, mut pids) = (0u32, Vec::new(), HashSet::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match get(addr, "/pid").await {
+                    Ok(reply) if reply.status == StatusCode::OK => {
+                        ok += 1;
+                        pids.insert(reply.body.parse::<u32>().unwrap());
+                    }
+                    other => failed.push(format!("{other:?}")),
+                }
+            }
+            (ok, failed, pids)
+        }));
+    }
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        signal(master.pid(), libc::SIGHUP);
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut ok, mut pids) = (0, HashSet::new());
+    for task in load {
+        let (n, failed, seen) = task.await.unwrap();
+        assert!(
+            failed.is_empty(),
+            "failed requests during SIGHUP: {failed:?}"
+        );
+        ok += n;
+        pids.extend(seen);
+    }
+    assert!(ok > 100, "{ok} requests");
+    assert!(
+        pids.len() >= 8,
+        "4 generations of 2 workers served: {pids:?}"
+    );
+    assert_eq!(
+        master.stderr_count("SIGHUP: new workers accept, old ones drain"),
+        3
+    );
+    signal(master.pid(), libc::SIGTERM);
+    assert_eq!(master.wait_exit(Duration::from_secs(15)).code(), Some(0));
+    assert!(gone(&pids));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_socket_activation_and_notify() {
+    let dir = common::demo::TempDir::new("prefork-systemd");
+    let notify_path = dir.0.join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let port = common::demo::free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    // systemd-socket-activate binds, then (on the first connection) execs
+    // the demo with LISTEN_FDS=1, LISTEN_PID its own pid: no --listen.
+    let mut command = Command::new("systemd-socket-activate");
+    command
+        .args(["-l", &addr.to_string()])
+        .arg(format!("--setenv=NOTIFY_SOCKET={}", notify_path.display()))
+        .arg(example("prefork"))
+        .args(["--workers", "1"]);
+    let mut master = Proc::spawn(command);
+    // The first connection starts the server, then is served.
+    let mut pid = None;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while pid.is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "not served: {:?}",
+            master.stderr.lock().unwrap()
+        );
+        if let Ok(Ok(reply)) =
+            tokio::time::timeout(Duration::from_secs(10), get(addr, "/pid")).await
+        {
+            pid = reply.body.parse::<u32>().ok();
+        } else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let mut said = Vec::new();
+    let mut buf = [0u8; 512];
+    while !said.iter().any(|m: &String| m.contains("READY=1")) {
+        let n = notify.recv(&mut buf).expect("READY=1 on NOTIFY_SOCKET");
+        said.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert!(
+        said.iter()
+            .any(|m| m.contains(&format!("MAINPID={}", master.pid()))),
+        "{said:?}"
+    );
+    signal(master.pid(), libc::SIGTERM);
+    while !said.iter().any(|m| m.contains("STOPPING=1")) {
+        let n = notify.recv(&mut buf).expect("STOPPING=1 on NOTIFY_SOCKET");
+        said.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert_eq!(master.wait_exit(Duration::from_secs(15)).code(), Some(0));
+    assert!(gone(&HashSet::from([pid.unwrap()])));
 }

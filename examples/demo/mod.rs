@@ -28,6 +28,15 @@ pub struct Args {
     pub header_timeout: Option<Duration>,
     /// `--max-connections N` (HTTP demo).
     pub max_connections: Option<usize>,
+    /// Whether `--listen` was given (prefork: without it, sockets passed by
+    /// systemd are used when there are some).
+    pub listen_given: bool,
+    /// `--timeout SECS` (prefork): kill a worker silent for that long.
+    pub timeout: Option<Duration>,
+    /// `--max-rss MIB` (prefork): recycle a worker past that.
+    pub max_rss_mib: Option<u64>,
+    /// `--max-requests-jitter N` (prefork).
+    pub max_requests_jitter: Option<u64>,
 }
 
 /// Ends `main`: the exit's code, or a startup error in plain words and
@@ -56,6 +65,10 @@ pub fn parse_args(default_listen: &str, prefork: bool) -> Args {
         restart_intensity: None,
         header_timeout: None,
         max_connections: None,
+        listen_given: false,
+        timeout: None,
+        max_rss_mib: None,
+        max_requests_jitter: None,
     };
     let number = |flag: &str, value: Option<String>| -> u64 {
         value
@@ -65,9 +78,17 @@ pub fn parse_args(default_listen: &str, prefork: bool) -> Args {
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--listen" => {
+                parsed.listen_given = true;
                 listen = args
                     .next()
                     .unwrap_or_else(|| usage("--listen needs a value", prefork))
+            }
+            "--timeout" if prefork => {
+                parsed.timeout = Some(Duration::from_secs(number("--timeout", args.next())))
+            }
+            "--max-rss" if prefork => parsed.max_rss_mib = Some(number("--max-rss", args.next())),
+            "--max-requests-jitter" if prefork => {
+                parsed.max_requests_jitter = Some(number("--max-requests-jitter", args.next()))
             }
             "--header-timeout" if !prefork => {
                 parsed.header_timeout =
@@ -115,7 +136,8 @@ pub fn parse_args(default_listen: &str, prefork: bool) -> Args {
 
 fn usage(problem: &str, prefork: bool) -> ! {
     let extra = if prefork {
-        " [--workers N] [--max-requests M] [--stop-all-code C] [--restart-intensity N/SECS]"
+        " [--workers N] [--max-requests M] [--max-requests-jitter J] [--stop-all-code C] \
+         [--restart-intensity N/SECS] [--timeout SECS] [--max-rss MIB]"
     } else {
         " [--header-timeout SECS] [--max-connections N]"
     };
@@ -153,6 +175,12 @@ pub async fn handler<B>(req: Request<B>) -> Reply {
             tokio::time::sleep(Duration::from_secs(1)).await;
             Ok(text(StatusCode::OK, "slow\n"))
         }
+        // Blocks this thread for good and never answers: a hung worker, for
+        // the prefork demo's `--timeout` (in the other demos it takes one
+        // runtime thread away).
+        "/hang" => loop {
+            std::thread::park();
+        },
         // SAFETY: the child makes one write(2) from a stack buffer and
         // raises an exit, which the guard turns into the end of the child
         // without allocating or unwinding.
@@ -178,13 +206,31 @@ pub async fn handler<B>(req: Request<B>) -> Reply {
                 ))
             }
         },
-        _ => match path.strip_prefix("/exit/").map(str::parse::<i32>) {
-            Some(Ok(code)) => Exit::new(code)
-                .with_message(format!("{path} asked for it"))
-                .raise(),
-            _ => Ok(text(StatusCode::NOT_FOUND, "not found\n")),
-        },
+        _ => {
+            if let Some(Ok(mib)) = path.strip_prefix("/grow/").map(str::parse::<usize>) {
+                return Ok(text(StatusCode::OK, grow(mib)));
+            }
+            match path.strip_prefix("/exit/").map(str::parse::<i32>) {
+                Some(Ok(code)) => Exit::new(code)
+                    .with_message(format!("{path} asked for it"))
+                    .raise(),
+                _ => Ok(text(StatusCode::NOT_FOUND, "not found\n")),
+            }
+        }
     }
+}
+
+/// `/grow/MIB`: allocates `mib` MiB, touches every page (so it is
+/// resident) and keeps it for the life of the process: memory growth, for
+/// the prefork demo's `--max-rss` (capped at 4 GiB a request).
+fn grow(mib: usize) -> String {
+    static KEPT: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+    let mib = mib.min(4096);
+    let block = vec![1u8; mib << 20];
+    let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
+    kept.push(block);
+    let total: usize = kept.iter().map(Vec::len).sum();
+    format!("grew {mib} MiB ({} MiB kept)\n", total >> 20)
 }
 
 /// Writes one line to stdout from a child forked by a multi-threaded

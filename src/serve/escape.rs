@@ -29,6 +29,7 @@ use std::task::{ready, Context, Poll};
 use tower::util::Oneshot;
 use tower_service::Service;
 
+use super::budget::Budget;
 use super::BoxError;
 
 /// Wraps the service a server runs; see [the module docs](self).
@@ -43,11 +44,14 @@ pub(crate) struct Escapes<S> {
 
 impl<S> Escapes<S> {
     /// Wraps `inner` for one connection; `draining` is the server's flag
-    /// for HTTP/1's `connection: close`, if it has one.
+    /// for HTTP/1's `connection: close`, if it has one; `budget` the
+    /// server's request budget, of which the connection holds one unit as
+    /// the credit for its first request.
     pub(crate) fn new(
         inner: S,
         supervisor: &Supervisor,
         draining: Option<&Arc<AtomicBool>>,
+        budget: Option<&Arc<Budget>>,
     ) -> Self {
         Escapes {
             inner,
@@ -57,6 +61,8 @@ impl<S> Escapes<S> {
                 ended: AtomicU32::new(0),
                 http2: AtomicBool::new(false),
                 draining: draining.cloned(),
+                credit: AtomicBool::new(budget.is_some()),
+                budget: budget.cloned(),
             }),
         }
     }
@@ -66,14 +72,26 @@ impl<S> Escapes<S> {
         &self.conn
     }
 
-    /// Counts a new request in flight.
-    fn start(&self, version: Version) -> InFlight {
+    /// Counts a new request in flight; `Err` if it is beyond the budget
+    /// (to be answered `503` without calling the service).
+    fn start(&self, version: Version) -> Result<InFlight, InFlight> {
         let conn = &self.conn;
         conn.started.fetch_add(1, Ordering::Relaxed);
         if version == Version::HTTP_2 {
             conn.http2.store(true, Ordering::Relaxed);
         }
-        InFlight(conn.clone())
+        let in_flight = InFlight(conn.clone());
+        match &conn.budget {
+            None => Ok(in_flight),
+            Some(budget) => {
+                if conn.credit.swap(false, Ordering::AcqRel) || budget.try_take() {
+                    budget.use_one();
+                    Ok(in_flight)
+                } else {
+                    Err(in_flight)
+                }
+            }
+        }
     }
 }
 
@@ -94,6 +112,20 @@ pub(crate) struct Conn {
     http2: AtomicBool,
     /// Server-wide: set once the server drains (HTTP only).
     draining: Option<Arc<AtomicBool>>,
+    /// Holds a unit of `budget` for its next request.
+    credit: AtomicBool,
+    budget: Option<Arc<Budget>>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        // A connection that ends with an unused credit gives it back.
+        if let Some(budget) = &self.budget {
+            if *self.credit.get_mut() {
+                budget.give_back();
+            }
+        }
+    }
 }
 
 impl Conn {
@@ -190,10 +222,14 @@ where
             // would wait behind it forever.
             Ok(Poll::Pending | Poll::Ready(Err(_))) => {
                 let version = req.version();
+                let in_flight = match escapes.start(version) {
+                    Ok(in_flight) => in_flight,
+                    Err(in_flight) => return EscapesFuture::refused(version, in_flight),
+                };
                 let clone = escapes.inner.clone();
                 let pending = std::mem::replace(&mut escapes.inner, clone);
                 EscapesFuture {
-                    in_flight: Some(escapes.start(version)),
+                    in_flight: Some(in_flight),
                     state: State::Running {
                         future: Either::Right {
                             future: Oneshot::new(pending, req),
@@ -237,7 +273,10 @@ impl<S> Escapes<S> {
         S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     {
         let version = req.version();
-        let in_flight = self.start(version);
+        let in_flight = match self.start(version) {
+            Ok(in_flight) => in_flight,
+            Err(in_flight) => return EscapesFuture::refused(version, in_flight),
+        };
         let inner = &mut self.inner;
         let outer = enter_catching();
         let called = catch_unwind(AssertUnwindSafe(|| inner.call(req)));
@@ -268,7 +307,7 @@ impl<S> Escapes<S> {
                 EscapesFuture {
                     state: State::Exited,
                     version,
-                    in_flight: Some(self.start(version)),
+                    in_flight: Some(InFlight(self.conn.clone())),
                 }
             }
             None => resume_unwind(payload),
@@ -283,6 +322,18 @@ pin_project! {
         version: Version,
         // Taken into the response body; `None` once the future completed.
         in_flight: Option<InFlight>,
+    }
+}
+
+impl<F> EscapesFuture<F> {
+    /// A request beyond the server's budget: `503`, and the connection
+    /// closed (HTTP/1), without calling the service.
+    fn refused(version: Version, in_flight: InFlight) -> Self {
+        EscapesFuture {
+            state: State::Exited,
+            version,
+            in_flight: Some(in_flight),
+        }
     }
 }
 
@@ -348,11 +399,33 @@ where
 
 /// An HTTP/1 response on a connection of a draining server: it closes the
 /// connection, so that keep-alive clients stop sending on it.
+///
+/// With a budget, the connection may send another request only with a new
+/// credit: taken here, or the response closes the connection.
 fn closing(in_flight: Option<&InFlight>, version: Version) -> bool {
-    version <= Version::HTTP_11
-        && in_flight
-            .and_then(|in_flight| in_flight.0.draining.as_ref())
-            .is_some_and(|draining| draining.load(Ordering::Acquire))
+    let Some(InFlight(conn)) = in_flight else {
+        return false;
+    };
+    if version > Version::HTTP_11 {
+        return false;
+    }
+    if conn
+        .draining
+        .as_ref()
+        .is_some_and(|draining| draining.load(Ordering::Acquire))
+    {
+        return true;
+    }
+    match &conn.budget {
+        Some(budget) => {
+            let credit = budget.try_take();
+            if credit {
+                conn.credit.store(true, Ordering::Release);
+            }
+            !credit
+        }
+        None => false,
+    }
 }
 
 fn close<B>(res: &mut Response<B>) {

@@ -22,6 +22,7 @@
 //! }
 //! ```
 
+use super::budget::Budget;
 use super::escape::{Escapes, ForHyper};
 use super::listen::Listener;
 use super::watch::{Event, Watch};
@@ -52,6 +53,7 @@ pub fn http<S>(listener: impl Into<Listener>, service: S, supervisor: &Superviso
         drain: DrainOptions::default(),
         header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
         max_connections: None,
+        budget: None,
     }
 }
 
@@ -85,6 +87,7 @@ pub struct Serve<S> {
     drain: DrainOptions,
     header_read_timeout: Duration,
     max_connections: Option<usize>,
+    budget: Option<Arc<Budget>>,
 }
 
 impl<S> Serve<S> {
@@ -102,6 +105,14 @@ impl<S> Serve<S> {
     /// answer within 20 s is closed.
     pub fn header_read_timeout(mut self, timeout: Duration) -> Self {
         self.header_read_timeout = timeout;
+        self
+    }
+
+    /// Serve at most `max` requests, exactly, then drain and resolve to
+    /// [`Exit::success`] (a prefork worker recycling; see `serve::budget`).
+    #[cfg(feature = "fork")] // prefork is its one user
+    pub(crate) fn max_requests(mut self, max: u64) -> Self {
+        self.budget = Some(Arc::new(Budget::new(max.max(1))));
         self
     }
 
@@ -127,6 +138,7 @@ impl<S> Serve<S> {
             drain,
             header_read_timeout,
             max_connections,
+            budget,
         } = self;
         drain.start(&supervisor)?;
         let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -154,6 +166,23 @@ impl<S> Serve<S> {
                 _ = shutdown.as_mut() => break,
                 slot = slots.clone().acquire_owned() => slot.expect("semaphore never closed"),
             };
+            // With a budget, a unit of it for the connection's first
+            // request; none left: recycle.
+            if let Some(budget) = &budget {
+                let unit = tokio::select! {
+                    biased;
+                    _ = shutdown.as_mut() => break,
+                    unit = budget.next() => unit,
+                };
+                if !unit {
+                    tracing::info!(
+                        max_requests = budget.max(),
+                        "served max_requests: recycling"
+                    );
+                    supervisor.trigger(Exit::success().with_message("max_requests served"));
+                    break;
+                }
+            }
             let Some((stream, peer)) = super::accept_until(&listener, shutdown.as_mut()).await
             else {
                 break;
@@ -161,7 +190,12 @@ impl<S> Serve<S> {
             while connections.try_join_next().is_some() {}
             // Rule 3: an exit escaping the service ends the server, not
             // just the connection (see `escape`).
-            let svc = Escapes::new(service.clone(), &supervisor, Some(&draining));
+            let svc = Escapes::new(
+                service.clone(),
+                &supervisor,
+                Some(&draining),
+                budget.as_ref(),
+            );
             let conn_state = svc.conn().clone();
             let conn = builder
                 .serve_connection_with_upgrades(TokioIo::new(stream), ForHyper::new(svc))

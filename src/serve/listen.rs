@@ -209,6 +209,23 @@ impl StdListener {
         }
     }
 
+    /// A listening socket passed to this process (socket activation), TCP
+    /// or unix, told apart by its address family.
+    pub(crate) fn from_fd(fd: std::os::fd::OwnedFd) -> io::Result<Self> {
+        let tcp = std::net::TcpListener::from(fd);
+        if tcp.local_addr().is_ok() {
+            return Ok(StdListener::Tcp(tcp));
+        }
+        let unix = std::os::unix::net::UnixListener::from(std::os::fd::OwnedFd::from(tcp));
+        unix.local_addr().map_err(|err| {
+            io::Error::new(
+                err.kind(),
+                format!("the inherited socket is neither TCP nor unix: {err}"),
+            )
+        })?;
+        Ok(StdListener::Unix(unix))
+    }
+
     /// The address actually bound.
     pub(crate) fn local_addr(&self) -> io::Result<ListenAddr> {
         match self {

@@ -55,6 +55,7 @@ macro_rules! drain_options {
     };
 }
 
+mod budget;
 mod escape;
 pub mod fastcgi;
 pub mod graceful;

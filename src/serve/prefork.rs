@@ -52,18 +52,26 @@
 use super::listen::StdListener;
 use crate::fork::{self, Child};
 use crate::serve::{ListenAddr, Listener, ServeService};
-use crate::sys::{self, BlockedSignals};
+use crate::sys::{self, BlockedSignals, SharedCounters};
 use crate::{Exit, Supervisor};
 use std::future::{Future, IntoFuture};
 use std::io;
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tower_service::Service;
 
 type OnBound = Arc<dyn Fn(&ListenAddr) + Send + Sync>;
+type Hook = Arc<dyn Fn() + Send + Sync>;
+type OnWorkerEnded = Arc<dyn Fn(u32, ExitStatus) + Send + Sync>;
+
+/// The master's hooks (see [`Prefork::before_fork`] and friends).
+#[derive(Clone, Default)]
+struct Hooks {
+    before_fork: Option<Hook>,
+    worker_started: Option<Hook>,
+    worker_ended: Option<OnWorkerEnded>,
+}
 
 /// A prefork server's configuration. See [the module docs](self).
 #[derive(Clone)]
@@ -76,6 +84,11 @@ pub struct Prefork {
     grace: Duration,
     on_bound: Option<OnBound>,
     restart_intensity: Option<(u32, Duration)>,
+    timeout: Option<Duration>,
+    max_rss: Option<u64>,
+    hooks: Hooks,
+    /// The socket systemd passed (socket activation), instead of binding.
+    inherited: Option<Arc<std::os::fd::OwnedFd>>,
 }
 
 /// The most workers one master runs (`workers` and SIGTTIN stop there).
@@ -91,6 +104,8 @@ impl std::fmt::Debug for Prefork {
             .field("stop_all_code", &self.stop_all_code)
             .field("grace", &self.grace)
             .field("restart_intensity", &self.restart_intensity)
+            .field("timeout", &self.timeout)
+            .field("max_rss", &self.max_rss)
             .finish_non_exhaustive()
     }
 }
@@ -107,7 +122,84 @@ impl Prefork {
             grace: super::DEFAULT_GRACE,
             on_bound: None,
             restart_intensity: None,
+            timeout: None,
+            max_rss: None,
+            hooks: Hooks::default(),
+            inherited: None,
         }
+    }
+
+    /// Whether systemd passed this process sockets to serve on (socket
+    /// activation: `LISTEN_PID` is this process, `LISTEN_FDS` is set).
+    pub fn is_socket_activated() -> bool {
+        std::env::var("LISTEN_PID").is_ok_and(|pid| pid == std::process::id().to_string())
+            && std::env::var_os("LISTEN_FDS").is_some()
+    }
+
+    /// A master that serves on the one socket systemd passed (socket
+    /// activation, `LISTEN_FDS`/`LISTEN_PID`; see `systemd.socket(5)`),
+    /// instead of binding one. An error if there is not exactly one.
+    ///
+    /// Under systemd (`NOTIFY_SOCKET` set, `Type=notify`), every master
+    /// also says `READY=1` once its workers accept, `RELOADING=1` and
+    /// `READY=1` around a SIGHUP, `STOPPING=1` when it drains, and
+    /// `WATCHDOG=1` at half of `WATCHDOG_USEC` when that is set.
+    pub fn socket_activated() -> io::Result<Self> {
+        let fds: Vec<_> = sd_notify::listen_fds()?.collect();
+        let [fd] = fds[..] else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "socket activation: expected one socket from the service manager, got {}",
+                    fds.len()
+                ),
+            ));
+        };
+        let fd = sys::inherited_fd(fd)?;
+        let listen = StdListener::from_fd(fd.try_clone()?)?.local_addr()?;
+        let mut prefork = Prefork::new(listen);
+        prefork.inherited = Some(Arc::new(fd));
+        Ok(prefork)
+    }
+
+    /// Kills a worker that shows no sign of life for `timeout` (its thread
+    /// blocked: a handler stuck in a lock, a loop, a blocking call), logs
+    /// its pid and how long it was silent, and starts another. Off by
+    /// default. Each worker beats from its own runtime, a few times per
+    /// `timeout` (at most every second), so a handler that only awaits is
+    /// never killed, however long it takes.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout.max(Duration::from_millis(200)));
+        self
+    }
+
+    /// Recycles a worker whose resident memory passes `bytes`: it finishes
+    /// what it accepted, drains and exits 0, and the master starts a fresh
+    /// one (logged with the figure). Checked about once a second. Off by
+    /// default.
+    pub fn max_rss(mut self, bytes: u64) -> Self {
+        self.max_rss = Some(bytes);
+        self
+    }
+
+    /// Runs `hook` in the master just before it forks each worker.
+    pub fn before_fork(mut self, hook: impl Fn() + Send + Sync + 'static) -> Self {
+        self.hooks.before_fork = Some(Arc::new(hook));
+        self
+    }
+
+    /// Runs `hook` in each new worker, first thing, before its runtime
+    /// exists.
+    pub fn worker_started(mut self, hook: impl Fn() + Send + Sync + 'static) -> Self {
+        self.hooks.worker_started = Some(Arc::new(hook));
+        self
+    }
+
+    /// Runs `hook` in the master when a worker ended (and was reaped), with
+    /// its pid and status.
+    pub fn worker_ended(mut self, hook: impl Fn(u32, ExitStatus) + Send + Sync + 'static) -> Self {
+        self.hooks.worker_ended = Some(Arc::new(hook));
+        self
     }
 
     /// Called in the master once the listener is bound, with the address
@@ -135,14 +227,20 @@ impl Prefork {
         self
     }
 
-    /// Recycle a worker after it served this many requests.
+    /// Recycle a worker after it served this many requests, exactly: it
+    /// accepts no more connections than its remaining budget and closes a
+    /// keep-alive connection when the budget is spent (see
+    /// `serve::budget`), so it never serves one more (gunicorn's sync
+    /// worker). For FastCGI, exact with one request per connection (nginx's
+    /// default); on a kept connection a request past it gets `503`.
     pub fn max_requests(mut self, max_requests: u64) -> Self {
         self.max_requests = Some(max_requests.max(1));
         self
     }
 
     /// Add up to this many requests to each worker's `max_requests`, so
-    /// that workers do not all recycle at once.
+    /// that workers do not all recycle at once (default 0: exactly
+    /// `max_requests`).
     pub fn max_requests_jitter(mut self, jitter: u64) -> Self {
         self.jitter = jitter;
         self
@@ -176,11 +274,13 @@ impl Prefork {
     {
         let grace = self.grace;
         self.run(move |listener, supervisor, limit| {
-            let svc = Recycle::new(factory(supervisor), supervisor, limit);
-            crate::serve::http(listener, svc, supervisor)
+            let mut serve = crate::serve::http(listener, factory(supervisor), supervisor)
                 .grace(grace)
-                .with_signals()
-                .into_future()
+                .with_signals();
+            if let Some(limit) = limit {
+                serve = serve.max_requests(limit);
+            }
+            serve.into_future()
         })
     }
 
@@ -193,11 +293,13 @@ impl Prefork {
     {
         let grace = self.grace;
         self.run(move |listener, supervisor, limit| {
-            let svc = Recycle::new(factory(supervisor), supervisor, limit);
-            crate::serve::fastcgi(listener, svc, supervisor)
+            let mut serve = crate::serve::fastcgi(listener, factory(supervisor), supervisor)
                 .grace(grace)
-                .with_signals()
-                .into_future()
+                .with_signals();
+            if let Some(limit) = limit {
+                serve = serve.max_requests(limit);
+            }
+            serve.into_future()
         })
     }
 
@@ -224,17 +326,26 @@ impl Prefork {
             }
         }
         let signals = BlockedSignals::block(&MASTER_SIGNALS)?;
-        let listener = StdListener::bind(&self.listen)?;
+        let listener = match &self.inherited {
+            Some(fd) => StdListener::from_fd(fd.try_clone()?)?,
+            None => StdListener::bind(&self.listen)?,
+        };
         let bound = listener.local_addr()?;
         tracing::info!(listen = %bound, workers = self.workers, "prefork master started");
         if let Some(on_bound) = &self.on_bound {
             on_bound(&bound);
         }
+        let beats = SharedCounters::new(2 * MAX_WORKERS)?;
         let mut master = Master {
             config: &self,
             listener: &listener,
             signals: &signals,
             serve: &serve,
+            beats: &beats,
+            free_slots: (0..2 * MAX_WORKERS).rev().collect(),
+            reloading: None,
+            told_ready: false,
+            watchdog: watchdog_period().map(|every| (every, Instant::now())),
             workers: Vec::new(),
             wanted: self.workers,
             failures: 0,
@@ -255,15 +366,25 @@ impl Prefork {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Role {
     Serving,
+    /// Serving until its replacement accepts (SIGHUP); not counted as
+    /// serving, so the replacement is started.
+    Outgoing,
     /// Told to drain (SIGHUP, SIGTTOU, stopping): its end is not a failure
     /// and it is not replaced.
     Retiring,
+    /// Killed for its silence (`timeout`): replaced at once.
+    Hung,
 }
 
 struct Worker {
     child: Child,
     role: Role,
     started: Instant,
+    /// Its heartbeat counter in the shared mapping.
+    slot: usize,
+    /// The last count seen, and when it changed (or the fork).
+    beat: u64,
+    beat_changed: Instant,
 }
 
 struct Master<'a, W> {
@@ -271,6 +392,15 @@ struct Master<'a, W> {
     listener: &'a StdListener,
     signals: &'a BlockedSignals,
     serve: &'a W,
+    /// One heartbeat counter per worker slot, shared with the workers.
+    beats: &'a SharedCounters,
+    free_slots: Vec<usize>,
+    /// When a SIGHUP started replacing the workers.
+    reloading: Option<Instant>,
+    /// `READY=1` was sent.
+    told_ready: bool,
+    /// systemd's watchdog: how often to say `WATCHDOG=1`, and when it was.
+    watchdog: Option<(Duration, Instant)>,
     workers: Vec<Worker>,
     wanted: usize,
     /// Workers that failed in a row, for the respawn delay.
@@ -296,6 +426,9 @@ where
                 return Ok(exit);
             }
             self.spawn_missing()?;
+            self.check_heartbeats();
+            self.finish_reload();
+            self.tell_systemd();
             match self.signals.wait(Duration::from_millis(100)) {
                 Some(libc::SIGTERM) => {
                     tracing::info!("SIGTERM: graceful stop");
@@ -306,8 +439,18 @@ where
                     return self.stop_all(Exit::success().with_message("fast stop"), false);
                 }
                 Some(libc::SIGHUP) => {
-                    tracing::info!("SIGHUP: replacing every worker");
-                    self.retire(self.serving_count());
+                    tracing::info!("SIGHUP: replacing every worker (new ones first)");
+                    for worker in &mut self.workers {
+                        if worker.role == Role::Serving {
+                            worker.role = Role::Outgoing;
+                        }
+                    }
+                    self.reloading = Some(Instant::now());
+                    notify(&[
+                        sd_notify::NotifyState::Reloading,
+                        sd_notify::NotifyState::monotonic_usec_now()
+                            .unwrap_or(sd_notify::NotifyState::MonotonicUsec(0)),
+                    ]);
                 }
                 Some(libc::SIGTTIN) if self.wanted >= MAX_WORKERS => {
                     tracing::warn!(workers = self.wanted, "SIGTTIN: already at the maximum");
@@ -322,6 +465,85 @@ where
                     self.retire(1);
                 }
                 _ => {}
+            }
+        }
+    }
+
+    /// Kills the workers silent for longer than the timeout.
+    fn check_heartbeats(&mut self) {
+        let now = Instant::now();
+        for worker in &mut self.workers {
+            let beat = self.beats.get(worker.slot).load(Ordering::Acquire);
+            if beat != worker.beat {
+                worker.beat = beat;
+                worker.beat_changed = now;
+                continue;
+            }
+            let Some(timeout) = self.config.timeout else {
+                continue;
+            };
+            let silent = now - worker.beat_changed;
+            if silent > timeout && worker.role != Role::Hung {
+                tracing::warn!(
+                    pid = worker.child.pid(),
+                    silent = ?silent,
+                    "worker silent for longer than the timeout: killed (SIGKILL), replacing it"
+                );
+                let _ = worker.child.kill(libc::SIGKILL);
+                worker.role = Role::Hung;
+            }
+        }
+    }
+
+    /// After a SIGHUP: once the new workers all accept (they beat), the old
+    /// ones drain.
+    fn finish_reload(&mut self) {
+        let Some(started) = self.reloading else {
+            return;
+        };
+        let ready = self
+            .workers
+            .iter()
+            .filter(|w| w.role == Role::Serving && w.beat > 0)
+            .count();
+        if ready < self.wanted {
+            return;
+        }
+        let mut old = 0;
+        for worker in &mut self.workers {
+            if worker.role == Role::Outgoing {
+                worker.role = Role::Retiring;
+                let _ = worker.child.kill(libc::SIGTERM);
+                old += 1;
+            }
+        }
+        self.reloading = None;
+        tracing::info!(took = ?started.elapsed(), old, "SIGHUP: new workers accept, old ones drain");
+        notify(&[sd_notify::NotifyState::Ready]);
+    }
+
+    /// `READY=1` once the first workers accept; `WATCHDOG=1` at half the
+    /// watchdog period.
+    fn tell_systemd(&mut self) {
+        if !self.told_ready {
+            let ready = self
+                .workers
+                .iter()
+                .filter(|w| w.role == Role::Serving && w.beat > 0)
+                .count();
+            if ready >= self.wanted {
+                self.told_ready = true;
+                tracing::info!(workers = ready, "workers accept");
+                notify(&[
+                    sd_notify::NotifyState::Ready,
+                    sd_notify::NotifyState::MainPid(std::process::id()),
+                ]);
+            }
+        }
+        if let Some((every, last)) = &mut self.watchdog {
+            if last.elapsed() >= *every {
+                *last = Instant::now();
+                notify(&[sd_notify::NotifyState::Watchdog]);
             }
         }
     }
@@ -353,7 +575,15 @@ where
             if Instant::now() < self.next_spawn {
                 return Ok(());
             }
-            let child = match self.spawn_worker() {
+            let Some(slot) = self.free_slots.pop() else {
+                // Every slot taken by workers still draining: wait for one.
+                return Ok(());
+            };
+            self.beats.get(slot).store(0, Ordering::Release);
+            if let Some(hook) = &self.config.hooks.before_fork {
+                hook();
+            }
+            let child = match self.spawn_worker(slot) {
                 // The master reaps on SIGCHLD and needs no pidfd; without
                 // one, the next worker forked inherits none of its
                 // siblings' (each pidfd would stay open in every younger
@@ -362,23 +592,36 @@ where
                 Err(err) => {
                     // Out of processes or memory: keep the workers we have
                     // and try again in a second.
+                    self.free_slots.push(slot);
                     tracing::error!(%err, "cannot fork a worker: trying again in 1 s");
                     self.next_spawn = Instant::now() + Duration::from_secs(1);
                     return Ok(());
                 }
             };
             tracing::info!(pid = child.pid(), "worker started");
+            let now = Instant::now();
             self.workers.push(Worker {
                 child,
                 role: Role::Serving,
-                started: Instant::now(),
+                started: now,
+                slot,
+                beat: 0,
+                beat_changed: now,
             });
         }
         Ok(())
     }
 
-    fn spawn_worker(&self) -> io::Result<Child> {
+    fn spawn_worker(&self, slot: usize) -> io::Result<Child> {
         let master = std::process::id();
+        let beat = self.beats.get(slot);
+        let heartbeat = Heartbeat {
+            every: self.config.timeout.map_or(Duration::from_secs(1), |t| {
+                (t / 4).min(Duration::from_secs(1))
+            }),
+            max_rss: self.config.max_rss,
+        };
+        let worker_started = self.config.hooks.worker_started.clone();
         let limit = self
             .config
             .max_requests
@@ -393,6 +636,9 @@ where
             sys::die_with_parent(libc::SIGKILL, master);
             if signals.restore().is_err() {
                 crate::exit(1)
+            }
+            if let Some(hook) = &worker_started {
+                hook();
             }
             // One thread per worker: processes are the unit of parallelism
             // here, as in Apache prefork (run as many workers as cores).
@@ -409,7 +655,14 @@ where
             let exit = runtime.block_on(async {
                 let listener = listener.to_tokio()?;
                 let supervisor = Supervisor::new();
-                serve(listener, &supervisor, limit).await
+                // The first beat says the worker accepts; the later ones
+                // that its thread is not blocked. (Polled with the server
+                // on this task: the counter lives in the master's frame,
+                // which outlives this worker.)
+                tokio::select! {
+                    exit = serve(listener, &supervisor, limit) => exit,
+                    never = heartbeat.run(beat, supervisor.clone()) => match never {},
+                }
             });
             // Let the runtime's threads go before the process ends.
             runtime.shutdown_timeout(Duration::from_secs(1));
@@ -440,19 +693,26 @@ where
     fn ended(&mut self, worker: &Worker, status: ExitStatus) {
         let pid = worker.child.pid();
         let lived = worker.started.elapsed();
+        self.free_slots.push(worker.slot);
+        if let Some(hook) = &self.config.hooks.worker_ended {
+            hook(pid, status);
+        }
         match (worker.role, status.code()) {
             (Role::Retiring, _) => tracing::info!(pid, %status, "worker retired"),
+            (Role::Hung, _) => tracing::info!(pid, %status, "hung worker reaped"),
             // Checked first; `run` refused a stop-all code of 0, which is
             // the status of a worker recycling itself.
-            (Role::Serving, Some(code)) if Some(code) == self.config.stop_all_code => {
+            (Role::Serving | Role::Outgoing, Some(code))
+                if Some(code) == self.config.stop_all_code =>
+            {
                 tracing::warn!(pid, code, "worker asked to stop the server");
                 self.stop = Some(Exit::new(code).with_message("a worker asked to stop the server"));
             }
-            (Role::Serving, Some(0)) => {
+            (Role::Serving | Role::Outgoing, Some(0)) => {
                 tracing::info!(pid, "worker recycled");
                 self.failures = 0;
             }
-            (Role::Serving, _) => {
+            (Role::Serving | Role::Outgoing, _) => {
                 // Fast failures in a row back off: 0.1 s, 0.2 s, ... up to
                 // 10 s; a worker that lived a while resets the count.
                 if lived > Duration::from_secs(5) {
@@ -500,6 +760,7 @@ where
     /// Stops every worker (SIGTERM and a grace period, or SIGKILL at
     /// once), reaps them all, and returns `exit`.
     fn stop_all(&mut self, exit: Exit, graceful: bool) -> io::Result<Exit> {
+        notify(&[sd_notify::NotifyState::Stopping]);
         let signal = if graceful {
             libc::SIGTERM
         } else {
@@ -533,6 +794,61 @@ where
     }
 }
 
+/// Tells the service manager, if one listens (`NOTIFY_SOCKET`); a failure
+/// is logged, never fatal.
+fn notify(states: &[sd_notify::NotifyState<'_>]) {
+    if let Err(err) = sd_notify::notify(false, states) {
+        tracing::warn!(%err, "cannot notify the service manager");
+    }
+}
+
+/// Half of systemd's `WATCHDOG_USEC`, when it asks this process.
+fn watchdog_period() -> Option<Duration> {
+    let mut usec = 0;
+    sd_notify::watchdog_enabled(false, &mut usec).then(|| Duration::from_micros(usec / 2))
+}
+
+/// A worker's sign of life, from its own runtime: a counter in memory the
+/// master reads, moved every `every`; and its resident memory, checked at
+/// the same pace against `max_rss`.
+struct Heartbeat {
+    every: Duration,
+    max_rss: Option<u64>,
+}
+
+impl Heartbeat {
+    async fn run(self, beat: &AtomicU64, supervisor: Supervisor) -> std::convert::Infallible {
+        let page = sys::page_size();
+        let mut interval = tokio::time::interval(self.every);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut recycling = false;
+        loop {
+            interval.tick().await;
+            beat.fetch_add(1, Ordering::Release);
+            let Some(max) = self.max_rss else {
+                continue;
+            };
+            if recycling {
+                continue;
+            }
+            if let Some(rss) = resident_bytes(page) {
+                if rss > max {
+                    recycling = true;
+                    tracing::info!(rss, max_rss = max, "worker over max_rss: recycling");
+                    supervisor.trigger(Exit::success().with_message("max_rss exceeded"));
+                }
+            }
+        }
+    }
+}
+
+/// This process's resident memory (`/proc/self/statm`, second field).
+fn resident_bytes(page: u64) -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * page)
+}
+
 /// A pseudo-random number in `0..=jitter`, different for each worker
 /// spawned (time and pid mixed); no need for a random number generator.
 fn jitter(jitter: u64) -> u64 {
@@ -559,48 +875,3 @@ const MASTER_SIGNALS: [libc::c_int; 7] = [
     libc::SIGTTOU,
     libc::SIGCHLD,
 ];
-
-/// Counts requests and records an exit when a worker served its share.
-#[derive(Clone)]
-struct Recycle<S> {
-    inner: S,
-    served: Arc<AtomicU64>,
-    limit: Option<u64>,
-    supervisor: Supervisor,
-}
-
-impl<S> Recycle<S> {
-    fn new(inner: S, supervisor: &Supervisor, limit: Option<u64>) -> Self {
-        Recycle {
-            inner,
-            served: Arc::new(AtomicU64::new(0)),
-            limit,
-            supervisor: supervisor.clone(),
-        }
-    }
-}
-
-impl<S, Req> Service<Req> for Recycle<S>
-where
-    S: Service<Req>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Req) -> Self::Future {
-        if let Some(limit) = self.limit {
-            if self.served.fetch_add(1, Ordering::Relaxed) + 1 == limit {
-                // The worker's own exit: it stops accepting, drains, and
-                // ends with status 0 for the master to replace it.
-                self.supervisor
-                    .trigger(Exit::success().with_message("recycling: max_requests reached"));
-            }
-        }
-        self.inner.call(req)
-    }
-}

@@ -160,6 +160,7 @@ pub fn fastcgi<S>(
         drain: super::DrainOptions::default(),
         limits: Limits::default(),
         allow: None,
+        budget: None,
     }
 }
 
@@ -177,6 +178,7 @@ pub struct ServeFastCgi<S> {
     drain: super::DrainOptions,
     limits: Limits,
     allow: Option<Vec<IpAddr>>,
+    budget: Option<std::sync::Arc<super::budget::Budget>>,
 }
 
 drain_options!(ServeFastCgi<S>, RequestBody);
@@ -185,6 +187,16 @@ impl<S> ServeFastCgi<S> {
     /// The limits (default [`Limits::default`]).
     pub fn limits(mut self, limits: Limits) -> Self {
         self.limits = limits;
+        self
+    }
+
+    /// Serve at most `max` requests, then drain and resolve to
+    /// [`Exit::success`] (a prefork worker recycling; see `serve::budget`).
+    /// Exact for one request per connection (nginx's default); on a kept
+    /// connection, a request beyond it is answered `503`.
+    #[cfg(feature = "fork")] // prefork is its one user
+    pub(crate) fn max_requests(mut self, max: u64) -> Self {
+        self.budget = Some(std::sync::Arc::new(super::budget::Budget::new(max.max(1))));
         self
     }
 
@@ -245,6 +257,24 @@ impl<S> ServeFastCgi<S> {
                 _ = &mut shutdown => break,
                 slot = slots.clone().acquire_owned() => slot.expect("semaphore never closed"),
             };
+            // With a budget, a unit of it for the connection's first
+            // request; none left: recycle.
+            if let Some(budget) = &self.budget {
+                let unit = tokio::select! {
+                    biased;
+                    _ = shutdown.as_mut() => break,
+                    unit = budget.next() => unit,
+                };
+                if !unit {
+                    tracing::info!(
+                        max_requests = budget.max(),
+                        "served max_requests: recycling"
+                    );
+                    self.supervisor
+                        .trigger(Exit::success().with_message("max_requests served"));
+                    break;
+                }
+            }
             let Some((stream, peer)) = super::accept_until(&self.listener, shutdown.as_mut()).await
             else {
                 break;
@@ -255,13 +285,21 @@ impl<S> ServeFastCgi<S> {
                 // canonical too, see `run`).
                 if !allow.contains(&addr.ip().to_canonical()) {
                     tracing::warn!(peer = %addr, "FastCGI peer not in the allow-list (FCGI_WEB_SERVER_ADDRS): connection refused");
+                    if let Some(budget) = &self.budget {
+                        budget.give_back();
+                    }
                     continue;
                 }
             }
             // Reap finished connection tasks as we go.
             while connections.try_join_next().is_some() {}
             // Rule 3: an exit escaping the service ends the server.
-            let service = super::escape::Escapes::new(self.service.clone(), &self.supervisor, None);
+            let service = super::escape::Escapes::new(
+                self.service.clone(),
+                &self.supervisor,
+                None,
+                self.budget.as_ref(),
+            );
             let limits = self.limits.clone();
             let drain = self.supervisor.shutdown_signal();
             connections.spawn(async move {

@@ -1,0 +1,87 @@
+//! A server's request budget (prefork's `max_requests`): it never serves
+//! one request more.
+//!
+//! Each unit is a request. The accept loop takes a unit before it accepts a
+//! connection and gives it to the connection as its *credit* for its first
+//! request; an HTTP/1 response takes a new credit for the connection's next
+//! request, or says `connection: close` when none is left. A request uses
+//! its connection's credit (or takes a unit itself: HTTP/2 streams, FastCGI
+//! requests after the first on a kept connection, which get `503` when none
+//! is left). A connection that ends with an unused credit gives it back.
+//! When the last unit is used, the server records its recycling exit and
+//! drains.
+//!
+//! Invariant: `available + outstanding credits + used == max`, so `used`
+//! never passes `max`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::sync::Notify;
+
+#[derive(Debug)]
+pub(crate) struct Budget {
+    max: u64,
+    /// Units not handed out.
+    available: AtomicU64,
+    /// Units used by requests.
+    used: AtomicU64,
+    /// Wakes the accept loop: a unit was given back, or the last one used.
+    changed: Notify,
+}
+
+impl Budget {
+    #[cfg(feature = "fork")] // prefork is its one user
+    pub(crate) fn new(max: u64) -> Self {
+        Budget {
+            max,
+            available: AtomicU64::new(max),
+            used: AtomicU64::new(0),
+            changed: Notify::new(),
+        }
+    }
+
+    /// Takes a unit, if one is left.
+    pub(crate) fn try_take(&self) -> bool {
+        self.available
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
+    /// Returns an unused unit.
+    pub(crate) fn give_back(&self) {
+        self.available.fetch_add(1, Ordering::AcqRel);
+        self.changed.notify_waiters();
+    }
+
+    /// A request used a unit it holds.
+    pub(crate) fn use_one(&self) {
+        if self.used.fetch_add(1, Ordering::AcqRel) + 1 == self.max {
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// Every unit was used: time to recycle.
+    pub(crate) fn spent(&self) -> bool {
+        self.used.load(Ordering::Acquire) >= self.max
+    }
+
+    /// A unit for the next connection: `true` once one is taken, `false`
+    /// once the budget is spent (then no connection may be accepted).
+    pub(crate) async fn next(&self) -> bool {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.try_take() {
+                return true;
+            }
+            if self.spent() {
+                return false;
+            }
+            changed.await;
+        }
+    }
+
+    pub(crate) fn max(&self) -> u64 {
+        self.max
+    }
+}

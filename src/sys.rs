@@ -176,6 +176,48 @@ mod process {
         Ok(unsafe { OwnedFd::from_raw_fd(fd) })
     }
 
+    /// Starts `command` with `listener` as its descriptor 3 (the first of
+    /// socket activation's) and the signal mask of before `signals`
+    /// blocked them: a prefork master re-executing itself (SIGUSR2).
+    #[cfg(feature = "http")]
+    pub(crate) fn spawn_with_listener(
+        mut command: std::process::Command,
+        listener: std::os::fd::BorrowedFd<'_>,
+        signals: &BlockedSignals,
+    ) -> io::Result<std::process::Child> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let fd = listener.as_raw_fd();
+        let mask = signals.old;
+        let in_child = move || -> io::Result<()> {
+            if fd == 3 {
+                // SAFETY: F_SETFD with 0 only clears close-on-exec.
+                if unsafe { libc::fcntl(3, libc::F_SETFD, 0) } == -1 {
+                    return Err(io::Error::last_os_error());
+                }
+            } else {
+                // SAFETY: dup2 makes descriptor 3 a copy of the listener
+                // (closing what 3 was in this child); the copy does not
+                // inherit close-on-exec.
+                if unsafe { libc::dup2(fd, 3) } == -1 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            // SAFETY: `mask` was filled by pthread_sigmask in `block`.
+            match unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &mask, std::ptr::null_mut()) } {
+                0 => Ok(()),
+                rc => Err(io::Error::from_raw_os_error(rc)),
+            }
+        };
+        // SAFETY: the closure runs in the forked child before `exec` and
+        // makes only async-signal-safe calls (fcntl, dup2, pthread_sigmask):
+        // no allocation, no lock.
+        unsafe {
+            command.pre_exec(in_child);
+        }
+        command.spawn()
+    }
+
     /// The size of a memory page, for reading `/proc/self/statm`.
     #[cfg(feature = "http")]
     pub(crate) fn page_size() -> u64 {

@@ -76,7 +76,10 @@ async fn a_killed_worker_is_replaced_within_a_second() {
     // worker, and for the killed one once it was reaped.
     assert_eq!(master.stderr_count("hook: forking a worker"), 3);
     for pid in &seen {
-        assert_eq!(master.stderr_count(&format!("hook: worker {pid} started")), 1);
+        assert_eq!(
+            master.stderr_count(&format!("hook: worker {pid} started")),
+            1
+        );
     }
     assert_eq!(
         master.stderr_count(&format!("hook: worker {victim} ended: signal: 9")),

@@ -198,6 +198,16 @@ pub(crate) enum StdListener {
 }
 
 #[cfg(feature = "fork")]
+impl std::os::fd::AsFd for StdListener {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            StdListener::Tcp(l) => l.as_fd(),
+            StdListener::Unix(l) => l.as_fd(),
+        }
+    }
+}
+
+#[cfg(feature = "fork")]
 impl StdListener {
     /// Binds `addr` as [`Listener::bind`] does, blocking.
     pub(crate) fn bind(addr: &ListenAddr) -> io::Result<Self> {

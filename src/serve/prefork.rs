@@ -44,7 +44,16 @@
 //!   stop the server, which gunicorn cannot do.
 //! - **Signals** (gunicorn's set): SIGTERM stops gracefully (workers drain),
 //!   SIGINT and SIGQUIT stop at once, SIGHUP replaces every worker (new ones
-//!   first, old ones drain), SIGTTIN adds a worker, SIGTTOU removes one.
+//!   first; the old ones drain once every new one accepts), SIGTTIN adds a
+//!   worker, SIGTTOU removes one. SIGUSR2 upgrades: the binary on disk
+//!   starts again as a new master on the inherited listening socket (fd 3),
+//!   and the old master drains once the new one's workers accept.
+//! - **Hung workers and memory**: [`Prefork::timeout`] kills a worker whose
+//!   runtime stopped beating; [`Prefork::max_rss`] recycles a worker past a
+//!   resident-memory limit.
+//! - **systemd**: [`Prefork::socket_activated`] serves on the socket systemd
+//!   passes; the master notifies `READY=1`, `RELOADING=1`, `STOPPING=1`,
+//!   `WATCHDOG=1` when `NOTIFY_SOCKET` is set.
 //! - **No zombies, no orphans**: the master reaps each worker it forked (by
 //!   pid) and waits for all of them before it returns; a worker dies with
 //!   its master (`PR_SET_PDEATHSIG`), even if the master is killed.
@@ -56,6 +65,7 @@ use crate::sys::{self, BlockedSignals, SharedCounters};
 use crate::{Exit, Supervisor};
 use std::future::{Future, IntoFuture};
 use std::io;
+use std::os::fd::AsFd;
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -326,9 +336,12 @@ impl Prefork {
             }
         }
         let signals = BlockedSignals::block(&MASTER_SIGNALS)?;
-        let listener = match &self.inherited {
-            Some(fd) => StdListener::from_fd(fd.try_clone()?)?,
-            None => StdListener::bind(&self.listen)?,
+        let upgraded_from = upgraded_from();
+        let listener = match (&self.inherited, upgraded_from) {
+            // Started by an old master's SIGUSR2: its socket is our fd 3.
+            (_, Some(_)) => StdListener::from_fd(sys::inherited_fd(3)?)?,
+            (Some(fd), None) => StdListener::from_fd(fd.try_clone()?)?,
+            (None, None) => StdListener::bind(&self.listen)?,
         };
         let bound = listener.local_addr()?;
         tracing::info!(listen = %bound, workers = self.workers, "prefork master started");
@@ -344,6 +357,9 @@ impl Prefork {
             beats: &beats,
             free_slots: (0..2 * MAX_WORKERS).rev().collect(),
             reloading: None,
+            upgrading: None,
+            upgraded_from,
+            handed_over: false,
             told_ready: false,
             watchdog: watchdog_period().map(|every| (every, Instant::now())),
             workers: Vec::new(),
@@ -354,10 +370,14 @@ impl Prefork {
             stop: None,
         };
         let exit = master.supervise();
+        let handed_over = master.handed_over;
         drop(master);
         let _ = signals.restore();
-        // Every worker is gone: the socket file goes too.
-        listener.remove_socket_if_bound_here();
+        // Every worker is gone: the socket file goes too, unless a new
+        // master serves on it now.
+        if !handed_over {
+            listener.remove_socket_if_bound_here();
+        }
         exit
     }
 }
@@ -397,6 +417,13 @@ struct Master<'a, W> {
     free_slots: Vec<usize>,
     /// When a SIGHUP started replacing the workers.
     reloading: Option<Instant>,
+    /// The new master a SIGUSR2 started, until it takes over.
+    upgrading: Option<std::process::Child>,
+    /// The old master that started this one (SIGUSR2), told to drain once
+    /// this one's workers accept.
+    upgraded_from: Option<u32>,
+    /// A new master took over: the socket stays.
+    handed_over: bool,
     /// `READY=1` was sent.
     told_ready: bool,
     /// systemd's watchdog: how often to say `WATCHDOG=1`, and when it was.
@@ -429,11 +456,18 @@ where
             self.check_heartbeats();
             self.finish_reload();
             self.tell_systemd();
+            self.check_upgrade();
             match self.signals.wait(Duration::from_millis(100)) {
+                Some(libc::SIGTERM) if self.upgrading.is_some() => {
+                    tracing::info!("SIGTERM during an upgrade: the new master took over, draining");
+                    self.handed_over = true;
+                    return self.stop_all(Exit::success().with_message("upgraded"), true);
+                }
                 Some(libc::SIGTERM) => {
                     tracing::info!("SIGTERM: graceful stop");
                     return self.stop_all(Exit::success().with_message("SIGTERM"), true);
                 }
+                Some(libc::SIGUSR2) => self.upgrade(),
                 Some(sig @ (libc::SIGINT | libc::SIGQUIT)) => {
                     tracing::info!(signal = sig, "fast stop");
                     return self.stop_all(Exit::success().with_message("fast stop"), false);
@@ -466,6 +500,49 @@ where
                 }
                 _ => {}
             }
+        }
+    }
+
+    /// SIGUSR2: starts a new master from the binary on disk (new code), with
+    /// the same arguments and the listening socket as its descriptor 3.
+    /// This one serves on until the new one's workers accept; then the new
+    /// one sends it SIGTERM and it drains.
+    fn upgrade(&mut self) {
+        if self.upgrading.is_some() {
+            tracing::warn!("SIGUSR2: an upgrade is already under way");
+            return;
+        }
+        let exe = match std::env::current_exe() {
+            Ok(exe) => exe,
+            Err(err) => {
+                tracing::error!(%err, "SIGUSR2: cannot find this binary: not upgrading");
+                return;
+            }
+        };
+        let mut command = std::process::Command::new(exe);
+        command
+            .args(std::env::args_os().skip(1))
+            .env(UPGRADE_FROM, std::process::id().to_string());
+        match sys::spawn_with_listener(command, self.listener.as_fd(), self.signals) {
+            Ok(child) => {
+                tracing::info!(
+                    pid = child.id(),
+                    "SIGUSR2: new master started; serving on until it accepts"
+                );
+                self.upgrading = Some(child);
+            }
+            Err(err) => tracing::error!(%err, "SIGUSR2: cannot start a new master: not upgrading"),
+        }
+    }
+
+    /// A new master that ended before taking over failed: this one serves on.
+    fn check_upgrade(&mut self) {
+        let Some(child) = &mut self.upgrading else {
+            return;
+        };
+        if let Ok(Some(status)) = child.try_wait() {
+            tracing::error!(pid = child.id(), %status, "upgrade failed: the new master ended; serving on");
+            self.upgrading = None;
         }
     }
 
@@ -538,6 +615,15 @@ where
                     sd_notify::NotifyState::Ready,
                     sd_notify::NotifyState::MainPid(std::process::id()),
                 ]);
+                if let Some(old) = self.upgraded_from {
+                    tracing::info!(
+                        old_master = old,
+                        "upgrade: this master accepts; the old one drains"
+                    );
+                    if let Err(err) = sys::kill(old as libc::pid_t, libc::SIGTERM) {
+                        tracing::warn!(%err, old_master = old, "cannot tell the old master to drain");
+                    }
+                }
             }
         }
         if let Some((every, last)) = &mut self.watchdog {
@@ -794,6 +880,19 @@ where
     }
 }
 
+/// The environment variable a master started by SIGUSR2 finds the old
+/// master's pid in.
+const UPGRADE_FROM: &str = "TOWER_EXIT_UPGRADE_FROM";
+
+/// The old master, if this process was started by its SIGUSR2 (the
+/// variable names our parent); the variable is removed, so that nothing
+/// this process starts mistakes itself for an upgrade.
+fn upgraded_from() -> Option<u32> {
+    let old = std::env::var(UPGRADE_FROM).ok()?.parse::<u32>().ok();
+    std::env::remove_var(UPGRADE_FROM);
+    old.filter(|&old| old == std::os::unix::process::parent_id())
+}
+
 /// Tells the service manager, if one listens (`NOTIFY_SOCKET`); a failure
 /// is logged, never fatal.
 fn notify(states: &[sd_notify::NotifyState<'_>]) {
@@ -866,11 +965,12 @@ fn jitter(jitter: u64) -> u64 {
 /// `sigtimedwait` (see `sys::BlockedSignals`): no handler runs, nothing
 /// async-signal-unsafe can happen, and a forked worker restores the mask
 /// it had before.
-const MASTER_SIGNALS: [libc::c_int; 7] = [
+const MASTER_SIGNALS: [libc::c_int; 8] = [
     libc::SIGTERM,
     libc::SIGINT,
     libc::SIGQUIT,
     libc::SIGHUP,
+    libc::SIGUSR2,
     libc::SIGTTIN,
     libc::SIGTTOU,
     libc::SIGCHLD,

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::demo::{example, Proc};
+use common::demo::{example, pid_in, signal, PidLoad, Proc};
 use common::get;
 use http::StatusCode;
 use std::collections::HashSet;
@@ -25,11 +25,6 @@ async fn pid_of_worker(addr: SocketAddr) -> u32 {
     let reply = get(addr, "/pid").await.expect("answered");
     assert_eq!(reply.status, StatusCode::OK);
     reply.body.parse().unwrap()
-}
-
-fn signal(pid: u32, sig: i32) {
-    // SAFETY: plain syscall to a process this test started.
-    assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0);
 }
 
 fn gone(pids: &HashSet<u32>) -> bool {
@@ -307,34 +302,6 @@ async fn workers_failing_past_the_restart_intensity_stop_the_server() {
 // reload under load, systemd.
 // ---------------------------------------------------------------------------
 
-/// The pid in a master's log line `... pid=N ...`.
-fn pid_in(line: &str) -> u32 {
-    line.split_whitespace()
-        .find_map(|word| word.strip_prefix("pid="))
-        .and_then(|pid| pid.parse().ok())
-        .unwrap_or_else(|| panic!("no pid in {line:?}"))
-}
-
-fn stderr_line(master: &Proc, needle: &str, within: Duration) -> String {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(line) = master
-            .stderr
-            .lock()
-            .unwrap()
-            .iter()
-            .find(|l| l.contains(needle))
-        {
-            return line.clone();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no {needle:?} line within {within:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_worker_is_killed_after_the_timeout_and_replaced_while_others_serve() {
     let (mut master, addr) = prefork(&["--workers", "2", "--timeout", "2"]);
@@ -357,8 +324,7 @@ async fn a_hung_worker_is_killed_after_the_timeout_and_replaced_while_others_ser
         served > 10,
         "{served} requests served beside the hung worker"
     );
-    let line = stderr_line(
-        &master,
+    let line = master.stderr_line(
         "worker silent for longer than the timeout",
         Duration::from_secs(4),
     );
@@ -400,16 +366,12 @@ async fn a_worker_past_max_rss_answers_then_recycles() {
     let before = pid_of_worker(addr).await;
     let grown = get(addr, "/grow/128").await.expect("answered");
     assert_eq!(grown.status, StatusCode::OK, "{}", grown.body);
-    let line = stderr_line(
-        &master,
-        "worker over max_rss: recycling",
-        Duration::from_secs(5),
-    );
+    let line = master.stderr_line("worker over max_rss: recycling", Duration::from_secs(5));
     assert!(
         line.contains("rss=") && line.contains("max_rss=67108864"),
         "{line}"
     );
-    stderr_line(&master, "worker recycled", Duration::from_secs(5));
+    master.stderr_line("worker recycled", Duration::from_secs(5));
     assert!(!common::alive(before));
     let after = pid_of_worker(addr).await;
     assert_ne!(after, before, "a fresh worker serves");
@@ -466,40 +428,17 @@ async fn max_requests_1_is_exact_under_keep_alive_clients() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_three_times_under_load_fails_no_request() {
     let (mut master, addr) = prefork(&["--workers", "2"]);
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut load = Vec::new();
-    for _ in 0..4 {
-        let stop = stop.clone();
-        load.push(tokio::spawn(async move {
-            let (mut ok, mut failed, mut pids) = (0u32, Vec::new(), HashSet::new());
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                match get(addr, "/pid").await {
-                    Ok(reply) if reply.status == StatusCode::OK => {
-                        ok += 1;
-                        pids.insert(reply.body.parse::<u32>().unwrap());
-                    }
-                    other => failed.push(format!("{other:?}")),
-                }
-            }
-            (ok, failed, pids)
-        }));
-    }
+    let load = PidLoad::start(addr, 4);
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_millis(700)).await;
         signal(master.pid(), libc::SIGHUP);
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (mut ok, mut pids) = (0, HashSet::new());
-    for task in load {
-        let (n, failed, seen) = task.await.unwrap();
-        assert!(
-            failed.is_empty(),
-            "failed requests during SIGHUP: {failed:?}"
-        );
-        ok += n;
-        pids.extend(seen);
-    }
+    let (ok, failed, pids) = load.stop().await;
+    assert!(
+        failed.is_empty(),
+        "failed requests during SIGHUP: {failed:?}"
+    );
     assert!(ok > 100, "{ok} requests");
     assert!(
         pids.len() >= 8,

@@ -6,48 +6,12 @@
 
 mod common;
 
-use common::demo::{example, Proc};
+use common::demo::{example, pid_in, signal, PidLoad, Proc};
 use common::get;
 use http::StatusCode;
-use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-fn signal(pid: u32, sig: i32) {
-    // SAFETY: plain syscall to a process this test started.
-    assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0);
-}
-
-/// The pid in a log line `... pid=N ...`.
-fn pid_in(line: &str) -> u32 {
-    line.split_whitespace()
-        .find_map(|word| word.strip_prefix("pid="))
-        .and_then(|pid| pid.parse().ok())
-        .unwrap_or_else(|| panic!("no pid in {line:?}"))
-}
-
-fn stderr_line(master: &Proc, needle: &str, within: Duration) -> String {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(line) = master
-            .stderr
-            .lock()
-            .unwrap()
-            .iter()
-            .find(|l| l.contains(needle))
-        {
-            return line.clone();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no {needle:?} line within {within:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// Waits for an adopted process to end and reaps it; its status.
 fn reap(pid: u32, within: Duration) -> i32 {
@@ -72,24 +36,7 @@ async fn sighup_three_times_then_sigusr2_under_load_fails_no_request() {
     let mut old = Proc::spawn(command);
     let addr: SocketAddr = old.wait_for_line("listening on ").parse().unwrap();
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut load = Vec::new();
-    for _ in 0..4 {
-        let stop = stop.clone();
-        load.push(tokio::spawn(async move {
-            let (mut ok, mut failed, mut pids) = (0u32, Vec::new(), HashSet::new());
-            while !stop.load(Ordering::Relaxed) {
-                match get(addr, "/pid").await {
-                    Ok(reply) if reply.status == StatusCode::OK => {
-                        ok += 1;
-                        pids.insert(reply.body.parse::<u32>().unwrap());
-                    }
-                    other => failed.push(format!("{other:?}")),
-                }
-            }
-            (ok, failed, pids)
-        }));
-    }
+    let load = PidLoad::start(addr, 4);
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_millis(600)).await;
         signal(old.pid(), libc::SIGHUP);
@@ -97,28 +44,19 @@ async fn sighup_three_times_then_sigusr2_under_load_fails_no_request() {
     tokio::time::sleep(Duration::from_millis(800)).await;
     let upgrade_started = Instant::now();
     signal(old.pid(), libc::SIGUSR2);
-    let new_master = pid_in(&stderr_line(
-        &old,
-        "SIGUSR2: new master started",
-        Duration::from_secs(5),
-    ));
+    let new_master =
+        pid_in(&old.stderr_line("SIGUSR2: new master started", Duration::from_secs(5)));
     // The old master drains and ends 0 once the new one's workers accept.
     assert_eq!(old.wait_exit(Duration::from_secs(20)).code(), Some(0));
     let took = upgrade_started.elapsed();
     assert!(common::alive(new_master), "the new master serves on");
     // Load goes on against the new master alone.
     tokio::time::sleep(Duration::from_millis(800)).await;
-    stop.store(true, Ordering::Relaxed);
-    let (mut ok, mut pids) = (0, HashSet::new());
-    for task in load {
-        let (n, failed, seen) = task.await.unwrap();
-        assert!(
-            failed.is_empty(),
-            "failed requests during SIGHUP/SIGUSR2: {failed:?}"
-        );
-        ok += n;
-        pids.extend(seen);
-    }
+    let (ok, failed, pids) = load.stop().await;
+    assert!(
+        failed.is_empty(),
+        "failed requests during SIGHUP/SIGUSR2: {failed:?}"
+    );
     assert!(ok > 100, "{ok} requests");
     let served_by_new = get(addr, "/pid").await.expect("the new master serves");
     assert_eq!(served_by_new.status, StatusCode::OK);

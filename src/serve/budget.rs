@@ -85,3 +85,30 @@ impl Budget {
         self.max
     }
 }
+
+/// Before a server accepts a connection: `true` to go on (a unit of the
+/// budget, if there is one, is now the connection's credit), `false` to
+/// stop accepting, because the server drains or because the budget is
+/// spent (then the recycling exit is recorded here).
+pub(crate) async fn admit<F: std::future::Future>(
+    budget: Option<&Budget>,
+    supervisor: &crate::Supervisor,
+    shutdown: std::pin::Pin<&mut F>,
+) -> bool {
+    let Some(budget) = budget else {
+        return true;
+    };
+    let unit = tokio::select! {
+        biased;
+        _ = shutdown => return false,
+        unit = budget.next() => unit,
+    };
+    if !unit {
+        tracing::info!(
+            max_requests = budget.max(),
+            "served max_requests: recycling"
+        );
+        supervisor.trigger(crate::Exit::success().with_message("max_requests served"));
+    }
+    unit
+}

@@ -168,20 +168,8 @@ impl<S> Serve<S> {
             };
             // With a budget, a unit of it for the connection's first
             // request; none left: recycle.
-            if let Some(budget) = &budget {
-                let unit = tokio::select! {
-                    biased;
-                    _ = shutdown.as_mut() => break,
-                    unit = budget.next() => unit,
-                };
-                if !unit {
-                    tracing::info!(
-                        max_requests = budget.max(),
-                        "served max_requests: recycling"
-                    );
-                    supervisor.trigger(Exit::success().with_message("max_requests served"));
-                    break;
-                }
+            if !super::budget::admit(budget.as_deref(), &supervisor, shutdown.as_mut()).await {
+                break;
             }
             let Some((stream, peer)) = super::accept_until(&listener, shutdown.as_mut()).await
             else {

@@ -578,12 +578,7 @@ where
         let Some(started) = self.reloading else {
             return;
         };
-        let ready = self
-            .workers
-            .iter()
-            .filter(|w| w.role == Role::Serving && w.beat > 0)
-            .count();
-        if ready < self.wanted {
+        if self.ready_count() < self.wanted {
             return;
         }
         let mut old = 0;
@@ -603,11 +598,7 @@ where
     /// watchdog period.
     fn tell_systemd(&mut self) {
         if !self.told_ready {
-            let ready = self
-                .workers
-                .iter()
-                .filter(|w| w.role == Role::Serving && w.beat > 0)
-                .count();
+            let ready = self.ready_count();
             if ready >= self.wanted {
                 self.told_ready = true;
                 tracing::info!(workers = ready, "workers accept");
@@ -632,6 +623,14 @@ where
                 notify(&[sd_notify::NotifyState::Watchdog]);
             }
         }
+    }
+
+    /// Serving workers that accept (they beat).
+    fn ready_count(&self) -> usize {
+        self.workers
+            .iter()
+            .filter(|w| w.role == Role::Serving && w.beat > 0)
+            .count()
     }
 
     fn serving_count(&self) -> usize {

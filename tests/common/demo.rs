@@ -94,6 +94,28 @@ impl Proc {
         }
     }
 
+    /// Waits until a stderr line contains `needle`; returns it.
+    #[allow(dead_code)]
+    pub fn stderr_line(&self, needle: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(line) = self
+                .stderr
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| l.contains(needle))
+            {
+                return line.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} line within {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn stderr_count(&self, needle: &str) -> usize {
         self.stderr
             .lock()
@@ -199,4 +221,71 @@ pub fn cgi_fcgi(connect: &str, method: &str, uri: &str) -> String {
         .output()
         .expect("cgi-fcgi runs (apt-get install libfcgi-bin)");
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The pid in a log line `... pid=N ...`.
+#[allow(dead_code)]
+pub fn pid_in(line: &str) -> u32 {
+    line.split_whitespace()
+        .find_map(|word| word.strip_prefix("pid="))
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {line:?}"))
+}
+
+/// Sends `sig` to a process the test started.
+#[allow(dead_code)]
+pub fn signal(pid: u32, sig: i32) {
+    // SAFETY: plain syscall to a process this test started.
+    assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0);
+}
+
+/// What a load client saw: requests answered, failures, worker pids.
+pub type Seen = (u32, Vec<String>, std::collections::HashSet<u32>);
+
+/// Clients asking `/pid` over fresh connections until stopped: what load
+/// a reload or an upgrade must not fail.
+#[allow(dead_code)]
+pub struct PidLoad {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<Seen>>,
+}
+
+#[allow(dead_code)]
+impl PidLoad {
+    pub fn start(addr: std::net::SocketAddr, clients: usize) -> PidLoad {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let tasks = (0..clients)
+            .map(|_| {
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let (mut ok, mut failed, mut pids) =
+                        (0u32, Vec::new(), std::collections::HashSet::new());
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        match super::get(addr, "/pid").await {
+                            Ok(reply) if reply.status == http::StatusCode::OK => {
+                                ok += 1;
+                                pids.insert(reply.body.parse::<u32>().unwrap());
+                            }
+                            other => failed.push(format!("{other:?}")),
+                        }
+                    }
+                    (ok, failed, pids)
+                })
+            })
+            .collect();
+        PidLoad { stop, tasks }
+    }
+
+    /// Stops the clients: requests answered, the failures, the pids seen.
+    pub async fn stop(self) -> Seen {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (mut ok, mut failed, mut pids) = (0, Vec::new(), std::collections::HashSet::new());
+        for task in self.tasks {
+            let (n, f, p) = task.await.unwrap();
+            ok += n;
+            failed.extend(f);
+            pids.extend(p);
+        }
+        (ok, failed, pids)
+    }
 }

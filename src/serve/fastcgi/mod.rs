@@ -259,21 +259,10 @@ impl<S> ServeFastCgi<S> {
             };
             // With a budget, a unit of it for the connection's first
             // request; none left: recycle.
-            if let Some(budget) = &self.budget {
-                let unit = tokio::select! {
-                    biased;
-                    _ = shutdown.as_mut() => break,
-                    unit = budget.next() => unit,
-                };
-                if !unit {
-                    tracing::info!(
-                        max_requests = budget.max(),
-                        "served max_requests: recycling"
-                    );
-                    self.supervisor
-                        .trigger(Exit::success().with_message("max_requests served"));
-                    break;
-                }
+            if !super::budget::admit(self.budget.as_deref(), &self.supervisor, shutdown.as_mut())
+                .await
+            {
+                break;
             }
             let Some((stream, peer)) = super::accept_until(&self.listener, shutdown.as_mut()).await
             else {

@@ -284,23 +284,10 @@ where
                 let outer = enter_catching();
                 let polled = catch_unwind(AssertUnwindSafe(|| future.poll(cx)));
                 leave(outer);
-                match polled {
-                    Ok(poll) => match ready!(poll) {
-                        Ok(mut res) => match res.extensions_mut().remove::<ExitResponse>() {
-                            // An exit returned as a response (`IntoResponse for
-                            // Exit`): the abort-safe channel, recorded here.
-                            Some(ExitResponse(exit)) => exit,
-                            None => return Poll::Ready(Ok(res.map(ResponseBody::inner))),
-                        },
-                        Err(err) => match Exit::from_service_error(&err) {
-                            Some(exit) => exit.clone(),
-                            None => return Poll::Ready(Err(err)),
-                        },
-                    },
-                    Err(payload) => match Exit::from_panic(&*payload) {
-                        Some(exit) => exit.clone(),
-                        None => resume_unwind(payload),
-                    },
+                match ready!(classify(polled, |err| Exit::from_service_error(err))) {
+                    Polled::Response(res) => return Poll::Ready(Ok(res.map(ResponseBody::inner))),
+                    Polled::Error(err) => return Poll::Ready(Err(err)),
+                    Polled::Exit(exit) => exit,
                 }
             }
             StateProj::Exited { exit } => {
@@ -311,6 +298,45 @@ where
         caught(this.supervisor, &exit, this.request);
         Poll::Ready(Ok(exit_response(this.request.version, exit)))
     }
+}
+
+/// What a poll of an inner future under `catch_unwind` came to, for a frame
+/// that answers exits (the boundary, and a server for an exit that escaped
+/// its service).
+pub(crate) enum Polled<B, E> {
+    /// A response to pass on.
+    Response(Response<B>),
+    /// An error that carries no exit, to pass on.
+    Error(E),
+    /// An exit: raised, returned as `Err` (anywhere in the error's chain,
+    /// as `exit_in` finds it), or returned as a response (`IntoResponse for
+    /// Exit`: the abort-safe channel).
+    Exit(Exit),
+}
+
+/// Tells an exit apart from everything else in one caught poll; a real
+/// panic unwinds on.
+#[inline]
+pub(crate) fn classify<B, E>(
+    polled: std::thread::Result<Poll<Result<Response<B>, E>>>,
+    exit_in: impl FnOnce(&E) -> Option<&Exit>,
+) -> Poll<Polled<B, E>> {
+    Poll::Ready(match polled {
+        Ok(poll) => match ready!(poll) {
+            Ok(mut res) => match res.extensions_mut().remove::<ExitResponse>() {
+                Some(ExitResponse(exit)) => Polled::Exit(exit),
+                None => Polled::Response(res),
+            },
+            Err(err) => match exit_in(&err) {
+                Some(exit) => Polled::Exit(exit.clone()),
+                None => Polled::Error(err),
+            },
+        },
+        Err(payload) => match Exit::from_panic(&*payload) {
+            Some(exit) => Polled::Exit(exit.clone()),
+            None => resume_unwind(payload),
+        },
+    })
 }
 
 /// What the boundary keeps of a request, to answer and log an exit.

@@ -12,7 +12,7 @@
 //! `serve::http`) and marks HTTP/1 responses `connection: close` once the
 //! server drains: one wrapper, one future and one body per request.
 
-use crate::boundary::ExitResponse;
+use crate::boundary::{classify, Polled};
 use crate::exit::{enter_catching, leave};
 use crate::{Exit, Supervisor};
 use http::{header, HeaderValue, Request, Response, StatusCode, Version};
@@ -362,35 +362,25 @@ where
             .supervisor;
         if let StateProj::Running { future } = this.state.project() {
             let outer = enter_catching();
-            let polled = catch_unwind(AssertUnwindSafe(|| future.poll(cx)));
+            let polled = catch_unwind(AssertUnwindSafe(|| {
+                future
+                    .poll(cx)
+                    .map(|result| result.map_err(Into::<BoxError>::into))
+            }));
             leave(outer);
-            match polled {
-                Ok(poll) => match ready!(poll) {
-                    Ok(mut res) => match res.extensions_mut().remove::<ExitResponse>() {
-                        Some(ExitResponse(exit)) => escaped(supervisor, &exit),
-                        None => {
-                            let in_flight = this.in_flight.take();
-                            if closing(in_flight.as_ref(), *this.version) {
-                                close(&mut res);
-                            }
-                            return Poll::Ready(Ok(res.map(|body| EscapeBody {
-                                kind: Kind::Inner { body },
-                                _in_flight: in_flight,
-                            })));
-                        }
-                    },
-                    Err(err) => {
-                        let err: BoxError = err.into();
-                        match Exit::from_error(&*err) {
-                            Some(exit) => escaped(supervisor, exit),
-                            None => return Poll::Ready(Err(err)),
-                        }
+            match ready!(classify(polled, |err| Exit::from_error(&**err))) {
+                Polled::Response(mut res) => {
+                    let in_flight = this.in_flight.take();
+                    if closing(in_flight.as_ref(), *this.version) {
+                        close(&mut res);
                     }
-                },
-                Err(payload) => match Exit::from_panic(&*payload) {
-                    Some(exit) => escaped(supervisor, exit),
-                    None => resume_unwind(payload),
-                },
+                    return Poll::Ready(Ok(res.map(|body| EscapeBody {
+                        kind: Kind::Inner { body },
+                        _in_flight: in_flight,
+                    })));
+                }
+                Polled::Error(err) => return Poll::Ready(Err(err)),
+                Polled::Exit(exit) => escaped(supervisor, &exit),
             }
         }
         Poll::Ready(Ok(answer(*this.version, this.in_flight.take())))

@@ -16,18 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-need() { command -v "$1" >/dev/null; }
-if ! need wrk; then
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq && apt-get install -y -qq wrk
-fi
-if ! need gunicorn; then
-    python3 -m pip install -q gunicorn
-fi
-cargo build -q --release --example prefork
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
-wait_port() { for _ in $(seq 1 200); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; return 1; }
+. benches/prefork/common.sh
 children() { pgrep -P "$1" | sort || true; }
 now() { date +%s.%N; }
 # wrk: requests/s and failed requests (socket errors + non-2xx).

@@ -17,18 +17,7 @@ WORKERS=${WORKERS:-2}
 CONNECTIONS=${CONNECTIONS:-32}
 THREADS=${THREADS:-2}
 
-need() { command -v "$1" >/dev/null; }
-if ! need wrk; then
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq && apt-get install -y -qq wrk
-fi
-if ! need gunicorn; then
-    python3 -m pip install -q gunicorn
-fi
-cargo build -q --release --example prefork
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
-wait_port() { for _ in $(seq 1 100); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
+. benches/prefork/common.sh
 
 # wrk's "Requests/sec" and its error/non-2xx counts.
 load() {

@@ -82,11 +82,7 @@ where
             drain,
         } = self;
         let grace = drain.grace;
-        let signals = if drain.signals {
-            super::drain_on_signals(&supervisor)
-        } else {
-            Ok(())
-        };
+        let signals = drain.start(&supervisor);
         let wait = supervisor.wait();
         let shutdown: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(async move {
             let _first = wait.await;
@@ -112,11 +108,7 @@ where
                 // not an exit anyone asked for.
                 Exit::failure("the server ended without an exit")
             });
-            tracing::info!(
-                exit.code = exit.code(),
-                exit.message = exit.message(),
-                "server stopped"
-            );
+            super::stopped(&exit);
             Ok(exit)
         })
     }

@@ -204,12 +204,17 @@ async fn drain(
     let exit = supervisor
         .exit()
         .expect("servers drain only once an exit is recorded");
+    stopped(&exit);
+    exit
+}
+
+/// Every server's last line: stopped, with the exit it resolves to.
+fn stopped(exit: &Exit) {
     tracing::info!(
         exit.code = exit.code(),
         exit.message = exit.message(),
         "server stopped"
     );
-    exit
 }
 
 /// Records `Exit::success()` on the first SIGTERM or SIGINT.

@@ -159,19 +159,14 @@ impl<S> Serve<S> {
         tokio::pin!(shutdown);
 
         loop {
-            // A free connection slot first: beyond the cap, connections
-            // wait in the kernel's backlog.
-            let slot = tokio::select! {
-                biased;
-                _ = shutdown.as_mut() => break,
-                slot = slots.clone().acquire_owned() => slot.expect("semaphore never closed"),
-            };
-            // With a budget, a unit of it for the connection's first
-            // request; none left: recycle.
-            if !super::budget::admit(budget.as_deref(), &supervisor, shutdown.as_mut()).await {
-                break;
-            }
-            let Some((stream, peer)) = super::accept_until(&listener, shutdown.as_mut()).await
+            let Some((stream, peer, slot)) = super::next_connection(
+                &listener,
+                &slots,
+                budget.as_deref(),
+                &supervisor,
+                shutdown.as_mut(),
+            )
+            .await
             else {
                 break;
             };

@@ -137,6 +137,30 @@ where
     type ResBody = B;
 }
 
+/// The next connection a server may serve, with its connection slot:
+/// a free slot first (beyond the cap, connections wait in the kernel's
+/// backlog), then a unit of the request budget if there is one (see
+/// [`budget::admit`]), then the accept. `None` once `shutdown` resolves or
+/// the budget is spent: the server stops accepting and drains.
+async fn next_connection<F: std::future::Future<Output = ()>>(
+    listener: &Listener,
+    slots: &std::sync::Arc<tokio::sync::Semaphore>,
+    budget: Option<&budget::Budget>,
+    supervisor: &Supervisor,
+    mut shutdown: std::pin::Pin<&mut F>,
+) -> Option<(listen::Stream, Peer, tokio::sync::OwnedSemaphorePermit)> {
+    let slot = tokio::select! {
+        biased;
+        _ = shutdown.as_mut() => return None,
+        slot = slots.clone().acquire_owned() => slot.expect("semaphore never closed"),
+    };
+    if !budget::admit(budget, supervisor, shutdown.as_mut()).await {
+        return None;
+    }
+    let (stream, peer) = accept_until(listener, shutdown).await?;
+    Some((stream, peer, slot))
+}
+
 /// The next connection, or `None` once `shutdown` resolves.
 ///
 /// Accept errors (EMFILE when the process is out of file descriptors,

@@ -250,21 +250,14 @@ impl<S> ServeFastCgi<S> {
         tokio::pin!(shutdown);
 
         loop {
-            // Wait for a free connection slot before accepting: beyond the
-            // limit, connections wait in the kernel's backlog.
-            let slot = tokio::select! {
-                biased;
-                _ = &mut shutdown => break,
-                slot = slots.clone().acquire_owned() => slot.expect("semaphore never closed"),
-            };
-            // With a budget, a unit of it for the connection's first
-            // request; none left: recycle.
-            if !super::budget::admit(self.budget.as_deref(), &self.supervisor, shutdown.as_mut())
-                .await
-            {
-                break;
-            }
-            let Some((stream, peer)) = super::accept_until(&self.listener, shutdown.as_mut()).await
+            let Some((stream, peer, slot)) = super::next_connection(
+                &self.listener,
+                &slots,
+                self.budget.as_deref(),
+                &self.supervisor,
+                shutdown.as_mut(),
+            )
+            .await
             else {
                 break;
             };

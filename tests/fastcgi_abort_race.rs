@@ -8,7 +8,7 @@
 mod common;
 
 use bytes::Bytes;
-use common::fcgi::{record, request};
+use common::fcgi::{record, request, take_record};
 use http::{Request, Response};
 use http_body_util::Full;
 use proptest::prelude::*;
@@ -96,18 +96,10 @@ async fn count_ends(stream: &mut TcpStream, total: usize) -> HashMap<u16, usize>
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let mut settle: Option<tokio::time::Instant> = None;
     loop {
-        while buf.len() >= 8 {
-            let len = usize::from(u16::from_be_bytes([buf[4], buf[5]]));
-            let whole = 8 + len + usize::from(buf[6]);
-            if buf.len() < whole {
-                break;
+        while let Some(rec) = take_record(&mut buf) {
+            if rec.kind == 3 {
+                *ends.entry(rec.id).or_default() += 1;
             }
-            if buf[1] == 3 {
-                *ends
-                    .entry(u16::from_be_bytes([buf[2], buf[3]]))
-                    .or_default() += 1;
-            }
-            buf.drain(..whole);
         }
         if settle.is_none() && ends.values().sum::<usize>() >= total {
             settle = Some(tokio::time::Instant::now() + Duration::from_millis(100));

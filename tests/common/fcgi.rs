@@ -102,6 +102,27 @@ pub struct Rec {
     pub content: Vec<u8>,
 }
 
+/// The first whole record in `buf`, removed from it; `None` while `buf`
+/// holds only part of one.
+pub fn take_record(buf: &mut Vec<u8>) -> Option<Rec> {
+    if buf.len() < 8 {
+        return None;
+    }
+    let len = usize::from(u16::from_be_bytes([buf[4], buf[5]]));
+    let total = 8 + len + usize::from(buf[6]);
+    if buf.len() < total {
+        return None;
+    }
+    assert_eq!(buf[0], 1, "version");
+    let rec = Rec {
+        kind: buf[1],
+        id: u16::from_be_bytes([buf[2], buf[3]]),
+        content: buf[8..8 + len].to_vec(),
+    };
+    buf.drain(..total);
+    Some(rec)
+}
+
 /// Reads records until `FCGI_END_REQUEST` for each of `ids` (or the
 /// connection closes, or 5 s pass).
 pub async fn read_until_end(stream: &mut TcpStream, ids: &[u16]) -> Vec<Rec> {
@@ -110,19 +131,7 @@ pub async fn read_until_end(stream: &mut TcpStream, ids: &[u16]) -> Vec<Rec> {
     let mut ended = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
-        while buf.len() >= 8 {
-            let len = usize::from(u16::from_be_bytes([buf[4], buf[5]]));
-            let total = 8 + len + usize::from(buf[6]);
-            if buf.len() < total {
-                break;
-            }
-            let rec = Rec {
-                kind: buf[1],
-                id: u16::from_be_bytes([buf[2], buf[3]]),
-                content: buf[8..8 + len].to_vec(),
-            };
-            assert_eq!(buf[0], 1, "version");
-            buf.drain(..total);
+        while let Some(rec) = take_record(&mut buf) {
             if rec.kind == 3 {
                 ended.push(rec.id);
             }

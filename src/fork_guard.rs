@@ -145,10 +145,11 @@ impl ForkGuardLayer {
     /// Only an unwinding exit, or an `Err` whose error type is `Exit`
     /// itself, travels on; an exit deeper in an error's chain cannot be
     /// armed in place and ends the child at the guard with its status;
-    /// every other outcome ends the child at the guard with `SIGTERM`. Between the guard and the boundary, the child runs
-    /// the code of the layers it passes through: a catch-all that reports
-    /// before it drops the exit still reports, from the child. Use this mode
-    /// only where the layers above the guard are exit-aware or tunneled.
+    /// every other outcome ends the child at the guard with `SIGTERM`.
+    /// Between the guard and the boundary, the child runs the code of the
+    /// layers it passes through: a catch-all that reports before it drops
+    /// the exit still reports, from the child. Use this mode only where the
+    /// layers above the guard are exit-aware or tunneled.
     pub fn propagate_exit(mut self) -> Self {
         self.end = ChildEnd::Propagate;
         self

@@ -323,8 +323,8 @@ pub(crate) fn classify<B, E>(
 ) -> Poll<Polled<B, E>> {
     Poll::Ready(match polled {
         Ok(poll) => match ready!(poll) {
-            Ok(mut res) => match res.extensions_mut().remove::<ExitResponse>() {
-                Some(ExitResponse(exit)) => Polled::Exit(exit),
+            Ok(mut res) => match take_exit_response(&mut res) {
+                Some(exit) => Polled::Exit(exit),
                 None => Polled::Response(res),
             },
             Err(err) => match exit_in(&err) {
@@ -360,6 +360,20 @@ impl Requested {
             path: req.uri().path_and_query().cloned(),
         }
     }
+}
+
+/// The exit in a response, if it is an exit's own (`IntoResponse for Exit`),
+/// taken out. A response with no extensions at all (the common case) is
+/// told apart without a call: `Extensions::remove` is not inlined, and cost
+/// the one-layer stack about 5 ns a request in `benches/layers.rs`.
+#[inline(always)]
+pub(crate) fn take_exit_response<B>(res: &mut Response<B>) -> Option<Exit> {
+    if res.extensions().is_empty() {
+        return None;
+    }
+    res.extensions_mut()
+        .remove::<ExitResponse>()
+        .map(|ExitResponse(exit)| exit)
 }
 
 /// An exit turned into a response on its way out (`IntoResponse for Exit`

@@ -48,7 +48,7 @@
 //! and no fork guard unless [`fork_guard`](ExitStackLayer::fork_guard) does.
 
 use crate::body::ResponseBody;
-use crate::boundary::{caught, exit_response, ExitResponse, Requested};
+use crate::boundary::{caught, exit_response, take_exit_response, Requested};
 use crate::catch_panic::{DefaultResponseForPanic, ResponseForPanic};
 use crate::exit::{enter, leave, AsError, ConcreteError, RaiseContext};
 use crate::report::{report_error, report_panic, ExitPolicy, Failure, Reporter};
@@ -318,8 +318,41 @@ where
     }
 }
 
+/// What the inner future came to, but a plain response: a response that
+/// may be an exit's own (`IntoResponse for Exit`), or an error.
+#[cold]
+#[inline(never)]
+fn settle<H, R: Reporter, B, E: AsError<M> + 'static, M>(
+    shared: &Shared<H, R>,
+    request: &Requested,
+    result: Result<Response<B>, E>,
+) -> Result<Response<ResponseBody<B>>, E> {
+    match result {
+        Ok(mut res) => match take_exit_response(&mut res) {
+            None => Ok(res.map(ResponseBody::inner)),
+            // An exit returned as a response: recorded like a raised one.
+            Some(exit) => {
+                caught(&shared.supervisor, &exit, request);
+                Ok(exit_response(request.version, exit))
+            }
+        },
+        Err(err) => {
+            report_error(&shared.reporter, shared.exits, &err);
+            match Exit::from_service_error(&err) {
+                None => Err(err),
+                Some(exit) => {
+                    caught(&shared.supervisor, exit, request);
+                    Ok(exit_response(request.version, exit.clone()))
+                }
+            }
+        }
+    }
+}
+
 /// An unwind out of the inner service: reported if it is a failure (or an
 /// exit the policy reports); an exit is recorded.
+#[cold]
+#[inline(never)]
 fn caught_unwind<H, R: Reporter>(
     shared: &Shared<H, R>,
     request: &Requested,
@@ -333,6 +366,8 @@ fn caught_unwind<H, R: Reporter>(
 
 /// The answer to a caught unwind: the boundary's `503` for an exit, `500`
 /// (or the custom answer) for a real panic.
+#[cold]
+#[inline(never)]
 fn answer_unwind<H: ResponseForPanic, R, B>(
     shared: &Shared<H, R>,
     request: &Requested,
@@ -400,25 +435,12 @@ where
             });
         }
         match polled {
-            Ok(Poll::Pending) => Poll::Pending,
-            Ok(Poll::Ready(Ok(mut res))) => match res.extensions_mut().remove::<ExitResponse>() {
-                None => Poll::Ready(Ok(res.map(ResponseBody::inner))),
-                // An exit returned as a response: recorded like a raised one.
-                Some(ExitResponse(exit)) => {
-                    caught(&shared.supervisor, &exit, this.request);
-                    Poll::Ready(Ok(exit_response(this.request.version, exit)))
-                }
-            },
-            Ok(Poll::Ready(Err(err))) => {
-                report_error(&shared.reporter, shared.exits, &err);
-                match Exit::from_service_error(&err) {
-                    None => Poll::Ready(Err(err)),
-                    Some(exit) => {
-                        caught(&shared.supervisor, exit, this.request);
-                        Poll::Ready(Ok(exit_response(this.request.version, exit.clone())))
-                    }
-                }
+            // The happy path, kept small: the rest is out of line.
+            Ok(Poll::Ready(Ok(res))) if res.extensions().is_empty() => {
+                Poll::Ready(Ok(res.map(ResponseBody::inner)))
             }
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(result)) => Poll::Ready(settle(shared, this.request, result)),
             Err(payload) => {
                 caught_unwind(shared, this.request, &payload);
                 Poll::Ready(Ok(answer_unwind(shared, this.request, payload)))

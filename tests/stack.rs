@@ -26,9 +26,18 @@ enum Outcome {
     ExitErr,
     ExitNested,
     ExitBoxed,
+    /// A plain response that carries an extension of its own.
+    OkWithExtension,
+    /// An exit returned as a response (`IntoResponse for Exit`).
+    #[cfg(feature = "axum")]
+    ExitAsResponse,
 }
 
-const OUTCOMES: [Outcome; 10] = [
+/// An extension of the handler's own, passed on untouched.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Marker(u32);
+
+const OUTCOMES: &[Outcome] = &[
     Outcome::Ok,
     Outcome::Error,
     Outcome::Panic,
@@ -39,6 +48,9 @@ const OUTCOMES: [Outcome; 10] = [
     Outcome::ExitErr,
     Outcome::ExitNested,
     Outcome::ExitBoxed,
+    Outcome::OkWithExtension,
+    #[cfg(feature = "axum")]
+    Outcome::ExitAsResponse,
 ];
 
 type Reply = Result<Response<Full<Bytes>>, BoxError>;
@@ -77,6 +89,17 @@ impl Service<Request<()>> for Handler {
                 Outcome::ExitErr => Err(Exit::new(4).into()),
                 Outcome::ExitNested => Err(std::io::Error::other(Exit::new(5)).into()),
                 Outcome::ExitBoxed => Err(Box::new(Exit::failure("boxed")) as BoxError),
+                Outcome::OkWithExtension => {
+                    let mut res = Response::new(Full::new(Bytes::from_static(b"marked")));
+                    res.extensions_mut().insert(Marker(11));
+                    Ok(res)
+                }
+                #[cfg(feature = "axum")]
+                Outcome::ExitAsResponse => {
+                    use axum_core::response::IntoResponse;
+                    let (parts, _) = Exit::new(9).into_response().into_parts();
+                    Ok(Response::from_parts(parts, Full::default()))
+                }
                 Outcome::PanicInCall | Outcome::ExitRaisedInCall => unreachable!(),
             }
         })
@@ -87,7 +110,7 @@ impl Service<Request<()>> for Handler {
 /// recorded exit.
 #[derive(Debug, PartialEq)]
 struct Seen {
-    answer: Result<(u16, String, Option<i32>), String>,
+    answer: Result<(u16, String, Option<i32>, Option<Marker>), String>,
     reports: Vec<String>,
     recorded: Option<Exit>,
 }
@@ -103,11 +126,13 @@ where
         Ok(res) => {
             let status = res.status().as_u16();
             let exit_code = res.extensions().get::<Exit>().map(Exit::code);
+            let marker = res.extensions().get::<Marker>().copied();
             let body = res.into_body().collect().await.unwrap().to_bytes();
             Ok((
                 status,
                 String::from_utf8_lossy(&body).into_owned(),
                 exit_code,
+                marker,
             ))
         }
         Err(err) => Err(err.to_string()),
@@ -179,7 +204,7 @@ async fn one_layer(outcome: Outcome, policy: ExitPolicy, report: bool, guard: bo
 #[tokio::test]
 async fn one_layer_and_four_layers_agree_on_every_outcome() {
     let mut compared = 0;
-    for outcome in OUTCOMES {
+    for &outcome in OUTCOMES {
         for policy in [ExitPolicy::Never, ExitPolicy::NonZero, ExitPolicy::All] {
             for report in [false, true] {
                 for guard in [false, true] {
@@ -194,7 +219,7 @@ async fn one_layer_and_four_layers_agree_on_every_outcome() {
             }
         }
     }
-    assert_eq!(compared, 120);
+    assert_eq!(compared, OUTCOMES.len() * 12);
     // The comparison can fail: the outcomes differ from one another.
     let ok = one_layer(Outcome::Ok, ExitPolicy::All, true, true).await;
     let panicked = one_layer(Outcome::Panic, ExitPolicy::All, true, true).await;
@@ -204,10 +229,24 @@ async fn one_layer_and_four_layers_agree_on_every_outcome() {
     let exited = one_layer(Outcome::ExitRaised, ExitPolicy::Never, true, true).await;
     assert_eq!(
         exited.answer,
-        Ok((503, "Service Unavailable\n".into(), Some(3)))
+        Ok((503, "Service Unavailable\n".into(), Some(3), None))
     );
     assert!(exited.reports.is_empty());
     assert_eq!(exited.recorded.map(|e| e.code()), Some(3));
+    let marked = one_layer(Outcome::OkWithExtension, ExitPolicy::All, true, true).await;
+    assert_eq!(
+        marked.answer,
+        Ok((200, "marked".into(), None, Some(Marker(11))))
+    );
+    #[cfg(feature = "axum")]
+    {
+        let returned = one_layer(Outcome::ExitAsResponse, ExitPolicy::Never, true, true).await;
+        assert_eq!(
+            returned.answer,
+            Ok((503, "Service Unavailable\n".into(), Some(9), None))
+        );
+        assert_eq!(returned.recorded.map(|e| e.code()), Some(9));
+    }
 }
 
 /// A handler that forks; the child raises `exit(7)`. The parent answers

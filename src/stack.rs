@@ -318,8 +318,9 @@ where
     }
 }
 
-/// What the inner future came to, but a plain response: a response that
-/// may be an exit's own (`IntoResponse for Exit`), or an error.
+/// What the inner future came to when it is not a response without
+/// extensions (that one, the common case, is passed on inline): a response
+/// that may be an exit's own (`IntoResponse for Exit`), or an error.
 #[cold]
 #[inline(never)]
 fn settle<H, R: Reporter, B, E: AsError<M> + 'static, M>(

@@ -15,6 +15,7 @@
 use crate::boundary::{classify, Polled};
 use crate::exit::{enter_catching, leave};
 use crate::{Exit, Supervisor};
+use futures_util::future::Either;
 use http::{header, HeaderValue, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
@@ -153,26 +154,6 @@ impl Drop for InFlight {
     }
 }
 
-pin_project! {
-    /// The inner service's future, or a clone's call when it was not ready.
-    #[project = EitherProj]
-    pub(crate) enum Either<A, B> {
-        Left { #[pin] future: A },
-        Right { #[pin] future: B },
-    }
-}
-
-impl<A: Future, B: Future<Output = A::Output>> Future for Either<A, B> {
-    type Output = A::Output;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<A::Output> {
-        match self.project() {
-            EitherProj::Left { future } => future.poll(cx),
-            EitherProj::Right { future } => future.poll(cx),
-        }
-    }
-}
-
 /// [`Escapes`] as hyper calls it, through `&self`, for one HTTP connection.
 ///
 /// A service ready at once (a `Router`, a `service_fn`, the exit-aware
@@ -213,7 +194,7 @@ where
         leave(outer);
         match ready {
             // Ready now: called in place.
-            Ok(Poll::Ready(Ok(()))) => escapes.call_wrapped(req, |future| Either::Left { future }),
+            Ok(Poll::Ready(Ok(()))) => escapes.call_wrapped(req, Either::Left),
             // Not ready, or failing: this very service goes into the future,
             // to be polled until ready (or to say its error) with the
             // task's waker, and a clone takes its place. Not the other way
@@ -231,9 +212,7 @@ where
                 EscapesFuture {
                     in_flight: Some(in_flight),
                     state: State::Running {
-                        future: Either::Right {
-                            future: Oneshot::new(pending, req),
-                        },
+                        future: Either::Right(Oneshot::new(pending, req)),
                     },
                     version,
                 }

@@ -57,24 +57,18 @@ impl Proc {
 
     /// Waits until a stdout line starts with `prefix`; returns the rest.
     pub fn wait_for_line(&self, prefix: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(line) = self
-                .stdout
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|l| l.starts_with(prefix))
-            {
-                return line[prefix.len()..].trim().to_owned();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {prefix:?} line; stderr: {:?}",
-                self.stderr.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let line = wait_line(
+            &self.stdout,
+            |l| l.starts_with(prefix),
+            Duration::from_secs(20),
+            || {
+                format!(
+                    "no {prefix:?} line; stderr: {:?}",
+                    self.stderr.lock().unwrap()
+                )
+            },
+        );
+        line[prefix.len()..].trim().to_owned()
     }
 
     /// Waits for the process to end by itself.
@@ -97,23 +91,12 @@ impl Proc {
     /// Waits until a stderr line contains `needle`; returns it.
     #[allow(dead_code)]
     pub fn stderr_line(&self, needle: &str, within: Duration) -> String {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(line) = self
-                .stderr
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|l| l.contains(needle))
-            {
-                return line.clone();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {needle:?} line within {within:?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_line(
+            &self.stderr,
+            |l| l.contains(needle),
+            within,
+            || format!("no {needle:?} line within {within:?}"),
+        )
     }
 
     pub fn stderr_count(&self, needle: &str) -> usize {
@@ -123,6 +106,24 @@ impl Proc {
             .iter()
             .filter(|l| l.contains(needle))
             .count()
+    }
+}
+
+/// Polls collected `lines` until one `matches`, for at most `within`;
+/// returns it, or fails the test with `missing()`.
+fn wait_line(
+    lines: &Mutex<Vec<String>>,
+    matches: impl Fn(&str) -> bool,
+    within: Duration,
+    missing: impl Fn() -> String,
+) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(line) = lines.lock().unwrap().iter().find(|l| matches(l)) {
+            return line.clone();
+        }
+        assert!(Instant::now() < deadline, "{}", missing());
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

@@ -2,7 +2,7 @@
 //! `Result<T, Exit>`, or `?` on an `Exit`, ends the server like a raised
 //! exit, and in abort builds too (nothing unwinds).
 
-use crate::boundary::ExitResponse;
+use crate::catch::ExitResponse;
 use crate::Exit;
 use axum_core::response::{IntoResponse, Response};
 use http::StatusCode;

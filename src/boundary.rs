@@ -39,115 +39,34 @@
 //! Real failures pass through the boundary unchanged.
 
 use crate::body::ResponseBody;
-use crate::exit::{enter_catching, leave, AsError, ConcreteError};
-use crate::Exit;
-use bytes::Bytes;
-use http::uri::PathAndQuery;
-use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
+use crate::catch::{caught, classify, exit_response, Polled, Requested};
+use crate::exit::{enter_catching, leave, AsError, ConcreteError, Exit};
+use crate::supervisor::Supervisor;
+use http::{Request, Response};
 use pin_project_lite::pin_project;
 use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use tokio::sync::watch;
 use tower_layer::Layer;
 use tower_service::Service;
-
-/// Records the first [`Exit`] of a server and tells the server to stop.
-///
-/// Cheap to clone; all clones share one state.
-#[derive(Clone)]
-pub struct Supervisor {
-    // `watch` keeps the value for late subscribers: a `shutdown_signal()`
-    // taken after the exit was recorded resolves at once.
-    exit: Arc<watch::Sender<Option<Exit>>>,
-}
-
-impl Default for Supervisor {
-    fn default() -> Self {
-        Supervisor::new()
-    }
-}
-
-impl fmt::Debug for Supervisor {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Supervisor")
-            .field("exit", &self.exit())
-            .finish()
-    }
-}
-
-impl Supervisor {
-    /// A supervisor with no exit recorded.
-    pub fn new() -> Self {
-        Supervisor {
-            exit: Arc::new(watch::Sender::new(None)),
-        }
-    }
-
-    /// The boundary layer that reports exits to this supervisor; put it
-    /// outermost.
-    pub fn layer<M>(&self) -> BoundaryLayer<M> {
-        BoundaryLayer {
-            supervisor: self.clone(),
-            _error: PhantomData,
-        }
-    }
-
-    /// Records `exit` unless one is already recorded, and wakes every
-    /// [`shutdown_signal`](Self::shutdown_signal) and [`wait`](Self::wait).
-    /// Returns whether this exit was the first.
-    ///
-    /// Servers call this on SIGTERM/SIGINT with [`Exit::success`].
-    pub fn trigger(&self, exit: Exit) -> bool {
-        self.exit.send_if_modified(|slot| {
-            if slot.is_some() {
-                return false;
-            }
-            *slot = Some(exit);
-            true
-        })
-    }
-
-    /// The first recorded exit, if any.
-    pub fn exit(&self) -> Option<Exit> {
-        self.exit.borrow().clone()
-    }
-
-    /// Resolves to the first exit (at once if one is recorded already).
-    pub fn wait(&self) -> impl Future<Output = Exit> + Send + 'static {
-        let supervisor = self.clone();
-        async move {
-            let mut rx = supervisor.exit.subscribe();
-            // The sender lives in `supervisor`, held by this future, so the
-            // channel cannot close while we wait.
-            let exit = rx
-                .wait_for(Option::is_some)
-                .await
-                .expect("sender is held by this future");
-            exit.clone().expect("waited for Some")
-        }
-    }
-
-    /// Resolves once an exit is recorded: the signal a server's graceful
-    /// shutdown waits for (`axum::serve(..).with_graceful_shutdown(..)`,
-    /// hyper-util's `GracefulShutdown`).
-    pub fn shutdown_signal(&self) -> impl Future<Output = ()> + Send + 'static {
-        let wait = self.wait();
-        async move {
-            let _first_exit = wait.await;
-        }
-    }
-}
 
 /// Layer that turns an [`Exit`] into the end of the server; see [the module
 /// docs](self). Built by [`Supervisor::layer`].
 pub struct BoundaryLayer<M = ConcreteError> {
     supervisor: Supervisor,
     _error: PhantomData<fn() -> M>,
+}
+
+impl<M> BoundaryLayer<M> {
+    pub(crate) fn new(supervisor: &Supervisor) -> Self {
+        BoundaryLayer {
+            supervisor: supervisor.clone(),
+            _error: PhantomData,
+        }
+    }
 }
 
 impl<M> Clone for BoundaryLayer<M> {
@@ -298,124 +217,4 @@ where
         caught(this.supervisor, &exit, this.request);
         Poll::Ready(Ok(exit_response(this.request.version, exit)))
     }
-}
-
-/// What a poll of an inner future under `catch_unwind` came to, for a frame
-/// that answers exits (the boundary, and a server for an exit that escaped
-/// its service).
-pub(crate) enum Polled<B, E> {
-    /// A response to pass on.
-    Response(Response<B>),
-    /// An error that carries no exit, to pass on.
-    Error(E),
-    /// An exit: raised, returned as `Err` (anywhere in the error's chain,
-    /// as `exit_in` finds it), or returned as a response (`IntoResponse for
-    /// Exit`: the abort-safe channel).
-    Exit(Exit),
-}
-
-/// Tells an exit apart from everything else in one caught poll; a real
-/// panic unwinds on.
-#[inline]
-pub(crate) fn classify<B, E>(
-    polled: std::thread::Result<Poll<Result<Response<B>, E>>>,
-    exit_in: impl FnOnce(&E) -> Option<&Exit>,
-) -> Poll<Polled<B, E>> {
-    Poll::Ready(match polled {
-        Ok(poll) => match ready!(poll) {
-            Ok(mut res) => match take_exit_response(&mut res) {
-                Some(exit) => Polled::Exit(exit),
-                None => Polled::Response(res),
-            },
-            Err(err) => match exit_in(&err) {
-                Some(exit) => Polled::Exit(exit.clone()),
-                None => Polled::Error(err),
-            },
-        },
-        Err(payload) => match Exit::from_panic(&*payload) {
-            Some(exit) => Polled::Exit(exit.clone()),
-            None => resume_unwind(payload),
-        },
-    })
-}
-
-/// What the boundary keeps of a request, to answer and log an exit.
-///
-/// Only the path is kept of the URI (one reference count on the request's
-/// buffer): a whole `Uri` clone cost about 20 ns a request in
-/// `benches/layers.rs`.
-#[derive(Debug)]
-pub(crate) struct Requested {
-    pub(crate) version: Version,
-    method: Method,
-    path: Option<PathAndQuery>,
-}
-
-impl Requested {
-    #[inline(always)]
-    pub(crate) fn of<B>(req: &Request<B>) -> Self {
-        Requested {
-            version: req.version(),
-            method: req.method().clone(),
-            path: req.uri().path_and_query().cloned(),
-        }
-    }
-}
-
-/// The exit in a response, if it is an exit's own (`IntoResponse for Exit`),
-/// taken out. A response with no extensions at all (the common case) is
-/// told apart without a call: `Extensions::remove` is not inlined, and cost
-/// the one-layer stack about 5 ns a request in `benches/layers.rs`.
-#[inline(always)]
-pub(crate) fn take_exit_response<B>(res: &mut Response<B>) -> Option<Exit> {
-    if res.extensions().is_empty() {
-        return None;
-    }
-    res.extensions_mut()
-        .remove::<ExitResponse>()
-        .map(|ExitResponse(exit)| exit)
-}
-
-/// An exit turned into a response on its way out (`IntoResponse for Exit`
-/// under the `axum` feature): the boundary, or a server when there is none,
-/// records it as if it had been raised.
-#[derive(Clone, Debug)]
-pub(crate) struct ExitResponse(pub(crate) Exit);
-
-/// The boundary caught `exit`: said once, here (INFO for status 0, WARN
-/// otherwise), then recorded.
-pub(crate) fn caught(supervisor: &Supervisor, exit: &Exit, request: &Requested) {
-    // An armed exit in a forked child ends the child here, before the log
-    // line allocates; otherwise the exit is said, then recorded.
-    exit.end_if_armed();
-    let first = supervisor.exit().is_none();
-    let method = &request.method;
-    let path = request.path.as_ref().map_or("/", PathAndQuery::path);
-    if exit.is_success() {
-        tracing::info!(exit.code = exit.code(), exit.message = exit.message(), %method, path, first, "exit: the server drains");
-    } else {
-        tracing::warn!(exit.code = exit.code(), exit.message = exit.message(), %method, path, first, "exit: the server drains");
-    }
-    supervisor.trigger(exit.clone());
-}
-
-/// `503`, and `connection: close` where HTTP/1 has it (HTTP/2 forbids the
-/// header; the server's graceful shutdown sends GOAWAY there). The exit
-/// rides in the response's extensions, so that layers outside can tell an
-/// intended exit from a real `503` (`res.extensions().get::<Exit>()`).
-pub(crate) fn exit_response<B>(version: Version, exit: Exit) -> Response<ResponseBody<B>> {
-    let mut res = Response::new(ResponseBody::full(Bytes::from_static(
-        b"Service Unavailable\n",
-    )));
-    *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-    let headers = res.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    if version <= Version::HTTP_11 {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
-    }
-    res.extensions_mut().insert(exit);
-    res
 }

@@ -38,7 +38,7 @@ pub trait ServiceBuilderExt<L>: sealed::Sealed {
 
     /// Adds a [`ForkGuardLayer`](crate::ForkGuardLayer) with its defaults.
     #[cfg(all(unix, feature = "fork"))]
-    fn fork_guard(self) -> ServiceBuilder<Stack<crate::ForkGuardLayer, L>>;
+    fn fork_guard<M>(self) -> ServiceBuilder<Stack<crate::ForkGuardLayer<M>, L>>;
 
     /// Adds `foreign` wrapped in a [`TunnelLayer`](crate::TunnelLayer), so
     /// that it never sees an exit.
@@ -59,7 +59,7 @@ impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
     }
 
     #[cfg(all(unix, feature = "fork"))]
-    fn fork_guard(self) -> ServiceBuilder<Stack<crate::ForkGuardLayer, L>> {
+    fn fork_guard<M>(self) -> ServiceBuilder<Stack<crate::ForkGuardLayer<M>, L>> {
         self.layer(crate::ForkGuardLayer::new())
     }
 

@@ -80,7 +80,7 @@
 //!   does not work in a child. The guard ends the child when the inner future
 //!   returns `Pending`.
 
-use crate::exit::{context, enter, leave, RaiseContext};
+use crate::exit::{context, enter, leave, AsError, ConcreteError, RaiseContext};
 use crate::fork::end::{
     exit_now, generation, run_child_hooks, terminate_now, watch_forks, ChildEnd, ChildRule,
 };
@@ -88,7 +88,9 @@ use crate::fork::status_of_panic;
 use crate::Exit;
 use pin_project_lite::pin_project;
 use std::any::Any;
+use std::fmt;
 use std::future::Future;
+use std::marker::PhantomData;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -97,24 +99,46 @@ use tower_service::Service;
 
 /// Layer that ends a child forked during a request before it can return
 /// into the parent's stack. See [the module docs](self).
-#[derive(Clone, Copy, Debug)]
-pub struct ForkGuardLayer {
+///
+/// `M` is the [`AsError`] marker of the inner service's error, inferred
+/// where the guarded service is used: the guard looks for an exit in an
+/// error (to end a child with its status) exactly as every other layer of
+/// this crate does, through its `source()` chain.
+pub struct ForkGuardLayer<M = ConcreteError> {
     pub(crate) end: ChildEnd,
+    _error: PhantomData<fn() -> M>,
 }
 
-impl Default for ForkGuardLayer {
+impl<M> Clone for ForkGuardLayer<M> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<M> Copy for ForkGuardLayer<M> {}
+
+impl<M> fmt::Debug for ForkGuardLayer<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ForkGuardLayer")
+            .field("end", &self.end)
+            .finish()
+    }
+}
+
+impl<M> Default for ForkGuardLayer<M> {
     fn default() -> Self {
         ForkGuardLayer::new()
     }
 }
 
-impl ForkGuardLayer {
+impl<M> ForkGuardLayer<M> {
     /// A guard that ends a child with `SIGTERM`.
     pub fn new() -> Self {
         // Registered here, before any request can fork.
         watch_forks();
         ForkGuardLayer {
             end: ChildEnd::Terminate,
+            _error: PhantomData,
         }
     }
 
@@ -156,8 +180,8 @@ impl ForkGuardLayer {
     }
 }
 
-impl<S> Layer<S> for ForkGuardLayer {
-    type Service = ForkGuard<S>;
+impl<S, M> Layer<S> for ForkGuardLayer<M> {
+    type Service = ForkGuard<S, M>;
 
     fn layer(&self, inner: S) -> Self::Service {
         ForkGuard::new(inner, *self)
@@ -165,33 +189,55 @@ impl<S> Layer<S> for ForkGuardLayer {
 }
 
 /// Service built by [`ForkGuardLayer`].
-#[derive(Clone, Copy, Debug)]
-pub struct ForkGuard<S> {
+pub struct ForkGuard<S, M = ConcreteError> {
     inner: S,
     end: ChildEnd,
+    _error: PhantomData<fn() -> M>,
 }
 
-impl<S> ForkGuard<S> {
-    /// Guards `inner` as `guard` says (see [`ForkGuardLayer`]'s modes).
-    pub fn new(inner: S, guard: ForkGuardLayer) -> Self {
-        watch_forks();
+impl<S: Clone, M> Clone for ForkGuard<S, M> {
+    fn clone(&self) -> Self {
         ForkGuard {
-            inner,
-            end: guard.end,
+            inner: self.inner.clone(),
+            end: self.end,
+            _error: PhantomData,
         }
     }
 }
 
-inner_accessors!(ForkGuard<S>, inner);
+impl<S: Copy, M> Copy for ForkGuard<S, M> {}
 
-impl<S, Req> Service<Req> for ForkGuard<S>
+impl<S: fmt::Debug, M> fmt::Debug for ForkGuard<S, M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ForkGuard")
+            .field("inner", &self.inner)
+            .field("end", &self.end)
+            .finish()
+    }
+}
+
+impl<S, M> ForkGuard<S, M> {
+    /// Guards `inner` as `guard` says (see [`ForkGuardLayer`]'s modes).
+    pub fn new(inner: S, guard: ForkGuardLayer<M>) -> Self {
+        watch_forks();
+        ForkGuard {
+            inner,
+            end: guard.end,
+            _error: PhantomData,
+        }
+    }
+}
+
+inner_accessors!(ForkGuard<S, M>, inner);
+
+impl<S, M, Req> Service<Req> for ForkGuard<S, M>
 where
     S: Service<Req>,
-    S::Error: 'static,
+    S::Error: AsError<M> + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = ResponseFuture<S::Future>;
+    type Future = ResponseFuture<S::Future, M>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -209,6 +255,7 @@ where
                 future,
                 started,
                 end: self.end,
+                _error: PhantomData,
             },
             Err(payload) => resume_unwind(payload),
         }
@@ -217,18 +264,19 @@ where
 
 pin_project! {
     /// Response future of [`ForkGuard`].
-    pub struct ResponseFuture<F> {
+    pub struct ResponseFuture<F, M> {
         #[pin]
         future: F,
         started: u64,
         end: ChildEnd,
+        _error: PhantomData<fn() -> M>,
     }
 }
 
-impl<F, T, E> Future for ResponseFuture<F>
+impl<F, M, T, E> Future for ResponseFuture<F, M>
 where
     F: Future<Output = Result<T, E>>,
-    E: 'static,
+    E: AsError<M> + 'static,
 {
     type Output = Result<T, E>;
 
@@ -238,7 +286,7 @@ where
         let outer = enter(guarded(*this.started, *this.end));
         let mut polled = catch_unwind(AssertUnwindSafe(|| future.poll(cx)));
         leave(outer);
-        in_child_after_poll(*this.started, *this.end, &mut polled, exit_in_any);
+        in_child_after_poll(*this.started, *this.end, &mut polled);
         match polled {
             Ok(poll) => poll,
             Err(payload) => resume_unwind(payload),
@@ -267,11 +315,10 @@ pub(crate) fn in_child_after_call<T>(
 /// ends the child. The happy path costs one relaxed load: the generation
 /// only changes in a child, in the `pthread_atfork` handler.
 #[inline]
-pub(crate) fn in_child_after_poll<T, E: 'static>(
+pub(crate) fn in_child_after_poll<T, E: AsError<M> + 'static, M>(
     started: u64,
     end: ChildEnd,
     polled: &mut Result<Poll<Result<T, E>>, Box<dyn Any + Send>>,
-    exit_in: impl Fn(&E) -> Option<&Exit>,
 ) {
     if generation() != started {
         match polled {
@@ -281,13 +328,13 @@ pub(crate) fn in_child_after_poll<T, E: 'static>(
                     Some(exit) => exit.arm(),
                     // An exit deeper in the chain cannot be armed in place:
                     // the child ends here with its status.
-                    None => match exit_in(err) {
+                    None => match Exit::from_service_error(err) {
                         Some(exit) => end_child(ChildEnd::ExitCode, i32::from(exit.status())),
                         None => end_child(ChildEnd::Terminate, 1),
                     },
                 }
             }
-            _ => end_child(end, status_of_poll(polled, exit_in)),
+            _ => end_child(end, status_of_poll(polled)),
         }
     }
 }
@@ -300,41 +347,17 @@ pub(crate) fn guarded(started: u64, end: ChildEnd) -> RaiseContext {
     context().with_child(ChildRule::guard(started, end))
 }
 
-fn status_of_poll<T, E: 'static>(
+fn status_of_poll<T, E: AsError<M>, M>(
     polled: &Result<Poll<Result<T, E>>, Box<dyn Any + Send>>,
-    exit_in: impl Fn(&E) -> Option<&Exit>,
 ) -> i32 {
     match polled {
         Ok(Poll::Ready(Ok(_))) => 0,
-        Ok(Poll::Ready(Err(err))) => exit_in(err).map_or(1, |exit| i32::from(exit.status())),
+        Ok(Poll::Ready(Err(err))) => {
+            Exit::from_service_error(err).map_or(1, |exit| i32::from(exit.status()))
+        }
         Ok(Poll::Pending) => 1,
         Err(payload) => status_of_panic(&**payload),
     }
-}
-
-/// The exit in a service error of any type, anywhere in its chain: the
-/// guard sits on any service (its error type is not bounded, unlike the
-/// other layers', which take an [`AsError`](crate::AsError) marker), so the
-/// error is looked at as what it is: an `Exit` itself, tower's boxed errors
-/// and `std::io::Error` (searched down their chain). An exit wrapped in
-/// another concrete error type is not seen here (the child then ends
-/// with 1); raise it, or box the error, to be sure.
-pub(crate) fn exit_in_any<E: 'static>(err: &E) -> Option<&Exit> {
-    let any = err as &dyn Any;
-    if let Some(exit) = any.downcast_ref::<Exit>() {
-        return Some(exit);
-    }
-    let err: &(dyn std::error::Error + 'static) =
-        if let Some(boxed) = any.downcast_ref::<Box<dyn std::error::Error + Send + Sync>>() {
-            &**boxed
-        } else if let Some(boxed) = any.downcast_ref::<Box<dyn std::error::Error + Send>>() {
-            &**boxed
-        } else if let Some(boxed) = any.downcast_ref::<Box<dyn std::error::Error>>() {
-            &**boxed
-        } else {
-            any.downcast_ref::<std::io::Error>()?
-        };
-    Exit::from_error(err)
 }
 
 /// In a child, for an unwind: arms an `Exit` to travel on (propagate mode),

@@ -93,6 +93,7 @@ macro_rules! inner_accessors {
 mod axum;
 mod body;
 mod builder;
+mod catch;
 mod hooks;
 
 pub mod boundary;
@@ -107,6 +108,7 @@ pub mod retry;
 #[cfg(all(unix, feature = "http"))]
 pub mod serve;
 pub mod stack;
+mod supervisor;
 #[cfg(all(unix, any(feature = "fork", feature = "http")))]
 mod sys;
 #[cfg(feature = "tower-http")]
@@ -114,7 +116,7 @@ pub mod trace;
 pub mod tunnel;
 
 pub use crate::body::ResponseBody;
-pub use crate::boundary::{BoundaryLayer, Supervisor};
+pub use crate::boundary::BoundaryLayer;
 pub use crate::builder::ServiceBuilderExt;
 pub use crate::catch_panic::CatchPanicLayer;
 pub use crate::exit::{exit, AsError, Exit};
@@ -123,6 +125,7 @@ cfg_fork! {
 }
 pub use crate::report::ReportLayer;
 pub use crate::stack::ExitStackLayer;
+pub use crate::supervisor::Supervisor;
 pub use crate::tunnel::TunnelLayer;
 
 cfg_fork! {

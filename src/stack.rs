@@ -48,11 +48,12 @@
 //! and no fork guard unless [`fork_guard`](ExitStackLayer::fork_guard) does.
 
 use crate::body::ResponseBody;
-use crate::boundary::{caught, exit_response, take_exit_response, Requested};
+use crate::catch::{caught, exit_response, take_exit_response, Requested};
 use crate::catch_panic::{DefaultResponseForPanic, ResponseForPanic};
+use crate::exit::Exit;
 use crate::exit::{enter, leave, AsError, ConcreteError, RaiseContext};
 use crate::report::{report_error, report_panic, ExitPolicy, Failure, Reporter};
-use crate::{Exit, Supervisor};
+use crate::supervisor::Supervisor;
 use http::{Request, Response};
 use pin_project_lite::pin_project;
 use std::fmt;
@@ -104,13 +105,12 @@ impl<H, R, M> fmt::Debug for ExitStackLayer<H, R, M> {
     }
 }
 
-impl Supervisor {
-    /// The whole exit-aware stack as one layer (see [`ExitStackLayer`]):
-    /// put it outermost, where [`layer`](Self::layer) would go.
-    pub fn stack<M>(&self) -> ExitStackLayer<DefaultResponseForPanic, NoReporter, M> {
+impl<M> ExitStackLayer<DefaultResponseForPanic, NoReporter, M> {
+    /// The stack of `supervisor`, with no reporter and no guard.
+    pub(crate) fn new(supervisor: &Supervisor) -> Self {
         ExitStackLayer {
             shared: Shared {
-                supervisor: self.clone(),
+                supervisor: supervisor.clone(),
                 handler: DefaultResponseForPanic,
                 reporter: NoReporter,
                 exits: ExitPolicy::Never,
@@ -151,7 +151,7 @@ impl<H, R, M> ExitStackLayer<H, R, M> {
     /// Ends a child forked during a request as `guard` would, innermost
     /// (see [`ForkGuardLayer`](crate::ForkGuardLayer) and its modes).
     #[cfg(all(unix, feature = "fork"))]
-    pub fn fork_guard(mut self, guard: crate::ForkGuardLayer) -> Self {
+    pub fn fork_guard(mut self, guard: crate::ForkGuardLayer<M>) -> Self {
         crate::fork::end::watch_forks();
         self.shared.guard = Some(guard.end);
         self
@@ -431,9 +431,7 @@ where
         leave(outer);
         #[cfg(all(unix, feature = "fork"))]
         if let Some((started, end)) = this.guarded.rule(shared) {
-            crate::fork_guard::in_child_after_poll(started, end, &mut polled, |err| {
-                Exit::from_service_error(err)
-            });
+            crate::fork_guard::in_child_after_poll(started, end, &mut polled);
         }
         match polled {
             // The happy path, kept small: the rest is out of line.

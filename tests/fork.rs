@@ -245,7 +245,11 @@ fn forking_handler(log: &PidLog, in_child: InChild) -> impl Fn(Request<()>) -> R
 
 /// A naive catch-all above the guard: answers every unwind with a 500 and
 /// logs the errors it sees, as the seed's framework did.
-async fn fork_request(log: &PidLog, guard: ForkGuardLayer, in_child: InChild) -> Response<String> {
+async fn fork_request(
+    log: &PidLog,
+    guard: ForkGuardLayer<tower_exit::exit::BoxedError>,
+    in_child: InChild,
+) -> Response<String> {
     let path = log.path.clone();
     let svc = ServiceBuilder::new()
         .layer(tower_http::catch_panic::CatchPanicLayer::new())

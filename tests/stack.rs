@@ -292,3 +292,71 @@ async fn a_forked_child_ends_the_same_under_one_layer_and_four() {
         assert!(body == "None Some(15)" || body == "Some(7) None", "{body}");
     }
 }
+
+/// The error types users write: an enum that carries an exit through
+/// thiserror's `#[from]` or `#[source]`.
+#[derive(Debug, thiserror::Error)]
+enum AppError {
+    #[error("stopping")]
+    Stop(#[from] Exit),
+    #[error("wrapped")]
+    Wrapped {
+        #[source]
+        exit: Exit,
+    },
+    #[error("fork failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A handler that forks; the child returns the exit inside an `AppError`
+/// (`wrapped` says which variant). The parent answers with how it ended.
+async fn fork_then_return(wrapped: bool) -> Result<Response<Full<Bytes>>, AppError> {
+    // SAFETY (test): the child only returns an error, which the guard
+    // turns into the end of the child without allocating.
+    match unsafe { fork() }? {
+        Forked::Child if wrapped => Err(AppError::Wrapped { exit: Exit::new(7) }),
+        Forked::Child => Err(Exit::new(7).into()),
+        Forked::Parent(mut child) => {
+            let status = child.wait().await?;
+            Ok(Response::new(Full::new(Bytes::from(format!(
+                "{:?} {:?}",
+                status.code(),
+                status.signal()
+            )))))
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_child_returning_an_app_error_ends_with_its_exit_under_one_layer_and_four() {
+    for wrapped in [false, true] {
+        for (guard, expected) in [
+            (ForkGuardLayer::new(), "None Some(15)"),
+            (ForkGuardLayer::new().exit_code(), "Some(7) None"),
+        ] {
+            let supervisor = Supervisor::new();
+            let four = ServiceBuilder::new()
+                .boundary(&supervisor)
+                .catch_panic()
+                .layer(guard)
+                .service_fn(move |_: Request<()>| fork_then_return(wrapped));
+            let (reports, _) = sink();
+            let four = drive(four, &supervisor, &reports).await;
+            let supervisor = Supervisor::new();
+            let one = ServiceBuilder::new()
+                .layer(supervisor.stack().fork_guard(guard))
+                .service_fn(move |_: Request<()>| fork_then_return(wrapped));
+            let one = drive(one, &supervisor, &reports).await;
+            assert_eq!(one, four, "wrapped={wrapped} {guard:?}");
+            assert_eq!(
+                four.answer.as_ref().map(|a| a.1.as_str()),
+                Ok(expected),
+                "wrapped={wrapped} {guard:?}"
+            );
+            assert!(
+                one.recorded.is_none(),
+                "the child's exit is not the parent's"
+            );
+        }
+    }
+}

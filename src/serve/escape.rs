@@ -12,7 +12,7 @@
 //! `serve::http`) and marks HTTP/1 responses `connection: close` once the
 //! server drains: one wrapper, one future and one body per request.
 
-use crate::boundary::{classify, Polled};
+use crate::catch::{classify, escaped, Polled};
 use crate::exit::{enter_catching, leave};
 use crate::{Exit, Supervisor};
 use futures_util::future::Either;
@@ -400,20 +400,6 @@ fn closing(in_flight: Option<&InFlight>, version: Version) -> bool {
 fn close<B>(res: &mut Response<B>) {
     res.headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
-}
-
-#[cold]
-fn escaped(supervisor: &Supervisor, exit: &Exit) {
-    // An exit armed by a fork guard in a forked child ends that child here,
-    // before the log line allocates: it must not answer the parent's client
-    // nor stop the parent's server.
-    exit.end_if_armed();
-    tracing::error!(
-        exit.code = exit.code(),
-        exit.message = exit.message(),
-        "exit escaped the service (no exit-aware boundary caught it): the server drains and ends with it"
-    );
-    supervisor.trigger(exit.clone());
 }
 
 /// `503`, and `connection: close` where HTTP/1 has it.

@@ -1,8 +1,12 @@
 //! The response body of layers that may answer on their own.
 
+use crate::catch::{catch_body, caught_in_body};
+use crate::exit::Exit;
+use crate::supervisor::Supervisor;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
+use std::panic::resume_unwind;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -12,6 +16,12 @@ pin_project! {
     /// `503` of [`BoundaryLayer`](crate::BoundaryLayer)).
     ///
     /// Not boxed: answering through these layers allocates nothing.
+    ///
+    /// Under the boundary (and [`Supervisor::stack`]) the inner body is
+    /// polled under a catch: an [`Exit`] raised while it streams is
+    /// recorded in the supervisor (the server drains and resolves with it),
+    /// then unwinds on, which ends the response after the bytes already
+    /// sent: the client sees a cut, never a complete-looking body.
     #[derive(Debug)]
     pub struct ResponseBody<B> {
         #[pin]
@@ -23,7 +33,7 @@ pin_project! {
     #[project = KindProj]
     #[derive(Debug)]
     enum Kind<B> {
-        Inner { #[pin] body: B },
+        Inner { #[pin] body: B, supervisor: Option<Supervisor> },
         Full { data: Option<Bytes> },
     }
 }
@@ -31,7 +41,21 @@ pin_project! {
 impl<B> ResponseBody<B> {
     pub(crate) fn inner(body: B) -> Self {
         ResponseBody {
-            kind: Kind::Inner { body },
+            kind: Kind::Inner {
+                body,
+                supervisor: None,
+            },
+        }
+    }
+
+    /// The inner body, an exit raised in it taken by `supervisor`.
+    #[inline]
+    pub(crate) fn supervised(body: B, supervisor: Supervisor) -> Self {
+        ResponseBody {
+            kind: Kind::Inner {
+                body,
+                supervisor: Some(supervisor),
+            },
         }
     }
 
@@ -64,21 +88,36 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         match self.project().kind.project() {
-            KindProj::Inner { body } => body.poll_frame(cx),
+            KindProj::Inner {
+                body,
+                supervisor: None,
+            } => body.poll_frame(cx),
+            KindProj::Inner {
+                body,
+                supervisor: Some(supervisor),
+            } => match catch_body(|| body.poll_frame(cx)) {
+                Ok(poll) => poll,
+                Err(payload) => {
+                    if let Some(exit) = Exit::from_panic(&*payload) {
+                        caught_in_body(supervisor, exit);
+                    }
+                    resume_unwind(payload)
+                }
+            },
             KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
-            Kind::Inner { body } => body.is_end_stream(),
+            Kind::Inner { body, .. } => body.is_end_stream(),
             Kind::Full { data } => data.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            Kind::Inner { body } => body.size_hint(),
+            Kind::Inner { body, .. } => body.size_hint(),
             Kind::Full { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }

@@ -204,7 +204,12 @@ where
                 let polled = catch_unwind(AssertUnwindSafe(|| future.poll(cx)));
                 leave(outer);
                 match ready!(classify(polled, |err| Exit::from_service_error(err))) {
-                    Polled::Response(res) => return Poll::Ready(Ok(res.map(ResponseBody::inner))),
+                    Polled::Response(res) => {
+                        let supervisor = this.supervisor.clone();
+                        return Poll::Ready(Ok(
+                            res.map(|body| ResponseBody::supervised(body, supervisor))
+                        ));
+                    }
                     Polled::Error(err) => return Poll::Ready(Err(err)),
                     Polled::Exit(exit) => exit,
                 }

@@ -6,11 +6,12 @@
 
 use crate::body::ResponseBody;
 use crate::exit::Exit;
+use crate::exit::{enter_catching, leave};
 use crate::supervisor::Supervisor;
 use bytes::Bytes;
 use http::uri::PathAndQuery;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
-use std::panic::resume_unwind;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::task::{ready, Poll};
 
 /// What a poll of an inner future under `catch_unwind` came to, for a frame
@@ -146,5 +147,48 @@ pub(crate) fn escaped(supervisor: &Supervisor, exit: &Exit) {
         exit.message = exit.message(),
         "exit escaped the service (no exit-aware boundary caught it): the server drains and ends with it"
     );
+    supervisor.trigger(exit.clone());
+}
+
+/// Polls a response body (`poll`) inside an exit-aware frame: an exit
+/// raised there is not said as unhandled, and comes back as the payload
+/// for the caller to take.
+#[inline]
+pub(crate) fn catch_body<T>(poll: impl FnOnce() -> T) -> std::thread::Result<T> {
+    let outer = enter_catching();
+    let polled = catch_unwind(AssertUnwindSafe(poll));
+    leave(outer);
+    polled
+}
+
+/// An exit raised or returned while a response body streamed: the
+/// response cannot be answered any more (its head is sent), so it is cut
+/// after the bytes already sent; the exit is said once (INFO for status 0,
+/// WARN otherwise) and recorded, and the server drains. An exit a frame
+/// nearer the body took already (the boundary's body, then the server's)
+/// is not said twice.
+#[cold]
+#[inline(never)]
+pub(crate) fn caught_in_body(supervisor: &Supervisor, exit: &Exit) {
+    exit.end_if_armed();
+    if supervisor.exit().as_ref() == Some(exit) {
+        return;
+    }
+    let first = supervisor.exit().is_none();
+    if exit.is_success() {
+        tracing::info!(
+            exit.code = exit.code(),
+            exit.message = exit.message(),
+            first,
+            "exit in a response body: the response is cut, the server drains"
+        );
+    } else {
+        tracing::warn!(
+            exit.code = exit.code(),
+            exit.message = exit.message(),
+            first,
+            "exit in a response body: the response is cut, the server drains"
+        );
+    }
     supervisor.trigger(exit.clone());
 }

@@ -330,7 +330,7 @@ fn settle<H, R: Reporter, B, E: AsError<M> + 'static, M>(
 ) -> Result<Response<ResponseBody<B>>, E> {
     match result {
         Ok(mut res) => match take_exit_response(&mut res) {
-            None => Ok(res.map(ResponseBody::inner)),
+            None => Ok(res.map(|body| ResponseBody::supervised(body, shared.supervisor.clone()))),
             // An exit returned as a response: recorded like a raised one.
             Some(exit) => {
                 caught(&shared.supervisor, &exit, request);
@@ -436,7 +436,10 @@ where
         match polled {
             // The happy path, kept small: the rest is out of line.
             Ok(Poll::Ready(Ok(res))) if res.extensions().is_empty() => {
-                Poll::Ready(Ok(res.map(ResponseBody::inner)))
+                let supervisor = shared.supervisor.clone();
+                Poll::Ready(Ok(
+                    res.map(|body| ResponseBody::supervised(body, supervisor))
+                ))
             }
             Ok(Poll::Pending) => Poll::Pending,
             Ok(Poll::Ready(result)) => Poll::Ready(settle(shared, this.request, result)),

@@ -12,7 +12,7 @@
 //! `serve::http`) and marks HTTP/1 responses `connection: close` once the
 //! server drains: one wrapper, one future and one body per request.
 
-use crate::catch::{classify, escaped, Polled};
+use crate::catch::{catch_body, caught_in_body, classify, escaped, Polled};
 use crate::exit::{enter_catching, leave};
 use crate::{Exit, Supervisor};
 use futures_util::future::Either;
@@ -355,7 +355,7 @@ where
                     }
                     return Poll::Ready(Ok(res.map(|body| EscapeBody {
                         kind: Kind::Inner { body },
-                        _in_flight: in_flight,
+                        in_flight,
                     })));
                 }
                 Polled::Error(err) => return Poll::Ready(Err(err)),
@@ -406,7 +406,7 @@ fn close<B>(res: &mut Response<B>) {
 fn answer<B>(version: Version, in_flight: Option<InFlight>) -> Response<EscapeBody<B>> {
     let mut res = Response::new(EscapeBody {
         kind: Kind::Empty,
-        _in_flight: in_flight,
+        in_flight,
     });
     *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
     if version <= Version::HTTP_11 {
@@ -419,11 +419,17 @@ pin_project! {
     /// The service's body, or the empty body of the `503` answered for an
     /// escaped exit (empty, so any body type works); holds its request's
     /// place in flight until hyper drops it.
+    ///
+    /// The body is polled under the catch: an exit raised in it, or
+    /// returned as its error (anywhere in the chain), is taken by the
+    /// server (recorded, the server drains) and ends the response with an
+    /// error after the bytes already sent: hyper closes an HTTP/1
+    /// connection and resets an HTTP/2 stream, the others go on.
     #[derive(Debug)]
     pub(crate) struct EscapeBody<B> {
         #[pin]
         kind: Kind<B>,
-        _in_flight: Option<InFlight>,
+        in_flight: Option<InFlight>,
     }
 }
 
@@ -436,18 +442,41 @@ pin_project! {
     }
 }
 
-impl<B: Body> Body for EscapeBody<B> {
+impl<B> Body for EscapeBody<B>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
     type Data = B::Data;
-    type Error = B::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        match self.project().kind.project() {
-            KindProj::Inner { body } => body.poll_frame(cx),
-            KindProj::Empty => Poll::Ready(None),
+    ) -> Poll<Option<Result<Frame<B::Data>, BoxError>>> {
+        let this = self.project();
+        let body = match this.kind.project() {
+            KindProj::Inner { body } => body,
+            KindProj::Empty => return Poll::Ready(None),
+        };
+        let exit = match catch_body(|| body.poll_frame(cx)) {
+            Ok(Poll::Ready(Some(Err(err)))) => {
+                let err: BoxError = err.into();
+                match Exit::from_error(&*err) {
+                    Some(exit) => exit.clone(),
+                    None => return Poll::Ready(Some(Err(err))),
+                }
+            }
+            Ok(poll) => return poll.map(|frame| frame.map(|frame| frame.map_err(Into::into))),
+            Err(payload) => match Exit::from_panic(&*payload) {
+                Some(exit) => exit.clone(),
+                None => resume_unwind(payload),
+            },
+        };
+        if let Some(InFlight(conn)) = this.in_flight {
+            caught_in_body(&conn.supervisor, &exit);
         }
+        Poll::Ready(Some(Err(Box::new(exit))))
     }
 
     fn is_end_stream(&self) -> bool {

@@ -505,16 +505,51 @@ pub(crate) fn enter_catching() -> RaiseContext {
 }
 
 /// Rule 4: an exit raised where nothing exit-aware will catch it is said
-/// once, here, where the location is still known.
+/// once, here, where the location is still known; in a process whose
+/// server takes stray exits (a prefork worker), it is also handed to it.
 #[cold]
 #[inline(never)]
 fn unhandled(exit: &Exit, at: &std::panic::Location<'_>) {
-    say_unheeded(
-        exit,
-        Some(at),
-        "exit raised where nothing exit-aware catches it (no boundary, server, exit::spawn or \
-         exit::main): it unwinds like a panic",
-    );
+    match STRAY.get() {
+        Some(take) => {
+            say_unheeded(
+                exit,
+                Some(at),
+                "exit raised where nothing exit-aware catches it (a background task, a timer): \
+                 the server drains and ends with it",
+            );
+            take(exit);
+        }
+        None => say_unheeded(
+            exit,
+            Some(at),
+            "exit raised where nothing exit-aware catches it (no boundary, server, exit::spawn or \
+             exit::main): it unwinds like a panic",
+        ),
+    }
+}
+
+type StrayExits = dyn Fn(&Exit) + Send + Sync;
+
+/// Where exits raised outside every exit-aware frame go, in a process that
+/// has one server for its whole life (a prefork worker). Set once: a
+/// worker is a process of its own.
+static STRAY: OnceLock<Box<StrayExits>> = OnceLock::new();
+
+/// Hands every exit raised outside every exit-aware frame of this process
+/// to `take` (after saying it), from now on; `false` if a taker is already
+/// set.
+#[cfg_attr(not(all(unix, feature = "fork", feature = "http")), allow(dead_code))]
+pub(crate) fn take_stray_exits(take: impl Fn(&Exit) + Send + Sync + 'static) -> bool {
+    STRAY.set(Box::new(take)).is_ok()
+}
+
+/// Runs `f` outside every exit-aware frame and child rule of this thread:
+/// for a process that serves with frames of its own (a prefork worker,
+/// forked by `fork::spawn`, whose rule would end it at any raise).
+#[cfg_attr(not(all(unix, feature = "fork", feature = "http")), allow(dead_code))]
+pub(crate) fn outside_frames<R>(f: impl FnOnce() -> R) -> R {
+    with_context(RaiseContext::NONE, f)
 }
 
 /// Says at ERROR an exit nothing will act on (with where it was raised,
@@ -775,11 +810,23 @@ impl<F: Future> Future for ExitAwareTask<F> {
 
 #[cold]
 fn detached_exit(exit: &Exit) {
-    say_unheeded(
-        exit,
-        None,
-        "exit raised in a task spawned with exit::spawn whose handle was dropped: nothing acts on it",
-    );
+    match STRAY.get() {
+        Some(take) => {
+            say_unheeded(
+                exit,
+                None,
+                "exit raised in a task spawned with exit::spawn whose handle was dropped: the \
+                 server drains and ends with it",
+            );
+            take(exit);
+        }
+        None => say_unheeded(
+            exit,
+            None,
+            "exit raised in a task spawned with exit::spawn whose handle was dropped: nothing acts \
+             on it",
+        ),
+    }
 }
 
 /// Runs `main`'s body so that an [`Exit`] raised in it (and not caught on

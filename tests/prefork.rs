@@ -66,18 +66,27 @@ async fn a_killed_worker_is_replaced_within_a_second() {
         );
     }
     assert!(!common::alive(victim), "the killed worker was reaped");
-    assert!(master.stderr_count("worker failed: replacing it") >= 1);
+    let within = Duration::from_secs(5);
+    assert!(master.stderr_count_once("worker failed: replacing it", 1, within) >= 1);
     // The hooks ran where they belong: before each of the 3 forks, in each
-    // worker, and for the killed one once it was reaped.
-    assert_eq!(master.stderr_count("hook: forking a worker"), 3);
+    // worker, and for the killed one once it was reaped. (Each count waits
+    // for its lines: the workers write them on their own time.)
+    assert_eq!(
+        master.stderr_count_once("hook: forking a worker", 3, within),
+        3
+    );
     for pid in &seen {
         assert_eq!(
-            master.stderr_count(&format!("hook: worker {pid} started")),
+            master.stderr_count_once(&format!("hook: worker {pid} started"), 1, within),
             1
         );
     }
     assert_eq!(
-        master.stderr_count(&format!("hook: worker {victim} ended: signal: 9")),
+        master.stderr_count_once(
+            &format!("hook: worker {victim} ended: signal: 9"),
+            1,
+            within
+        ),
         1
     );
     signal(master.pid(), libc::SIGTERM);
@@ -507,4 +516,39 @@ async fn systemd_socket_activation_and_notify() {
     }
     assert_eq!(master.wait_exit(Duration::from_secs(15)).code(), Some(0));
     assert!(gone(&HashSet::from([pid.unwrap()])));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exit_in_a_workers_background_task_drains_that_worker_with_its_code() {
+    let (mut master, addr) = prefork(&["--workers", "1"]);
+    let worker = pid_of_worker(addr).await;
+    let slow = tokio::spawn(get(addr, "/slow"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let scheduled = get(addr, "/background-exit/7").await.expect("answered");
+    assert_eq!(scheduled.status, StatusCode::OK);
+    // The worker drains: the request in flight is answered, not cut.
+    let slow = slow
+        .await
+        .unwrap()
+        .expect("the request in flight is answered");
+    assert_eq!(
+        (slow.status, slow.body.as_str()),
+        (StatusCode::OK, "slow\n")
+    );
+    // Said at the raise, with where it was raised, and the worker ends
+    // with the exit's code.
+    let said = master.stderr_line(
+        "exit raised where nothing exit-aware catches it (a background task",
+        Duration::from_secs(5),
+    );
+    assert!(said.contains("examples/demo/mod.rs"), "{said}");
+    master.stderr_line(
+        &format!("hook: worker {worker} ended: exit status: 7"),
+        Duration::from_secs(5),
+    );
+    let replacement = pid_of_worker(addr).await;
+    assert_ne!(replacement, worker);
+    assert!(!common::alive(worker));
+    signal(master.pid(), libc::SIGTERM);
+    assert_eq!(master.wait_exit(Duration::from_secs(15)).code(), Some(0));
 }

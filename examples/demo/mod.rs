@@ -210,6 +210,18 @@ pub async fn handler<B>(req: Request<B>) -> Reply {
             if let Some(Ok(mib)) = path.strip_prefix("/grow/").map(str::parse::<usize>) {
                 return Ok(text(StatusCode::OK, grow(mib)));
             }
+            // An exit raised in a plain background task, 100 ms after the
+            // answer: the server (a prefork worker) drains with it.
+            if let Some(Ok(code)) = path
+                .strip_prefix("/background-exit/")
+                .map(str::parse::<i32>)
+            {
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    tower_exit::exit(code)
+                });
+                return Ok(text(StatusCode::OK, "scheduled\n"));
+            }
             match path.strip_prefix("/exit/").map(str::parse::<i32>) {
                 Some(Ok(code)) => Exit::new(code)
                     .with_message(format!("{path} asked for it"))

@@ -737,17 +737,28 @@ where
                     crate::exit(1)
                 }
             };
-            let exit = runtime.block_on(async {
-                let listener = listener.to_tokio()?;
-                let supervisor = Supervisor::new();
-                // The first beat says the worker accepts; the later ones
-                // that its thread is not blocked. (Polled with the server
-                // on this task: the counter lives in the master's frame,
-                // which outlives this worker.)
-                tokio::select! {
-                    exit = serve(listener, &supervisor, limit) => exit,
-                    never = heartbeat.run(beat, supervisor.clone()) => match never {},
-                }
+            // The worker serves with frames of its own: an exit raised in
+            // it (a request, a body, a background task, a timer) drains the
+            // worker with that code, never `fork::spawn`'s rule, which would
+            // `_exit` at the raise and cut the requests in flight. A child
+            // forked under a guard in the worker still ends at its raise.
+            let exit = crate::exit::outside_frames(|| {
+                runtime.block_on(async {
+                    let listener = listener.to_tokio()?;
+                    let supervisor = Supervisor::new();
+                    let stray = supervisor.clone();
+                    crate::exit::take_stray_exits(move |exit| {
+                        stray.trigger(exit.clone());
+                    });
+                    // The first beat says the worker accepts; the later ones
+                    // that its thread is not blocked. (Polled with the server
+                    // on this task: the counter lives in the master's frame,
+                    // which outlives this worker.)
+                    tokio::select! {
+                        exit = serve(listener, &supervisor, limit) => exit,
+                        never = heartbeat.run(beat, supervisor.clone()) => match never {},
+                    }
+                })
             });
             // Let the runtime's threads go before the process ends.
             runtime.shutdown_timeout(Duration::from_secs(1));

@@ -99,6 +99,20 @@ impl Proc {
         )
     }
 
+    /// How many stderr lines hold `needle`, once at least `at_least` do
+    /// (waiting for them at most `within`: a line said by another process
+    /// reaches the pipe when it does, not when the test looks).
+    pub fn stderr_count_once(&self, needle: &str, at_least: usize, within: Duration) -> usize {
+        let deadline = Instant::now() + within;
+        loop {
+            let count = self.stderr_count(needle);
+            if count >= at_least || Instant::now() >= deadline {
+                return count;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     pub fn stderr_count(&self, needle: &str) -> usize {
         self.stderr
             .lock()

@@ -164,6 +164,8 @@ impl Exit {
         end_child_if_ruled(&self);
         if !context.caught() {
             unhandled(&self, std::panic::Location::caller());
+        } else if context.forked_below() {
+            forked_unguarded(&self, std::panic::Location::caller());
         }
         #[cfg(panic = "abort")]
         {
@@ -412,13 +414,36 @@ impl RaiseContext {
     /// guarded request ends at the raise, whatever catches above), one set
     /// by `fork::spawn` gives way (a spawned child may serve with its own
     /// boundary).
+    ///
+    /// Without a rule, the frame keeps the fork generation it was entered
+    /// in, where a rule keeps its own (bit 4 up, the rule's end bits 0): a
+    /// raise in a child forked below it, which no guard ends, is said at
+    /// the raise (see [`forked_below`](Self::forked_below)).
     #[inline]
     fn catching(self) -> RaiseContext {
         #[cfg(all(unix, feature = "fork"))]
-        if self.0 & (crate::fork::end::ChildRule::STICKY << 1) != 0 {
-            return RaiseContext(self.0 | CAUGHT);
+        {
+            if self.0 & (crate::fork::end::ChildRule::STICKY << 1) != 0 {
+                return RaiseContext(self.0 | CAUGHT);
+            }
+            RaiseContext(CAUGHT | crate::fork::end::generation() << 4)
         }
+        #[cfg(not(all(unix, feature = "fork")))]
         RaiseContext(CAUGHT)
+    }
+
+    /// Whether this frame catches exits but runs in a child forked below
+    /// it with no rule for children (no fork guard): the child's copy of
+    /// the frame takes the exit and answers in the child.
+    #[inline]
+    fn forked_below(self) -> bool {
+        #[cfg(all(unix, feature = "fork"))]
+        {
+            let rule = self.0 >> 1;
+            rule & 0b11 == 0 && rule >> 3 != crate::fork::end::generation()
+        }
+        #[cfg(not(all(unix, feature = "fork")))]
+        false
     }
 
     /// This context, marked as caught (the rule for children kept).
@@ -527,6 +552,22 @@ fn unhandled(exit: &Exit, at: &std::panic::Location<'_>) {
              exit::main): it unwinds like a panic",
         ),
     }
+}
+
+/// An exit raised in a child forked below an exit-aware frame that no
+/// fork guard covers: the child's copy of that frame will take it (answer,
+/// record in the child's copy of the supervisor), which is rarely what was
+/// meant. Said at the raise, where the location is known.
+#[cold]
+#[inline(never)]
+fn forked_unguarded(exit: &Exit, at: &std::panic::Location<'_>) {
+    say_unheeded(
+        exit,
+        Some(at),
+        "exit raised in a child forked below an exit-aware frame with no fork guard: the child's \
+         copy of that frame takes it and answers in the child (add a ForkGuardLayer, or fork \
+         with fork::spawn)",
+    );
 }
 
 type StrayExits = dyn Fn(&Exit) + Send + Sync;

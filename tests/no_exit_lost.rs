@@ -330,3 +330,62 @@ fn exit_main_prints_the_message_as_python_does() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.lines().any(|l| l == "config missing"), "{stderr}");
 }
+
+/// The body of the test below, run in a process of its own: a handler under
+/// a boundary without a fork guard forks, and the child raises `exit(0)`.
+#[cfg(feature = "fork")]
+#[tokio::test]
+async fn forked_under_a_boundary_without_a_guard() {
+    if std::env::var_os("TOWER_EXIT_UNGUARDED_CHILD").is_none() {
+        return; // only meaningful as the child of the test below
+    }
+    use tower::ServiceExt;
+    use tower_exit::fork::{fork, Forked};
+    let parent = std::process::id();
+    let supervisor = Supervisor::new();
+    let svc =
+        ServiceBuilder::new()
+            .boundary(&supervisor)
+            .service_fn(|_: http::Request<()>| async {
+                // SAFETY (test): a single-threaded test runtime; the child
+                // raises an exit, which the boundary's copy in the child takes.
+                match unsafe { fork() }? {
+                    Forked::Child => tower_exit::exit(0),
+                    Forked::Parent(mut child) => {
+                        child.wait().await?;
+                        Ok::<_, tower::BoxError>(http::Response::new(String::new()))
+                    }
+                }
+            });
+    let _ = svc.oneshot(http::Request::new(())).await;
+    if std::process::id() != parent {
+        // The child ran on into this test's code: end it here.
+        std::process::exit(0);
+    }
+}
+
+#[cfg(feature = "fork")]
+#[test]
+fn an_exit_in_a_child_forked_under_a_boundary_without_a_guard_is_said_at_the_raise() {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "forked_under_a_boundary_without_a_guard",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("TOWER_EXIT_UNGUARDED_CHILD", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let said: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("child forked below an exit-aware frame with no fork guard"))
+        .collect();
+    assert_eq!(said.len(), 1, "{stderr}");
+    assert!(
+        said[0].contains("tower-exit: exit 0 at tests/no_exit_lost.rs:"),
+        "{stderr}"
+    );
+}

@@ -4,6 +4,10 @@
 //! gets its answer, in-flight requests finish, the server stops, and `main`
 //! gets the code; a real failure is handled by `HandleErrorLayer` as before.
 
+// The handlers that only exit must compile under edition 2024 too, where
+// this lint is an error: an `async { exit(3) }` block would fall back to `!`.
+#![deny(dependency_on_unit_never_type_fallback)]
+
 mod common;
 
 use axum::error_handling::HandleErrorLayer;
@@ -147,10 +151,17 @@ async fn slow() -> &'static str {
     "slow"
 }
 
+/// A handler that does nothing but end the work by raising.
+async fn only_raise(Path(code): Path<i32>) {
+    tower_exit::exit(code)
+}
+
 /// Every handler pattern: `/app-exit/N` (an exit inside the app's error
 /// type via `?`), `/app-fail` (a real app error), `/result-exit/N`
 /// (`Result<_, Exit>`), `/spawn-exit/N` (raised in an `exit::spawn` task,
-/// joined), `/raise/N`, `/panic`, `/slow`, `/`.
+/// joined), `/raise/N`, `/only-exit/N` and `/only-raise/N` (handlers that
+/// do nothing but end the work, in the README's idioms), `/panic`, `/slow`,
+/// `/`.
 fn routes() -> Router {
     Router::new()
         .route("/", get(|| async { "hello" }))
@@ -177,7 +188,7 @@ fn routes() -> Router {
                     tokio::task::yield_now().await;
                     tower_exit::exit(code)
                 });
-                exit::join(task)
+                exit::join::<(), _>(task)
                     .await
                     .map_err(|f| format!("{f:?}"))
                     .unwrap();
@@ -192,6 +203,15 @@ fn routes() -> Router {
                 ""
             }),
         )
+        // A handler that only exits: return the exit (a response: the
+        // boundary records it; works in abort builds too)...
+        .route(
+            "/only-exit/{code}",
+            get(|Path(code): Path<i32>| async move { Exit::new(code) }),
+        )
+        // ... or raise it in a handler whose return type is written out
+        // (an `async fn`: an async block's type would fall back from `!`).
+        .route("/only-raise/{code}", get(only_raise))
         .route(
             "/panic",
             get(|| async {
@@ -255,6 +275,8 @@ async fn every_handler_pattern_ends_the_server_with_the_exit_code() {
         ("/result-exit/5", 5),
         ("/spawn-exit/6", 6),
         ("/raise/7", 7),
+        ("/only-exit/8", 8),
+        ("/only-raise/9", 9),
     ] {
         for route_layer in [false, true] {
             let (logs, _guard) = capture();

@@ -159,6 +159,14 @@ fn wrk(addr: SocketAddr, duration: &str) -> (f64, f64, f64) {
         .arg(format!("http://{addr}/"))
         .output()
         .expect("taskset and wrk on the PATH (benches/http/run.sh installs wrk)");
+    if !out.status.success() {
+        eprintln!(
+            "wrk did not run ({}): {}\nrun benches/http/run.sh, which installs wrk, or `apt-get install wrk`",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        std::process::exit(2);
+    }
     let text = String::from_utf8_lossy(&out.stdout);
     let rps = text
         .lines()

@@ -136,6 +136,7 @@ pub(crate) fn exit_response<B>(version: Version, exit: Exit) -> Response<Respons
 
 /// An exit escaped a service (no boundary caught it, or a layer raised it
 /// again above one) and reached a server: said at ERROR, recorded.
+#[cfg(all(unix, any(feature = "http", feature = "fastcgi")))]
 #[cold]
 pub(crate) fn escaped(supervisor: &Supervisor, exit: &Exit) {
     // An exit armed by a fork guard in a forked child ends that child here,

@@ -580,7 +580,10 @@ static STRAY: OnceLock<Box<StrayExits>> = OnceLock::new();
 /// Hands every exit raised outside every exit-aware frame of this process
 /// to `take` (after saying it), from now on; `false` if a taker is already
 /// set.
-#[cfg_attr(not(all(unix, feature = "fork", feature = "http")), allow(dead_code))]
+#[cfg_attr(
+    not(all(unix, feature = "prefork", any(feature = "http", feature = "fastcgi"))),
+    allow(dead_code)
+)]
 pub(crate) fn take_stray_exits(take: impl Fn(&Exit) + Send + Sync + 'static) -> bool {
     STRAY.set(Box::new(take)).is_ok()
 }
@@ -588,7 +591,10 @@ pub(crate) fn take_stray_exits(take: impl Fn(&Exit) + Send + Sync + 'static) -> 
 /// Runs `f` outside every exit-aware frame and child rule of this thread:
 /// for a process that serves with frames of its own (a prefork worker,
 /// forked by `fork::spawn`, whose rule would end it at any raise).
-#[cfg_attr(not(all(unix, feature = "fork", feature = "http")), allow(dead_code))]
+#[cfg_attr(
+    not(all(unix, feature = "prefork", any(feature = "http", feature = "fastcgi"))),
+    allow(dead_code)
+)]
 pub(crate) fn outside_frames<R>(f: impl FnOnce() -> R) -> R {
     with_context(RaiseContext::NONE, f)
 }

@@ -105,11 +105,11 @@ cfg_fork! {
 }
 pub mod report;
 pub mod retry;
-#[cfg(all(unix, feature = "http"))]
+#[cfg(all(unix, any(feature = "http", feature = "fastcgi")))]
 pub mod serve;
 pub mod stack;
 mod supervisor;
-#[cfg(all(unix, any(feature = "fork", feature = "http")))]
+#[cfg(all(unix, any(feature = "fork", feature = "http", feature = "fastcgi")))]
 mod sys;
 #[cfg(feature = "tower-http")]
 pub mod trace;
@@ -123,15 +123,7 @@ pub use crate::exit::{exit, AsError, Exit};
 cfg_fork! {
     pub use crate::fork_guard::ForkGuardLayer;
 }
-pub use crate::report::ReportLayer;
+pub use crate::report::{ReportLayer, TracingReporter};
 pub use crate::stack::ExitStackLayer;
 pub use crate::supervisor::Supervisor;
 pub use crate::tunnel::TunnelLayer;
-
-cfg_fork! {
-    /// The fork server, now at [`fork::server`] (this path is kept).
-    pub use crate::fork::server as fork_server;
-}
-/// The prefork server, now at [`serve::prefork`] (this path is kept).
-#[cfg(all(unix, feature = "fork", feature = "http"))]
-pub use crate::serve::prefork;

@@ -164,7 +164,7 @@ mod process {
     /// Takes ownership of a descriptor the service manager passed to this
     /// process (socket activation: `LISTEN_FDS`, checked against
     /// `LISTEN_PID` by the caller).
-    #[cfg(feature = "http")]
+    #[cfg(all(feature = "prefork", any(feature = "http", feature = "fastcgi")))]
     pub(crate) fn inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
         // SAFETY: fcntl(F_GETFD) only reads the descriptor's flags; -1
         // means it is not open.
@@ -179,7 +179,7 @@ mod process {
     /// Starts `command` with `listener` as its descriptor 3 (the first of
     /// socket activation's) and the signal mask of before `signals`
     /// blocked them: a prefork master re-executing itself (SIGUSR2).
-    #[cfg(feature = "http")]
+    #[cfg(all(feature = "prefork", any(feature = "http", feature = "fastcgi")))]
     pub(crate) fn spawn_with_listener(
         mut command: std::process::Command,
         listener: std::os::fd::BorrowedFd<'_>,
@@ -219,7 +219,7 @@ mod process {
     }
 
     /// The size of a memory page, for reading `/proc/self/statm`.
-    #[cfg(feature = "http")]
+    #[cfg(all(feature = "prefork", any(feature = "http", feature = "fastcgi")))]
     pub(crate) fn page_size() -> u64 {
         // SAFETY: sysconf takes a constant and returns -1 on error.
         match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
@@ -231,7 +231,7 @@ mod process {
     /// Counters in memory shared with every child forked afterwards (an
     /// anonymous shared mapping): a prefork master reads its workers'
     /// heartbeats there.
-    #[cfg(feature = "http")]
+    #[cfg(all(feature = "prefork", any(feature = "http", feature = "fastcgi")))]
     pub(crate) struct SharedCounters {
         counters: std::ptr::NonNull<std::sync::atomic::AtomicU64>,
         len: usize,
@@ -239,13 +239,13 @@ mod process {
 
     // SAFETY: the counters are atomics, shared by design; the mapping lives
     // until `drop`.
-    #[cfg(feature = "http")]
+    #[cfg(all(feature = "prefork", any(feature = "http", feature = "fastcgi")))]
     unsafe impl Send for SharedCounters {}
     // SAFETY: as above: `&SharedCounters` only hands out `&AtomicU64`.
-    #[cfg(feature = "http")]
+    #[cfg(all(feature = "prefork", any(feature = "http", feature = "fastcgi")))]
     unsafe impl Sync for SharedCounters {}
 
-    #[cfg(feature = "http")]
+    #[cfg(all(feature = "prefork", any(feature = "http", feature = "fastcgi")))]
     impl SharedCounters {
         /// `len` counters, all 0.
         pub(crate) fn new(len: usize) -> io::Result<Self> {
@@ -285,7 +285,7 @@ mod process {
         }
     }
 
-    #[cfg(feature = "http")]
+    #[cfg(all(feature = "prefork", any(feature = "http", feature = "fastcgi")))]
     impl Drop for SharedCounters {
         fn drop(&mut self) {
             // SAFETY: unmaps exactly the mapping `new` made; no reference
@@ -325,13 +325,13 @@ mod process {
     /// Signals blocked for this thread (and the threads and children it
     /// creates), to be taken synchronously with [`wait`](Self::wait): no
     /// handler runs, so nothing async-signal-unsafe can happen.
-    #[cfg(feature = "http")]
+    #[cfg(all(feature = "prefork", any(feature = "http", feature = "fastcgi")))]
     pub(crate) struct BlockedSignals {
         set: SignalSet,
         old: libc::sigset_t,
     }
 
-    #[cfg(feature = "http")]
+    #[cfg(all(feature = "prefork", any(feature = "http", feature = "fastcgi")))]
     impl BlockedSignals {
         pub(crate) fn block(signals: &[libc::c_int]) -> io::Result<Self> {
             let set = SignalSet::of(signals)?;

@@ -1,5 +1,5 @@
-//! The public paths of before the `src/fork/` and `serve/prefork` moves
-//! still name the same items, and every layer's service has tower-http's
+//! The public paths name their items (common types at the root), and
+//! every layer's service has tower-http's
 //! accessors and a `new(inner, ..)` constructor that behaves as its layer.
 
 use bytes::Bytes;
@@ -10,22 +10,15 @@ use tower::{Service, ServiceExt};
 use tower_exit::{Exit, Supervisor};
 
 #[test]
-fn old_paths_name_the_moved_items() {
-    // Before: `src/fork_server.rs`, `src/prefork.rs`, `serve::http::DEFAULT_GRACE`.
-    let _: Option<tower_exit::fork_server::ForkServer> = None;
-    let _: Option<tower_exit::fork_server::SpawnError> = None;
-    let _: fn() -> tower_exit::fork_server::Builder = tower_exit::fork_server::ForkServer::builder;
-    assert_eq!(tower_exit::prefork::MAX_WORKERS, 1024);
-    let _: Option<tower_exit::prefork::Prefork> = None;
-    assert_eq!(
-        tower_exit::serve::http::DEFAULT_GRACE,
-        tower_exit::serve::DEFAULT_GRACE
-    );
-    // The new paths name the same items.
+fn the_public_paths_name_their_items() {
     let _: Option<tower_exit::fork::server::ForkServer> = None;
+    let _: Option<tower_exit::fork::server::SpawnError> = None;
     let _: Option<tower_exit::serve::prefork::Prefork> = None;
+    assert_eq!(tower_exit::serve::prefork::MAX_WORKERS, 1024);
     let _: fn(fn()) = |hook| tower_exit::fork::on_child_exit(hook);
     assert_eq!(tower_exit::fork::PANIC_STATUS, 101);
+    // Common types at the root.
+    let _: tower_exit::TracingReporter = tower_exit::report::TracingReporter;
 }
 
 type Svc = tower::util::ServiceFn<

@@ -41,7 +41,7 @@ impl Child {
     /// Closes this handle's pidfd, if it has one: `wait` then polls. For a
     /// parent that reaps otherwise (on SIGCHLD) and forks again, so that
     /// its later children do not inherit the descriptor.
-    #[cfg(feature = "http")]
+    #[cfg(all(feature = "prefork", any(feature = "http", feature = "fastcgi")))]
     pub(crate) fn without_pidfd(mut self) -> Self {
         self.pidfd = None;
         self

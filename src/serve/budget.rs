@@ -29,7 +29,7 @@ pub(crate) struct Budget {
 }
 
 impl Budget {
-    #[cfg(feature = "fork")] // prefork is its one user
+    #[cfg(feature = "prefork")] // prefork is its one user
     pub(crate) fn new(max: u64) -> Self {
         Budget {
             max,

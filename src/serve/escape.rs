@@ -15,18 +15,22 @@
 use crate::catch::{catch_body, caught_in_body, classify, escaped, Polled};
 use crate::exit::{enter_catching, leave};
 use crate::{Exit, Supervisor};
+#[cfg(feature = "http")]
 use futures_util::future::Either;
 use http::{header, HeaderValue, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
+#[cfg(feature = "http")]
 use std::cell::RefCell;
 use std::future::Future;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
+#[cfg(feature = "http")]
 use std::task::Waker;
 use std::task::{ready, Context, Poll};
+#[cfg(feature = "http")]
 use tower::util::Oneshot;
 use tower_service::Service;
 
@@ -69,6 +73,7 @@ impl<S> Escapes<S> {
     }
 
     /// What this connection's requests did so far.
+    #[cfg(feature = "http")]
     pub(crate) fn conn(&self) -> &Arc<Conn> {
         &self.conn
     }
@@ -131,6 +136,7 @@ impl Drop for Conn {
 
 impl Conn {
     /// `(started, ended)` requests so far.
+    #[cfg(feature = "http")]
     pub(crate) fn activity(&self) -> (u32, u32) {
         // `ended` first: read the other way round, a request starting and
         // ending between the two loads would show as ended but never started.
@@ -138,6 +144,7 @@ impl Conn {
         (self.started.load(Ordering::Relaxed), ended)
     }
 
+    #[cfg(feature = "http")]
     pub(crate) fn http2(&self) -> bool {
         self.http2.load(Ordering::Relaxed)
     }
@@ -162,15 +169,18 @@ impl Drop for InFlight {
 /// and a clone takes its place (hyper-util's `TowerToHyperService` clones
 /// for every request). Not `Sync`: hyper calls it from the
 /// connection's task only, so the `RefCell` is never contended.
+#[cfg(feature = "http")]
 #[derive(Debug)]
 pub(crate) struct ForHyper<S>(RefCell<Escapes<S>>);
 
+#[cfg(feature = "http")]
 impl<S> ForHyper<S> {
     pub(crate) fn new(escapes: Escapes<S>) -> Self {
         ForHyper(RefCell::new(escapes))
     }
 }
 
+#[cfg(feature = "http")]
 impl<S, ReqBody, ResBody> hyper::service::Service<Request<ReqBody>> for ForHyper<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,

@@ -110,7 +110,7 @@ impl<S> Serve<S> {
 
     /// Serve at most `max` requests, exactly, then drain and resolve to
     /// [`Exit::success`] (a prefork worker recycling; see `serve::budget`).
-    #[cfg(feature = "fork")] // prefork is its one user
+    #[cfg(feature = "prefork")] // prefork is its one user
     pub(crate) fn max_requests(mut self, max: u64) -> Self {
         self.budget = Some(Arc::new(Budget::new(max.max(1))));
         self

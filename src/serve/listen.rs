@@ -190,14 +190,14 @@ fn bind_unix(path: &Path) -> io::Result<std::os::unix::net::UnixListener> {
 
 /// A listener bound with no runtime (a prefork master binds before any
 /// worker exists; every worker serves on it).
-#[cfg(feature = "fork")]
+#[cfg(feature = "prefork")]
 #[derive(Debug)]
 pub(crate) enum StdListener {
     Tcp(std::net::TcpListener),
     Unix(std::os::unix::net::UnixListener),
 }
 
-#[cfg(feature = "fork")]
+#[cfg(feature = "prefork")]
 impl std::os::fd::AsFd for StdListener {
     fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         match self {
@@ -207,7 +207,7 @@ impl std::os::fd::AsFd for StdListener {
     }
 }
 
-#[cfg(feature = "fork")]
+#[cfg(feature = "prefork")]
 impl StdListener {
     /// Binds `addr` as [`Listener::bind`] does, blocking.
     pub(crate) fn bind(addr: &ListenAddr) -> io::Result<Self> {

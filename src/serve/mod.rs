@@ -57,16 +57,21 @@ macro_rules! drain_options {
 
 mod budget;
 mod escape;
+#[cfg(feature = "fastcgi")]
 pub mod fastcgi;
 pub mod graceful;
+#[cfg(feature = "http")]
 pub mod http;
 mod listen;
-#[cfg(feature = "fork")]
+#[cfg(feature = "prefork")]
 pub mod prefork;
+#[cfg(feature = "http")]
 mod watch;
 
+#[cfg(feature = "fastcgi")]
 pub use self::fastcgi::fastcgi;
 pub use self::graceful::{graceful, Graceful};
+#[cfg(feature = "http")]
 pub use self::http::{http, Serve};
 pub use self::listen::{BadListenAddr, ListenAddr, Listener, Peer};
 

@@ -274,6 +274,7 @@ impl Prefork {
         self
     }
 
+    #[cfg(feature = "http")]
     /// Runs the master, serving HTTP in each worker. Returns when the server
     /// stops: [`Exit::success`] after SIGTERM/SIGINT/SIGQUIT, or the
     /// stop-all exit of a worker.
@@ -294,6 +295,7 @@ impl Prefork {
         })
     }
 
+    #[cfg(feature = "fastcgi")]
     /// Runs the master, serving FastCGI in each worker. See
     /// [`run_http`](Self::run_http).
     pub fn run_fastcgi<F, S>(self, factory: F) -> io::Result<Exit>

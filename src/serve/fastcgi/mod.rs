@@ -194,7 +194,7 @@ impl<S> ServeFastCgi<S> {
     /// [`Exit::success`] (a prefork worker recycling; see `serve::budget`).
     /// Exact for one request per connection (nginx's default); on a kept
     /// connection, a request beyond it is answered `503`.
-    #[cfg(feature = "fork")] // prefork is its one user
+    #[cfg(feature = "prefork")] // prefork is its one user
     pub(crate) fn max_requests(mut self, max: u64) -> Self {
         self.budget = Some(std::sync::Arc::new(super::budget::Budget::new(max.max(1))));
         self

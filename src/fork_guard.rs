@@ -29,7 +29,9 @@
 //!     .layer(tower_http::catch_panic::CatchPanicLayer::new()) // not exit-aware
 //!     .fork_guard() // below every catch-all
 //!     .service_fn(handler);
-//! # let _ = svc;
+//! // Used as a service (here, or by a server), the guard learns how to
+//! // look into the handler's error type.
+//! let _response = tower::ServiceExt::oneshot(svc, Request::new(()));
 //! ```
 //!
 //! The worst case: a handler forks, the child calls

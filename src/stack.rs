@@ -66,8 +66,7 @@ use std::task::{ready, Context, Poll};
 use tower_layer::Layer;
 use tower_service::Service;
 
-#[cfg(all(unix, feature = "fork"))]
-use crate::fork::end::{generation, ChildEnd};
+use crate::exit::rule::{self, Guard};
 
 /// The reporter of a stack that reports nothing (the default).
 #[derive(Clone, Copy, Debug, Default)]
@@ -114,7 +113,6 @@ impl<M> ExitStackLayer<DefaultResponseForPanic, NoReporter, M> {
                 handler: DefaultResponseForPanic,
                 reporter: NoReporter,
                 exits: ExitPolicy::Never,
-                #[cfg(all(unix, feature = "fork"))]
                 guard: None,
             },
             _error: PhantomData,
@@ -148,13 +146,14 @@ impl<H, R, M> ExitStackLayer<H, R, M> {
         }
     }
 
-    /// Ends a child forked during a request as `guard` would, innermost
-    /// (see [`ForkGuardLayer`](crate::ForkGuardLayer) and its modes).
-    #[cfg(all(unix, feature = "fork"))]
-    pub fn fork_guard(mut self, guard: crate::ForkGuardLayer<M>) -> Self {
-        crate::fork::end::watch_forks();
-        self.shared.guard = Some(guard.end);
-        self
+    cfg_fork! {
+        /// Ends a child forked during a request as `guard` would, innermost
+        /// (see [`ForkGuardLayer`](crate::ForkGuardLayer) and its modes).
+        pub fn fork_guard(mut self, guard: crate::ForkGuardLayer<M>) -> Self {
+            rule::watch_forks();
+            self.shared.guard = Some(guard.end);
+            self
+        }
     }
 }
 
@@ -166,8 +165,7 @@ struct Shared<H, R> {
     handler: H,
     reporter: R,
     exits: ExitPolicy,
-    #[cfg(all(unix, feature = "fork"))]
-    guard: Option<ChildEnd>,
+    guard: Option<Guard>,
 }
 
 impl<H, R> Shared<H, R> {
@@ -179,7 +177,6 @@ impl<H, R> Shared<H, R> {
             handler,
             reporter,
             exits: self.exits,
-            #[cfg(all(unix, feature = "fork"))]
             guard: self.guard,
         }
     }
@@ -230,41 +227,29 @@ inner_accessors!(ExitStack<S, H, R, M>, inner);
 /// moved at every `catch_unwind` and return.
 #[derive(Clone, Copy, Debug)]
 struct Guarded {
-    #[cfg(all(unix, feature = "fork"))]
     started: u64,
 }
 
 impl Guarded {
     #[inline]
     fn start<H, R>(shared: &Shared<H, R>) -> Self {
-        let _ = shared;
         Guarded {
-            #[cfg(all(unix, feature = "fork"))]
             started: if shared.guard.is_some() {
-                generation()
+                rule::generation()
             } else {
                 0
             },
         }
     }
 
-    /// The generation and how a child ends, with a guard.
-    #[cfg(all(unix, feature = "fork"))]
-    #[inline]
-    fn rule<H, R>(self, shared: &Shared<H, R>) -> Option<(u64, ChildEnd)> {
-        shared.guard.map(|end| (self.started, end))
-    }
-
     /// The raise context while the inner service is called or polled: the
     /// boundary's (exits are caught), plus the guard's rule for children.
     #[inline]
     fn context<H, R>(self, shared: &Shared<H, R>) -> RaiseContext {
-        let _ = shared;
-        #[cfg(all(unix, feature = "fork"))]
-        if let Some((started, end)) = self.rule(shared) {
-            return crate::fork_guard::guarded(started, end).caught_here();
+        match shared.guard {
+            Some(end) => rule::guarded(self.started, end).caught_here(),
+            None => crate::exit::catching_context(),
         }
-        crate::exit::catching_context()
     }
 }
 
@@ -292,12 +277,10 @@ where
         let guarded = Guarded::start(&self.shared);
         let inner = &mut self.inner;
         let outer = enter(guarded.context(&self.shared));
-        #[allow(unused_mut)]
         let mut called = catch_unwind(AssertUnwindSafe(|| inner.call(req)));
         leave(outer);
-        #[cfg(all(unix, feature = "fork"))]
-        if let Some((started, end)) = guarded.rule(&self.shared) {
-            crate::fork_guard::in_child_after_call(started, end, &mut called);
+        if let Some(end) = self.shared.guard {
+            rule::after_call(guarded.started, end, &mut called);
         }
         let state = match called {
             Ok(future) => State::Running { future },
@@ -426,12 +409,10 @@ where
         };
         let shared = &**this.shared;
         let outer = enter(this.guarded.context(shared));
-        #[allow(unused_mut)]
         let mut polled = catch_unwind(AssertUnwindSafe(|| future.poll(cx)));
         leave(outer);
-        #[cfg(all(unix, feature = "fork"))]
-        if let Some((started, end)) = this.guarded.rule(shared) {
-            crate::fork_guard::in_child_after_poll(started, end, &mut polled);
+        if let Some(end) = shared.guard {
+            rule::after_poll(this.guarded.started, end, &mut polled);
         }
         match polled {
             // The happy path, kept small: the rest is out of line.

@@ -249,6 +249,18 @@ async fn one_layer_and_four_layers_agree_on_every_outcome() {
     }
 }
 
+/// The parent's answer: how its child ended (exit code, signal).
+async fn how_it_ended(
+    mut child: tower_exit::fork::Child,
+) -> std::io::Result<Response<Full<Bytes>>> {
+    let status = child.wait().await?;
+    Ok(Response::new(Full::new(Bytes::from(format!(
+        "{:?} {:?}",
+        status.code(),
+        status.signal()
+    )))))
+}
+
 /// A handler that forks; the child raises `exit(7)`. The parent answers
 /// with how the child ended.
 async fn fork_then_exit(_: Request<()>) -> Reply {
@@ -256,14 +268,7 @@ async fn fork_then_exit(_: Request<()>) -> Reply {
     // into the end of the child without allocating.
     match unsafe { fork() }? {
         Forked::Child => tower_exit::exit(7),
-        Forked::Parent(mut child) => {
-            let status = child.wait().await?;
-            Ok(Response::new(Full::new(Bytes::from(format!(
-                "{:?} {:?}",
-                status.code(),
-                status.signal()
-            )))))
-        }
+        Forked::Parent(child) => Ok(how_it_ended(child).await?),
     }
 }
 
@@ -316,14 +321,7 @@ async fn fork_then_return(wrapped: bool) -> Result<Response<Full<Bytes>>, AppErr
     match unsafe { fork() }? {
         Forked::Child if wrapped => Err(AppError::Wrapped { exit: Exit::new(7) }),
         Forked::Child => Err(Exit::new(7).into()),
-        Forked::Parent(mut child) => {
-            let status = child.wait().await?;
-            Ok(Response::new(Full::new(Bytes::from(format!(
-                "{:?} {:?}",
-                status.code(),
-                status.signal()
-            )))))
-        }
+        Forked::Parent(child) => Ok(how_it_ended(child).await?),
     }
 }
 

@@ -14,7 +14,8 @@
 //! Invariant: `available + outstanding credits + used == max`, so `used`
 //! never passes `max`.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use tokio::sync::Notify;
 
 #[derive(Debug)]
@@ -111,4 +112,53 @@ pub(crate) async fn admit<F: std::future::Future>(
         supervisor.trigger(crate::Exit::success().with_message("max_requests served"));
     }
     unit
+}
+
+/// A connection's hold on its server's budget: the credit for its next
+/// request, taken by the accept loop for the first one. Given back if the
+/// connection ends without using it.
+#[derive(Debug)]
+pub(crate) struct Credit {
+    held: AtomicBool,
+    budget: Arc<Budget>,
+}
+
+impl Credit {
+    /// The credit the accept loop took for a new connection.
+    pub(crate) fn new(budget: &Arc<Budget>) -> Self {
+        Credit {
+            held: AtomicBool::new(true),
+            budget: budget.clone(),
+        }
+    }
+
+    /// A request starts: it uses the connection's credit, or takes a unit
+    /// itself (HTTP/2 streams, FastCGI requests after the first on a kept
+    /// connection); `false` when none is left.
+    pub(crate) fn start_request(&self) -> bool {
+        if self.held.swap(false, Ordering::AcqRel) || self.budget.try_take() {
+            self.budget.use_one();
+            true
+        } else {
+            false
+        }
+    }
+
+    /// After an HTTP/1 response: a credit for the connection's next
+    /// request; `false` when none is left (the response closes it).
+    pub(crate) fn renew(&self) -> bool {
+        let taken = self.budget.try_take();
+        if taken {
+            self.held.store(true, Ordering::Release);
+        }
+        taken
+    }
+}
+
+impl Drop for Credit {
+    fn drop(&mut self) {
+        if *self.held.get_mut() {
+            self.budget.give_back();
+        }
+    }
 }

@@ -8,9 +8,8 @@
 //! the request is answered `503` with `connection: close`, as a boundary
 //! would.
 //!
-//! The same wrapper counts a connection's requests for its deadline (see
-//! `serve::http`) and marks HTTP/1 responses `connection: close` once the
-//! server drains: one wrapper, one future and one body per request.
+//! The same wrapper counts the connection's requests in flight (see
+//! `in_flight`): one wrapper, one future and one body per request.
 
 use crate::catch::{catch_body, caught_in_body, classify, escaped, Polled};
 use crate::exit::{enter_catching, leave};
@@ -25,7 +24,7 @@ use std::cell::RefCell;
 use std::future::Future;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 #[cfg(feature = "http")]
 use std::task::Waker;
@@ -35,6 +34,8 @@ use tower::util::Oneshot;
 use tower_service::Service;
 
 use super::budget::Budget;
+pub(crate) use super::in_flight::Conn;
+use super::in_flight::InFlight;
 use super::BoxError;
 
 /// Wraps the service a server runs; see [the module docs](self).
@@ -60,15 +61,7 @@ impl<S> Escapes<S> {
     ) -> Self {
         Escapes {
             inner,
-            conn: Arc::new(Conn {
-                supervisor: supervisor.clone(),
-                started: AtomicU32::new(0),
-                ended: AtomicU32::new(0),
-                http2: AtomicBool::new(false),
-                draining: draining.cloned(),
-                credit: AtomicBool::new(budget.is_some()),
-                budget: budget.cloned(),
-            }),
+            conn: Arc::new(Conn::new(supervisor, draining, budget)),
         }
     }
 
@@ -81,83 +74,7 @@ impl<S> Escapes<S> {
     /// Counts a new request in flight; `Err` if it is beyond the budget
     /// (to be answered `503` without calling the service).
     fn start(&self, version: Version) -> Result<InFlight, InFlight> {
-        let conn = &self.conn;
-        conn.started.fetch_add(1, Ordering::Relaxed);
-        if version == Version::HTTP_2 {
-            conn.http2.store(true, Ordering::Relaxed);
-        }
-        let in_flight = InFlight(conn.clone());
-        match &conn.budget {
-            None => Ok(in_flight),
-            Some(budget) => {
-                if conn.credit.swap(false, Ordering::AcqRel) || budget.try_take() {
-                    budget.use_one();
-                    Ok(in_flight)
-                } else {
-                    Err(in_flight)
-                }
-            }
-        }
-    }
-}
-
-/// What a connection's task learns from its requests, without a timer per
-/// request: how many started and how many ended (a request ends when the
-/// server drops its response body, written or not, or its future), and
-/// whether it speaks HTTP/2. Also the supervisor an escaped exit goes to.
-///
-/// Invariant: `ended` never passes `started`; they differ exactly while a
-/// request is in flight, so the connection is busy. Relaxed atomics: the
-/// task only compares the counts on its own timer, and a late view delays
-/// the check by one period at most.
-#[derive(Debug)]
-pub(crate) struct Conn {
-    supervisor: Supervisor,
-    started: AtomicU32,
-    ended: AtomicU32,
-    http2: AtomicBool,
-    /// Server-wide: set once the server drains (HTTP only).
-    draining: Option<Arc<AtomicBool>>,
-    /// Holds a unit of `budget` for its next request.
-    credit: AtomicBool,
-    budget: Option<Arc<Budget>>,
-}
-
-impl Drop for Conn {
-    fn drop(&mut self) {
-        // A connection that ends with an unused credit gives it back.
-        if let Some(budget) = &self.budget {
-            if *self.credit.get_mut() {
-                budget.give_back();
-            }
-        }
-    }
-}
-
-impl Conn {
-    /// `(started, ended)` requests so far.
-    #[cfg(feature = "http")]
-    pub(crate) fn activity(&self) -> (u32, u32) {
-        // `ended` first: read the other way round, a request starting and
-        // ending between the two loads would show as ended but never started.
-        let ended = self.ended.load(Ordering::Relaxed);
-        (self.started.load(Ordering::Relaxed), ended)
-    }
-
-    #[cfg(feature = "http")]
-    pub(crate) fn http2(&self) -> bool {
-        self.http2.load(Ordering::Relaxed)
-    }
-}
-
-/// A request in flight on a [`Conn`]: counted as ended when dropped, with
-/// the response body (or with the response future, if it never completes).
-#[derive(Debug)]
-struct InFlight(Arc<Conn>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.ended.fetch_add(1, Ordering::Relaxed);
+        InFlight::start(&self.conn, version)
     }
 }
 
@@ -292,11 +209,12 @@ impl<S> Escapes<S> {
     ) -> EscapesFuture<F> {
         match Exit::from_panic(&*payload) {
             Some(exit) => {
-                escaped(&self.conn.supervisor, exit);
+                let in_flight = InFlight::unbudgeted(&self.conn);
+                escaped(in_flight.supervisor(), exit);
                 EscapesFuture {
                     state: State::Exited,
                     version,
-                    in_flight: Some(InFlight(self.conn.clone())),
+                    in_flight: Some(in_flight),
                 }
             }
             None => resume_unwind(payload),
@@ -343,12 +261,11 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let supervisor = &this
+        let supervisor = this
             .in_flight
             .as_ref()
             .expect("EscapesFuture polled after completion")
-            .0
-            .supervisor;
+            .supervisor();
         if let StateProj::Running { future } = this.state.project() {
             let outer = enter_catching();
             let polled = catch_unwind(AssertUnwindSafe(|| {
@@ -360,7 +277,10 @@ where
             match ready!(classify(polled, |err| Exit::from_error(&**err))) {
                 Polled::Response(mut res) => {
                     let in_flight = this.in_flight.take();
-                    if closing(in_flight.as_ref(), *this.version) {
+                    if in_flight
+                        .as_ref()
+                        .is_some_and(|in_flight| in_flight.closes_after(*this.version))
+                    {
                         close(&mut res);
                     }
                     return Poll::Ready(Ok(res.map(|body| EscapeBody {
@@ -373,37 +293,6 @@ where
             }
         }
         Poll::Ready(Ok(answer(*this.version, this.in_flight.take())))
-    }
-}
-
-/// An HTTP/1 response on a connection of a draining server: it closes the
-/// connection, so that keep-alive clients stop sending on it.
-///
-/// With a budget, the connection may send another request only with a new
-/// credit: taken here, or the response closes the connection.
-fn closing(in_flight: Option<&InFlight>, version: Version) -> bool {
-    let Some(InFlight(conn)) = in_flight else {
-        return false;
-    };
-    if version > Version::HTTP_11 {
-        return false;
-    }
-    if conn
-        .draining
-        .as_ref()
-        .is_some_and(|draining| draining.load(Ordering::Acquire))
-    {
-        return true;
-    }
-    match &conn.budget {
-        Some(budget) => {
-            let credit = budget.try_take();
-            if credit {
-                conn.credit.store(true, Ordering::Release);
-            }
-            !credit
-        }
-        None => false,
     }
 }
 
@@ -483,8 +372,8 @@ where
                 None => resume_unwind(payload),
             },
         };
-        if let Some(InFlight(conn)) = this.in_flight {
-            caught_in_body(&conn.supervisor, &exit);
+        if let Some(in_flight) = this.in_flight {
+            caught_in_body(in_flight.supervisor(), &exit);
         }
         Poll::Ready(Some(Err(Box::new(exit))))
     }

@@ -23,8 +23,8 @@
 //! ```
 
 use super::budget::Budget;
-use super::escape::{Escapes, ForHyper};
-use super::listen::Listener;
+use super::escape::{Conn, Escapes, ForHyper};
+use super::listen::{Listener, Peer, Stream};
 use super::watch::{Event, Watch};
 use super::DrainOptions;
 use super::ServeService;
@@ -187,75 +187,7 @@ impl<S> Serve<S> {
             connections.spawn(async move {
                 // Held until the task ends, however it ends.
                 let _slot = slot;
-                // Serve. Once draining starts, an HTTP/1 connection is left
-                // to end by itself: its next response carries `connection:
-                // close` (see `Escapes`), so a request a client already
-                // sent on an idle keep-alive or a just-accepted connection is
-                // answered, not dropped. After NEXT_REQUEST_WAIT (or at once
-                // for HTTP/2, whose GOAWAY clients handle) it is shut down
-                // gracefully: a request in flight still finishes.
-                tokio::pin!(conn);
-                tokio::pin!(drain);
-                // The connection's deadline: it must start or finish a
-                // request within every period of `header_read_timeout`, or
-                // have one in flight; otherwise it is closed. One timer
-                // entry per connection, moved forward once a period (no
-                // timer work per request). This bounds a silent client
-                // (hyper-util reads the first bytes to tell HTTP/1 from
-                // HTTP/2 with no timeout of its own), a partial or
-                // byte-a-second header, and an idle keep-alive connection:
-                // each is closed between one and two periods after its last
-                // activity.
-                let deadline = tokio::time::sleep(header_read_timeout);
-                tokio::pin!(deadline);
-                let mut seen = (0, 0);
-                let mut watch = Watch::new();
-                let result = loop {
-                    let event = std::future::poll_fn(|cx| {
-                        watch.poll(cx, conn.as_mut(), |cx| {
-                            if drain.as_mut().poll(cx).is_ready() {
-                                return Poll::Ready(Watched::Drain);
-                            }
-                            deadline.as_mut().poll(cx).map(|()| Watched::Deadline)
-                        })
-                    })
-                    .await;
-                    match event {
-                        Event::Conn(result) => break Some(result),
-                        Event::Watcher(Watched::Drain) => break None,
-                        Event::Watcher(Watched::Deadline) => {
-                            let now = conn_state.activity();
-                            if now.0 == now.1 && now == seen {
-                                tracing::debug!(%peer, requests = now.0, "no request for the header read timeout: connection closed");
-                                return;
-                            }
-                            seen = now;
-                            deadline.as_mut().reset(tokio::time::Instant::now() + header_read_timeout);
-                        }
-                    }
-                };
-                let result = match result {
-                    Some(result) => result,
-                    None => {
-                        let by_itself = if conn_state.http2() {
-                            None
-                        } else {
-                            tokio::time::timeout(NEXT_REQUEST_WAIT, conn.as_mut())
-                                .await
-                                .ok()
-                        };
-                        match by_itself {
-                            Some(result) => result,
-                            None => {
-                                conn.as_mut().graceful_shutdown();
-                                conn.await
-                            }
-                        }
-                    }
-                };
-                if let Err(err) = result {
-                    tracing::debug!(%peer, err = %err, "connection ended with an error");
-                }
+                handle_connection(conn, &conn_state, drain, peer, header_read_timeout).await;
             });
         }
         draining.store(true, Ordering::Release);
@@ -263,6 +195,90 @@ impl<S> Serve<S> {
         drop(listener);
 
         Ok(super::drain(connections, drain.grace, &supervisor).await)
+    }
+}
+
+/// Serves one accepted connection until it ends, the server's drain closes
+/// it, or it misses its deadline (see [`Serve::header_read_timeout`]).
+async fn handle_connection<S>(
+    conn: auto::UpgradeableConnection<'static, TokioIo<Stream>, ForHyper<S>, TokioExecutor>,
+    conn_state: &Conn,
+    drain: impl Future<Output = ()>,
+    peer: Peer,
+    header_read_timeout: Duration,
+) where
+    S: ServeService<Incoming>,
+{
+    // Serve. Once draining starts, an HTTP/1 connection is left
+    // to end by itself: its next response carries `connection:
+    // close` (see `Escapes`), so a request a client already
+    // sent on an idle keep-alive or a just-accepted connection is
+    // answered, not dropped. After NEXT_REQUEST_WAIT (or at once
+    // for HTTP/2, whose GOAWAY clients handle) it is shut down
+    // gracefully: a request in flight still finishes.
+    tokio::pin!(conn);
+    tokio::pin!(drain);
+    // The connection's deadline: it must start or finish a
+    // request within every period of `header_read_timeout`, or
+    // have one in flight; otherwise it is closed. One timer
+    // entry per connection, moved forward once a period (no
+    // timer work per request). This bounds a silent client
+    // (hyper-util reads the first bytes to tell HTTP/1 from
+    // HTTP/2 with no timeout of its own), a partial or
+    // byte-a-second header, and an idle keep-alive connection:
+    // each is closed between one and two periods after its last
+    // activity.
+    let deadline = tokio::time::sleep(header_read_timeout);
+    tokio::pin!(deadline);
+    let mut seen = (0, 0);
+    let mut watch = Watch::new();
+    let result = loop {
+        let event = std::future::poll_fn(|cx| {
+            watch.poll(cx, conn.as_mut(), |cx| {
+                if drain.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Watched::Drain);
+                }
+                deadline.as_mut().poll(cx).map(|()| Watched::Deadline)
+            })
+        })
+        .await;
+        match event {
+            Event::Conn(result) => break Some(result),
+            Event::Watcher(Watched::Drain) => break None,
+            Event::Watcher(Watched::Deadline) => {
+                let now = conn_state.activity();
+                if now.0 == now.1 && now == seen {
+                    tracing::debug!(%peer, requests = now.0, "no request for the header read timeout: connection closed");
+                    return;
+                }
+                seen = now;
+                deadline
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + header_read_timeout);
+            }
+        }
+    };
+    let result = match result {
+        Some(result) => result,
+        None => {
+            let by_itself = if conn_state.http2() {
+                None
+            } else {
+                tokio::time::timeout(NEXT_REQUEST_WAIT, conn.as_mut())
+                    .await
+                    .ok()
+            };
+            match by_itself {
+                Some(result) => result,
+                None => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
+        }
+    };
+    if let Err(err) = result {
+        tracing::debug!(%peer, err = %err, "connection ended with an error");
     }
 }
 

@@ -62,6 +62,7 @@ pub mod fastcgi;
 pub mod graceful;
 #[cfg(feature = "http")]
 pub mod http;
+mod in_flight;
 mod listen;
 #[cfg(feature = "prefork")]
 pub mod prefork;

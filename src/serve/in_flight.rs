@@ -1,0 +1,119 @@
+//! What a connection's requests did, counted without a timer per request:
+//! how many started and ended (for the connection's deadline in
+//! `serve::http`), whether it speaks HTTP/2, whether an HTTP/1 response
+//! must close it (the server drains, or its budget is spent), and the
+//! supervisor an exit it carries goes to.
+
+use super::budget::{Budget, Credit};
+use crate::supervisor::Supervisor;
+use http::Version;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+
+/// One connection's count of its requests.
+///
+/// Invariant: `ended` never passes `started`; they differ exactly while a
+/// request is in flight, so the connection is busy. Relaxed atomics: the
+/// task only compares the counts on its own timer, and a late view delays
+/// the check by one period at most.
+#[derive(Debug)]
+pub(crate) struct Conn {
+    supervisor: Supervisor,
+    started: AtomicU32,
+    ended: AtomicU32,
+    http2: AtomicBool,
+    /// Server-wide: set once the server drains (HTTP only).
+    draining: Option<Arc<AtomicBool>>,
+    /// The connection's hold on the server's request budget, if any.
+    credit: Option<Credit>,
+}
+
+impl Conn {
+    /// A new connection's count; `draining` is the server's flag for
+    /// HTTP/1's `connection: close`, if it has one; `budget` the server's
+    /// request budget, of which the connection holds one unit as the
+    /// credit for its first request.
+    pub(crate) fn new(
+        supervisor: &Supervisor,
+        draining: Option<&Arc<AtomicBool>>,
+        budget: Option<&Arc<Budget>>,
+    ) -> Self {
+        Conn {
+            supervisor: supervisor.clone(),
+            started: AtomicU32::new(0),
+            ended: AtomicU32::new(0),
+            http2: AtomicBool::new(false),
+            draining: draining.cloned(),
+            credit: budget.map(Credit::new),
+        }
+    }
+
+    /// `(started, ended)` requests so far.
+    #[cfg(feature = "http")]
+    pub(crate) fn activity(&self) -> (u32, u32) {
+        // `ended` first: read the other way round, a request starting and
+        // ending between the two loads would show as ended but never started.
+        let ended = self.ended.load(Ordering::Relaxed);
+        (self.started.load(Ordering::Relaxed), ended)
+    }
+
+    #[cfg(feature = "http")]
+    pub(crate) fn http2(&self) -> bool {
+        self.http2.load(Ordering::Relaxed)
+    }
+}
+
+/// A request in flight on a [`Conn`]: counted as ended when dropped, with
+/// the response body (or with the response future, if it never completes).
+#[derive(Debug)]
+pub(crate) struct InFlight(Arc<Conn>);
+
+impl InFlight {
+    /// Counts a new request on `conn`; `Err` if it is beyond the budget
+    /// (to be answered `503` without calling the service).
+    pub(crate) fn start(conn: &Arc<Conn>, version: Version) -> Result<InFlight, InFlight> {
+        conn.started.fetch_add(1, Ordering::Relaxed);
+        if version == Version::HTTP_2 {
+            conn.http2.store(true, Ordering::Relaxed);
+        }
+        let in_flight = InFlight(conn.clone());
+        match &conn.credit {
+            Some(credit) if !credit.start_request() => Err(in_flight),
+            _ => Ok(in_flight),
+        }
+    }
+
+    /// A request counted without the budget: the answer to an exit that
+    /// escaped `call`.
+    pub(crate) fn unbudgeted(conn: &Arc<Conn>) -> InFlight {
+        InFlight(conn.clone())
+    }
+
+    pub(crate) fn supervisor(&self) -> &Supervisor {
+        &self.0.supervisor
+    }
+
+    /// Whether this HTTP/1 response must close its connection, so that
+    /// keep-alive clients stop sending on it: the server drains, or (with
+    /// a budget) no credit is left for the connection's next request.
+    pub(crate) fn closes_after(&self, version: Version) -> bool {
+        if version > Version::HTTP_11 {
+            return false;
+        }
+        let conn = &self.0;
+        if conn
+            .draining
+            .as_ref()
+            .is_some_and(|draining| draining.load(Ordering::Acquire))
+        {
+            return true;
+        }
+        conn.credit.as_ref().is_some_and(|credit| !credit.renew())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.ended.fetch_add(1, Ordering::Relaxed);
+    }
+}

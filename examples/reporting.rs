@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tower::{BoxError, ServiceBuilder, ServiceExt};
 use tower_exit::report::{ExitPolicy, Failure, RateLimited, TracingReporter};
-use tower_exit::{ReportLayer, ServiceBuilderExt, Supervisor};
+use tower_exit::{ServiceBuilderExt, Supervisor};
 
 async fn handler(req: Request<()>) -> Result<Response<Full<Bytes>>, BoxError> {
     match req.uri().path() {
@@ -47,12 +47,15 @@ async fn main() {
 
     let supervisor = Supervisor::new();
     let svc = ServiceBuilder::new()
-        .boundary(&supervisor)
-        .catch_panic()
+        // The exit-aware stack, its reporter rate-limited and told about
+        // exits with a non-zero code too...
         .layer(
-            ReportLayer::new(RateLimited::new(TracingReporter, 10, 20))
+            supervisor
+                .stack()
+                .report(RateLimited::new(TracingReporter, 10, 20))
                 .report_exits(ExitPolicy::NonZero),
         )
+        // ... and one of its parts alone, below it: a second reporter.
         .report(count_failures)
         .service_fn(handler);
 

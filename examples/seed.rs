@@ -99,11 +99,9 @@ async fn part_one() -> Option<tower_exit::Exit> {
     let counter = reports.clone();
     let supervisor = Supervisor::new();
     let aware = ServiceBuilder::new()
-        .boundary(&supervisor)
-        .report(move |_: &Failure<'_>| {
+        .layer(supervisor.stack().report(move |_: &Failure<'_>| {
             counter.fetch_add(1, Ordering::SeqCst);
-        })
-        .catch_panic()
+        }))
         .service_fn(done);
     let res = aware.oneshot(Request::new(())).await.unwrap();
     let exit = supervisor.exit();

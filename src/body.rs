@@ -39,6 +39,13 @@ pin_project! {
 }
 
 impl<B> ResponseBody<B> {
+    /// `body` as the body these layers answer with: for a layer above them
+    /// that answers on its own (a real error turned into a `500` above the
+    /// stack).
+    pub fn new(body: B) -> Self {
+        ResponseBody::inner(body)
+    }
+
     pub(crate) fn inner(body: B) -> Self {
         ResponseBody {
             kind: Kind::Inner {

@@ -10,13 +10,15 @@
 //!
 //! - [`Exit`], which travels as an unwind or as `Err` and is told apart from
 //!   real failures in one place ([`Exit::from_panic`], [`Exit::from_error`]);
-//! - exit-aware layers that pass an exit on untouched and still handle real
-//!   failures: [`CatchPanicLayer`], [`ReportLayer`], [`retry::ExitAware`];
+//! - [`Supervisor::stack`], the exit-aware stack as one layer (the example
+//!   below), whose parts also exist alone: the [`BoundaryLayer`] where an
+//!   exit ends the server and becomes the exit code of `main`, and layers
+//!   that pass an exit on untouched and still handle real failures:
+//!   [`CatchPanicLayer`], [`ReportLayer`], [`retry::ExitAware`];
 //! - [`TunnelLayer`], which carries an exit around a layer you do not
 //!   control (tower-http's catch-panic, a reporter, a retry-everything
 //!   policy, a timeout);
-//! - the [`Supervisor`] and its [`BoundaryLayer`], where an exit ends the
-//!   server and becomes the exit code of `main`;
+//! - servers that drain on an exit and resolve to it: [`serve`];
 #![cfg_attr(
     all(unix, feature = "fork"),
     doc = "- [`ForkGuardLayer`] and [`fork`], so that a forked child never runs on into the parent's code."
@@ -31,7 +33,7 @@
 //! use std::convert::Infallible;
 //! use std::process::ExitCode;
 //! use tower::{ServiceBuilder, ServiceExt};
-//! use tower_exit::{report::TracingReporter, ServiceBuilderExt, Supervisor};
+//! use tower_exit::{Supervisor, TracingReporter};
 //!
 //! async fn handler(_: Request<()>) -> Result<Response<Full<Bytes>>, Infallible> {
 //!     // The work is done; end the program on purpose, status 0.
@@ -41,9 +43,9 @@
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> ExitCode {
 //! let supervisor = Supervisor::new();
 //! let svc = ServiceBuilder::new()
-//!     .boundary(&supervisor)
-//!     .catch_panic() // does not turn the exit into a 500
-//!     .report(TracingReporter) // reports panics and errors, never the exit
+//!     // The exit-aware stack as one layer: exit → 503 and the server
+//!     // drains; panic → 500; real failures reported once, never an exit.
+//!     .layer(supervisor.stack().report(TracingReporter))
 //!     .service_fn(handler);
 //!
 //! let res = svc.oneshot(Request::new(())).await.unwrap();

@@ -86,7 +86,7 @@ pub struct ExitStackLayer<H = DefaultResponseForPanic, R = NoReporter, M = Concr
     _error: PhantomData<fn() -> M>,
 }
 
-impl<H: Clone, R: Clone, M> Clone for ExitStackLayer<H, R, M> {
+impl<H: Clone, R, M> Clone for ExitStackLayer<H, R, M> {
     fn clone(&self) -> Self {
         ExitStackLayer {
             shared: self.shared.clone(),
@@ -111,7 +111,7 @@ impl<M> ExitStackLayer<DefaultResponseForPanic, NoReporter, M> {
             shared: Shared {
                 supervisor: supervisor.clone(),
                 handler: DefaultResponseForPanic,
-                reporter: NoReporter,
+                reporter: Arc::new(NoReporter),
                 exits: ExitPolicy::Never,
                 guard: None,
             },
@@ -126,7 +126,7 @@ impl<H, R, M> ExitStackLayer<H, R, M> {
     /// [`report_exits`](Self::report_exits) says.
     pub fn report<R2: Reporter>(self, reporter: R2) -> ExitStackLayer<H, R2, M> {
         ExitStackLayer {
-            shared: self.shared.with(|handler, _| (handler, reporter)),
+            shared: self.shared.with(|handler, _| (handler, Arc::new(reporter))),
             _error: PhantomData,
         }
     }
@@ -159,18 +159,31 @@ impl<H, R, M> ExitStackLayer<H, R, M> {
 
 /// What the layer holds, and every service of one layer shares: one
 /// reference count per request instead of one per layer.
-#[derive(Clone)]
 struct Shared<H, R> {
     supervisor: Supervisor,
     handler: H,
-    reporter: R,
+    /// Shared by every service of the layer: a reporter need not be
+    /// `Clone` (a rate limiter keeps one budget for all).
+    reporter: Arc<R>,
     exits: ExitPolicy,
     guard: Option<Guard>,
 }
 
+impl<H: Clone, R> Clone for Shared<H, R> {
+    fn clone(&self) -> Self {
+        Shared {
+            supervisor: self.supervisor.clone(),
+            handler: self.handler.clone(),
+            reporter: self.reporter.clone(),
+            exits: self.exits,
+            guard: self.guard,
+        }
+    }
+}
+
 impl<H, R> Shared<H, R> {
     /// The same, with the handler and reporter `replace` gives.
-    fn with<H2, R2>(self, replace: impl FnOnce(H, R) -> (H2, R2)) -> Shared<H2, R2> {
+    fn with<H2, R2>(self, replace: impl FnOnce(H, Arc<R>) -> (H2, Arc<R2>)) -> Shared<H2, R2> {
         let (handler, reporter) = replace(self.handler, self.reporter);
         Shared {
             supervisor: self.supervisor,
@@ -182,7 +195,7 @@ impl<H, R> Shared<H, R> {
     }
 }
 
-impl<S, H: Clone, R: Clone, M> Layer<S> for ExitStackLayer<H, R, M> {
+impl<S, H: Clone, R, M> Layer<S> for ExitStackLayer<H, R, M> {
     type Service = ExitStack<S, H, R, M>;
 
     fn layer(&self, inner: S) -> Self::Service {
@@ -267,7 +280,7 @@ where
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         let result = ready!(self.inner.poll_ready(cx));
         if let Err(err) = &result {
-            report_error(&self.shared.reporter, self.shared.exits, err);
+            report_error(&*self.shared.reporter, self.shared.exits, err);
         }
         Poll::Ready(result)
     }
@@ -321,7 +334,7 @@ fn settle<H, R: Reporter, B, E: AsError<M> + 'static, M>(
             }
         },
         Err(err) => {
-            report_error(&shared.reporter, shared.exits, &err);
+            report_error(&*shared.reporter, shared.exits, &err);
             match Exit::from_service_error(&err) {
                 None => Err(err),
                 Some(exit) => {
@@ -342,7 +355,7 @@ fn caught_unwind<H, R: Reporter>(
     request: &Requested,
     payload: &Box<dyn std::any::Any + Send>,
 ) {
-    report_panic(&shared.reporter, shared.exits, payload);
+    report_panic(&*shared.reporter, shared.exits, payload);
     if let Some(exit) = Exit::from_panic(&**payload) {
         caught(&shared.supervisor, exit, request);
     }

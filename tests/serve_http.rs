@@ -78,7 +78,7 @@ type Server = tokio::task::JoinHandle<std::io::Result<tower_exit::Exit>>;
 
 /// `common::handler` served with `configure`d options.
 async fn ok_server(
-    configure: impl FnOnce(tower_exit::serve::Serve<Svc>) -> tower_exit::serve::Serve<Svc>,
+    configure: impl FnOnce(tower_exit::serve::ServeHttp<Svc>) -> tower_exit::serve::ServeHttp<Svc>,
 ) -> (std::net::SocketAddr, Supervisor, Server) {
     let supervisor = Supervisor::new();
     let svc = tower::util::BoxCloneService::new(ServiceBuilder::new().service_fn(handler));

@@ -10,7 +10,7 @@ use tower::{BoxError, Service, ServiceBuilder};
 use tower_exit::fork::{self, Forked};
 use tower_exit::report::TracingReporter;
 use tower_exit::serve::ListenAddr;
-use tower_exit::{Exit, ForkGuardLayer, ResponseBody, ServiceBuilderExt, Supervisor};
+use tower_exit::{Exit, ForkGuardLayer, ResponseBody, Supervisor};
 
 pub type Reply = Result<Response<Full<Bytes>>, BoxError>;
 
@@ -261,23 +261,20 @@ fn child_line(line: std::fmt::Arguments<'_>) {
     let _ = unsafe { libc::write(1, buf.as_ptr().cast(), len) };
 }
 
-/// A real failure that gets this far becomes a `500`; an exit (as `Err`)
-/// passes on to the boundary.
-fn errors_to_500(result: Reply) -> Reply {
-    match result {
-        Err(err) if Exit::from_error(&*err).is_none() => Ok(text(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal server error\n",
-        )),
-        other => other,
-    }
+/// A real failure that passes the stack (reported there, once) becomes a
+/// `500`; an exit never gets here: the stack answered it.
+fn errors_to_500(result: Result<Response<Body>, BoxError>) -> Result<Response<Body>, BoxError> {
+    result.or_else(|_| {
+        let res = text(StatusCode::INTERNAL_SERVER_ERROR, "internal server error\n");
+        Ok(res.map(ResponseBody::new))
+    })
 }
 
 /// The body of the demo's responses.
-pub type Body = ResponseBody<ResponseBody<Full<Bytes>>>;
+pub type Body = ResponseBody<Full<Bytes>>;
 
-/// The routes behind one stack: boundary, catch-panic, (errors to 500),
-/// reporter, fork guard.
+/// The routes behind the exit-aware stack (boundary, catch-panic, reporter,
+/// fork guard as one layer), real errors turned into `500` above it.
 pub fn service<B: Send + 'static>(
     supervisor: &Supervisor,
 ) -> impl Service<
@@ -289,10 +286,12 @@ pub fn service<B: Send + 'static>(
        + Send
        + 'static {
     ServiceBuilder::new()
-        .boundary(supervisor)
-        .catch_panic()
         .map_result(errors_to_500)
-        .report(TracingReporter)
-        .layer(ForkGuardLayer::new().exit_code())
+        .layer(
+            supervisor
+                .stack()
+                .report(TracingReporter)
+                .fork_guard(ForkGuardLayer::new().exit_code()),
+        )
         .service_fn(handler::<B>)
 }

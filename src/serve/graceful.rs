@@ -7,14 +7,14 @@
 //! use std::time::Duration;
 //! use axum::{routing::get, Router};
 //! use tower::ServiceBuilder;
-//! use tower_exit::{ServiceBuilderExt, Supervisor};
+//! use tower_exit::{Supervisor, TracingReporter};
 //!
 //! #[tokio::main]
 //! async fn main() -> std::io::Result<ExitCode> {
 //!     let supervisor = Supervisor::new();
 //!     let app = Router::new()
 //!         .route("/", get(|| async { "hello" }))
-//!         .layer(ServiceBuilder::new().boundary(&supervisor).catch_panic());
+//!         .layer(supervisor.stack().report(TracingReporter));
 //!     let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
 //!     let exit = tower_exit::serve::graceful(&supervisor, |shutdown| {
 //!         axum::serve(listener, app).with_graceful_shutdown(shutdown)

@@ -4,15 +4,14 @@
 //! ```no_run
 //! use std::process::ExitCode;
 //! use tower::ServiceBuilder;
-//! use tower_exit::{ServiceBuilderExt, Supervisor};
+//! use tower_exit::{Supervisor, TracingReporter};
 //!
 //! # async fn handler(_: http::Request<hyper::body::Incoming>) -> Result<http::Response<String>, std::convert::Infallible> { todo!() }
 //! #[tokio::main]
 //! async fn main() -> std::io::Result<ExitCode> {
 //!     let supervisor = Supervisor::new();
 //!     let svc = ServiceBuilder::new()
-//!         .boundary(&supervisor)
-//!         .catch_panic()
+//!         .layer(supervisor.stack().report(TracingReporter))
 //!         .service_fn(handler);
 //!     let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
 //!     let exit = tower_exit::serve::http(listener, svc, &supervisor)
@@ -44,9 +43,9 @@ use tokio::task::JoinSet;
 pub use super::DEFAULT_GRACE;
 
 /// Serves `service` on `listener` (TCP or unix) until `supervisor` records
-/// an exit; see [`Serve`].
-pub fn http<S>(listener: impl Into<Listener>, service: S, supervisor: &Supervisor) -> Serve<S> {
-    Serve {
+/// an exit; see [`ServeHttp`].
+pub fn http<S>(listener: impl Into<Listener>, service: S, supervisor: &Supervisor) -> ServeHttp<S> {
+    ServeHttp {
         listener: listener.into(),
         service,
         supervisor: supervisor.clone(),
@@ -59,7 +58,7 @@ pub fn http<S>(listener: impl Into<Listener>, service: S, supervisor: &Superviso
 
 /// Default time a connection may go without starting or finishing a
 /// request: 30 s, hyper's header read timeout. See
-/// [`Serve::header_read_timeout`].
+/// [`ServeHttp::header_read_timeout`].
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The default connection cap: half the process's soft limit on open file
@@ -80,7 +79,7 @@ pub fn default_max_connections() -> usize {
 /// [grace period](Self::grace); then the server resolves to that exit.
 #[derive(Debug)]
 #[must_use = "a server does nothing until awaited"]
-pub struct Serve<S> {
+pub struct ServeHttp<S> {
     listener: Listener,
     service: S,
     supervisor: Supervisor,
@@ -90,7 +89,7 @@ pub struct Serve<S> {
     budget: Option<Arc<Budget>>,
 }
 
-impl<S> Serve<S> {
+impl<S> ServeHttp<S> {
     /// How long a connection may go with no request in flight and none
     /// started or finished (default [`DEFAULT_HEADER_READ_TIMEOUT`]); then
     /// it is closed. This bounds a silent client, one that sends a header
@@ -124,14 +123,14 @@ impl<S> Serve<S> {
     }
 }
 
-drain_options!(Serve<S>, Incoming);
+drain_options!(ServeHttp<S>, Incoming);
 
-impl<S> Serve<S> {
+impl<S> ServeHttp<S> {
     async fn run(self) -> io::Result<Exit>
     where
         S: ServeService<Incoming>,
     {
-        let Serve {
+        let ServeHttp {
             listener,
             service,
             supervisor,
@@ -199,7 +198,7 @@ impl<S> Serve<S> {
 }
 
 /// Serves one accepted connection until it ends, the server's drain closes
-/// it, or it misses its deadline (see [`Serve::header_read_timeout`]).
+/// it, or it misses its deadline (see [`ServeHttp::header_read_timeout`]).
 async fn handle_connection<S>(
     conn: auto::UpgradeableConnection<'static, TokioIo<Stream>, ForHyper<S>, TokioExecutor>,
     conn_state: &Conn,

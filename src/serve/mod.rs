@@ -73,7 +73,7 @@ mod watch;
 pub use self::fastcgi::fastcgi;
 pub use self::graceful::{graceful, Graceful};
 #[cfg(feature = "http")]
-pub use self::http::{http, Serve};
+pub use self::http::{http, ServeHttp};
 pub use self::listen::{BadListenAddr, ListenAddr, Listener, Peer};
 
 use crate::{Exit, Supervisor};

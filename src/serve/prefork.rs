@@ -6,7 +6,7 @@
 //! ```no_run
 //! use std::process::ExitCode;
 //! use tower_exit::serve::prefork::Prefork;
-//! use tower_exit::ServiceBuilderExt;
+//! use tower_exit::TracingReporter;
 //!
 //! # async fn handler(_: http::Request<hyper::body::Incoming>) -> Result<http::Response<String>, std::convert::Infallible> { todo!() }
 //! fn main() -> std::io::Result<ExitCode> {
@@ -16,8 +16,7 @@
 //!         .stop_all_code(3)
 //!         .run_http(|supervisor| {
 //!             tower::ServiceBuilder::new()
-//!                 .boundary(supervisor)
-//!                 .catch_panic()
+//!                 .layer(supervisor.stack().report(TracingReporter))
 //!                 .service_fn(handler)
 //!         })?;
 //!     Ok(exit.into())

@@ -8,15 +8,14 @@
 //! use std::process::ExitCode;
 //! use tower::ServiceBuilder;
 //! use tower_exit::serve::{fastcgi::RequestBody, ListenAddr, Listener};
-//! use tower_exit::{ServiceBuilderExt, Supervisor};
+//! use tower_exit::{Supervisor, TracingReporter};
 //!
 //! # async fn handler(_: http::Request<RequestBody>) -> Result<http::Response<String>, std::convert::Infallible> { todo!() }
 //! #[tokio::main]
 //! async fn main() -> std::io::Result<ExitCode> {
 //!     let supervisor = Supervisor::new();
 //!     let svc = ServiceBuilder::new()
-//!         .boundary(&supervisor)
-//!         .catch_panic()
+//!         .layer(supervisor.stack().report(TracingReporter))
 //!         .service_fn(handler);
 //!     let listener = Listener::bind(&"unix:/run/app.sock".parse::<ListenAddr>().unwrap()).await?;
 //!     let exit = tower_exit::serve::fastcgi(listener, svc, &supervisor)

@@ -389,3 +389,81 @@ fn an_exit_in_a_child_forked_under_a_boundary_without_a_guard_is_said_at_the_rai
         "{stderr}"
     );
 }
+
+/// Where a handler under the stack runs other executors' tasks: a
+/// `LocalSet`'s, or a nested runtime's under `block_in_place`. An exit
+/// raised in one of their tasks never reaches the stack (that executor
+/// catches it); with the task's handle dropped, it is said at the raise.
+async fn other_executor(req: http::Request<()>) -> Result<http::Response<String>, tower::BoxError> {
+    match req.uri().path() {
+        "/local-set" => {
+            let local = tokio::task::LocalSet::new();
+            local
+                .run_until(async {
+                    drop(tokio::task::spawn_local(async { exit(3) }));
+                    tokio::task::yield_now().await;
+                    tokio::task::yield_now().await;
+                })
+                .await;
+        }
+        "/nested-runtime" => tokio::task::block_in_place(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                drop(tokio::spawn(async { exit(4) }));
+                tokio::task::yield_now().await;
+                tokio::task::yield_now().await;
+            });
+        }),
+        // Not another executor: `Handle::block_on` polls this future on
+        // the handler's own frames, so the stack takes the exit.
+        "/handle-block-on" => tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(async { exit(5) })
+        }),
+        _ => {}
+    }
+    Ok(http::Response::new(String::new()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn exits_in_other_executors_tasks_are_said_at_the_raise() {
+    for (path, code) in [("/local-set", "3"), ("/nested-runtime", "4")] {
+        let (logs, _guard) = capture();
+        let supervisor = Supervisor::new();
+        let svc = ServiceBuilder::new()
+            .layer(supervisor.stack())
+            .service_fn(other_executor);
+        let res = tower::ServiceExt::oneshot(svc, http::Request::get(path).body(()).unwrap())
+            .await
+            .unwrap();
+        // That executor caught the exit: the handler answered.
+        assert_eq!(res.status(), StatusCode::OK, "{path}");
+        let said = logs.with_message(UNHANDLED);
+        assert_eq!(said.len(), 1, "{path}: {said:?}");
+        assert_eq!(said[0].get("exit.code"), Some(code), "{path}");
+        assert!(
+            said[0]
+                .get("at")
+                .unwrap()
+                .starts_with("tests/no_exit_lost.rs:"),
+            "{path}"
+        );
+    }
+    // The control: an exit raised on the handler's own frames is taken by
+    // the stack, and not said as unhandled.
+    let (logs, _guard) = capture();
+    let supervisor = Supervisor::new();
+    let svc = ServiceBuilder::new()
+        .layer(supervisor.stack())
+        .service_fn(other_executor);
+    let res = tower::ServiceExt::oneshot(
+        svc,
+        http::Request::get("/handle-block-on").body(()).unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(supervisor.exit().map(|e| e.code()), Some(5));
+    assert!(logs.with_message(UNHANDLED).is_empty());
+}

@@ -20,23 +20,27 @@ use std::sync::OnceLock;
 /// Who catches an exit raised on this thread right now, packed in one word
 /// so that a layer saves, sets and restores it with one aligned load and
 /// two stores (a struct of a `bool` and an `Option` cost the boundary about
-/// 30 ns a call in store-forwarding stalls).
+/// 30 ns a call in store-forwarding stalls), plus the tokio task the
+/// catching frame runs on, in a thread-local of its own (see `TASK`).
 ///
 /// Bit 0: an exit-aware frame will catch an unwinding exit. Bits 1 and up:
 /// the rule for a child forked below this frame (`fork::ChildRule`, packed;
 /// 0 when there is none), under which a raise ends the child in place.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(crate) struct RaiseContext(u64);
+pub(crate) struct RaiseContext(u64, Option<tokio::task::Id>);
 
 const CAUGHT: u64 = 1;
 
 impl RaiseContext {
-    const NONE: RaiseContext = RaiseContext(0);
+    const NONE: RaiseContext = RaiseContext(0, None);
 
-    /// Whether an exit-aware frame will catch an unwinding exit.
+    /// Whether an exit-aware frame will catch an unwinding exit raised
+    /// here: one is entered, and on this very tokio task. A task of
+    /// another executor polled inside the frame (a `LocalSet`'s, a nested
+    /// runtime's) has its own catch, which the exit never gets past.
     #[inline]
     pub(crate) fn caught(self) -> bool {
-        self.0 & CAUGHT != 0
+        self.0 & CAUGHT != 0 && self.1 == tokio::task::try_id()
     }
 
     cfg_fork! {
@@ -44,7 +48,7 @@ impl RaiseContext {
         /// kept).
         #[inline]
         pub(crate) fn with_child(self, rule: crate::fork::end::ChildRule) -> RaiseContext {
-            RaiseContext((self.0 & CAUGHT) | rule.pack() << 1)
+            RaiseContext((self.0 & CAUGHT) | rule.pack() << 1, self.1)
         }
     }
 
@@ -60,10 +64,11 @@ impl RaiseContext {
     /// the raise (see [`forked_below`](Self::forked_below)).
     #[inline]
     fn catching(self) -> RaiseContext {
+        let task = tokio::task::try_id();
         if self.0 & (rule::STICKY << 1) != 0 {
-            return RaiseContext(self.0 | CAUGHT);
+            return RaiseContext(self.0 | CAUGHT, task);
         }
-        RaiseContext(CAUGHT | rule::generation() << 4)
+        RaiseContext(CAUGHT | rule::generation() << 4, task)
     }
 
     /// Whether this frame catches exits but runs in a child forked below
@@ -75,15 +80,40 @@ impl RaiseContext {
         word & 0b11 == 0 && word >> 3 != rule::generation()
     }
 
-    /// This context, marked as caught (the rule for children kept).
+    /// This context, marked as caught by a frame outside every tokio task
+    /// (a forked child's body, before it builds a runtime of its own):
+    /// asks tokio nothing, which in a child could allocate.
+    #[cfg_attr(not(all(unix, feature = "fork")), allow(dead_code))]
+    #[inline]
+    pub(crate) fn caught_outside_tasks(self) -> RaiseContext {
+        RaiseContext(self.0 | CAUGHT, None)
+    }
+
+    /// This context, marked as caught on the current task (the rule for
+    /// children kept).
     #[inline]
     pub(crate) fn caught_here(self) -> RaiseContext {
-        RaiseContext(self.0 | CAUGHT)
+        RaiseContext(self.0 | CAUGHT, tokio::task::try_id())
     }
 }
 
 thread_local! {
-    static CONTEXT: std::cell::Cell<RaiseContext> = const { std::cell::Cell::new(RaiseContext::NONE) };
+    static CONTEXT: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    /// The task of the frame in `CONTEXT`: a cell of its own, so that
+    /// saving and restoring never mixes access widths.
+    static TASK: std::cell::Cell<Option<tokio::task::Id>> = const { std::cell::Cell::new(None) };
+}
+
+/// This thread's context.
+#[inline]
+fn get() -> RaiseContext {
+    RaiseContext(CONTEXT.get(), TASK.get())
+}
+
+/// Makes `context` this thread's; returns the one it replaces.
+#[inline]
+fn replace(context: RaiseContext) -> RaiseContext {
+    RaiseContext(CONTEXT.replace(context.0), TASK.replace(context.1))
 }
 
 /// Restores the outer context when a frame returns, also while unwinding.
@@ -91,7 +121,7 @@ struct Restore(RaiseContext);
 
 impl Drop for Restore {
     fn drop(&mut self) {
-        CONTEXT.set(self.0);
+        replace(self.0);
     }
 }
 
@@ -100,19 +130,19 @@ impl Drop for Restore {
 /// allocating. Returns otherwise.
 #[inline]
 pub(crate) fn end_child_if_ruled(exit: &Exit) {
-    rule::end_at_raise(CONTEXT.get().0 >> 1, exit.status());
+    rule::end_at_raise(CONTEXT.get() >> 1, exit.status());
 }
 
 /// The context of the frame this is called from.
 #[inline]
 pub(crate) fn context() -> RaiseContext {
-    CONTEXT.get()
+    get()
 }
 
 /// Runs `f` with `context` as this thread's raise context.
 #[inline]
 pub(crate) fn with_context<R>(context: RaiseContext, f: impl FnOnce() -> R) -> R {
-    let _restore = Restore(CONTEXT.replace(context));
+    let _restore = Restore(replace(context));
     f()
 }
 
@@ -132,19 +162,19 @@ pub(crate) fn catching<R>(f: impl FnOnce() -> R) -> R {
 /// under `panic = "abort"`.
 #[inline]
 pub(crate) fn enter(context: RaiseContext) -> RaiseContext {
-    CONTEXT.replace(context)
+    replace(context)
 }
 
 /// Gives back the context [`enter`] returned.
 #[inline]
 pub(crate) fn leave(outer: RaiseContext) {
-    CONTEXT.set(outer);
+    replace(outer);
 }
 
 /// The context of a frame that catches exits, inside the current one.
 #[inline]
 pub(crate) fn catching_context() -> RaiseContext {
-    CONTEXT.get().catching()
+    get().catching()
 }
 
 /// [`enter`] the context of a frame that catches exits.
@@ -246,7 +276,7 @@ pub(crate) fn say_unheeded(exit: &Exit, at: Option<&std::panic::Location<'_>>, w
 /// [`Exit::raise`] with a location taken earlier (an `async fn` cannot
 /// track its caller).
 pub(crate) fn raise_at(exit: Exit, at: &'static std::panic::Location<'static>) -> ! {
-    let context = CONTEXT.get();
+    let context = get();
     if context.caught() {
         exit.raise()
     }

@@ -144,7 +144,7 @@ pub fn spawn<F: FnOnce()>(f: F) -> io::Result<Child> {
                 sticky: false,
             };
             let context = crate::exit::RaiseContext::default()
-                .caught_here()
+                .caught_outside_tasks()
                 .with_child(rule);
             let status =
                 match catch_unwind(AssertUnwindSafe(|| crate::exit::with_context(context, f))) {

@@ -8,6 +8,7 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use std::panic::resume_unwind;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 pin_project! {
@@ -33,7 +34,7 @@ pin_project! {
     #[project = KindProj]
     #[derive(Debug)]
     enum Kind<B> {
-        Inner { #[pin] body: B, supervisor: Option<Supervisor> },
+        Inner { #[pin] body: B, sink: Option<Sink> },
         Full { data: Option<Bytes> },
     }
 }
@@ -48,20 +49,17 @@ impl<B> ResponseBody<B> {
 
     pub(crate) fn inner(body: B) -> Self {
         ResponseBody {
-            kind: Kind::Inner {
-                body,
-                supervisor: None,
-            },
+            kind: Kind::Inner { body, sink: None },
         }
     }
 
-    /// The inner body, an exit raised in it taken by `supervisor`.
+    /// The inner body, an exit raised in it taken by `sink`'s supervisor.
     #[inline]
-    pub(crate) fn supervised(body: B, supervisor: Supervisor) -> Self {
+    pub(crate) fn supervised(body: B, sink: Sink) -> Self {
         ResponseBody {
             kind: Kind::Inner {
                 body,
-                supervisor: Some(supervisor),
+                sink: Some(sink),
             },
         }
     }
@@ -95,18 +93,15 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         match self.project().kind.project() {
+            KindProj::Inner { body, sink: None } => body.poll_frame(cx),
             KindProj::Inner {
                 body,
-                supervisor: None,
-            } => body.poll_frame(cx),
-            KindProj::Inner {
-                body,
-                supervisor: Some(supervisor),
+                sink: Some(sink),
             } => match catch_body(|| body.poll_frame(cx)) {
                 Ok(poll) => poll,
                 Err(payload) => {
                     if let Some(exit) = Exit::from_panic(&*payload) {
-                        caught_in_body(supervisor, exit);
+                        caught_in_body(sink.supervisor(), exit);
                     }
                     resume_unwind(payload)
                 }
@@ -130,4 +125,34 @@ where
             }
         }
     }
+}
+
+/// Who a supervised body hands an exit to: what the layer's response future
+/// already held, moved into the body when the response is ready, so that a
+/// plain response costs no reference count more.
+pub(crate) enum Sink {
+    /// The boundary's supervisor.
+    Supervisor(Supervisor),
+    /// The one-layer stack's shared state, which holds its supervisor.
+    Shared(Arc<dyn HasSupervisor>),
+}
+
+impl Sink {
+    fn supervisor(&self) -> &Supervisor {
+        match self {
+            Sink::Supervisor(supervisor) => supervisor,
+            Sink::Shared(shared) => shared.supervisor(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Sink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Sink").field(self.supervisor()).finish()
+    }
+}
+
+/// State that holds a supervisor (the stack's shared state).
+pub(crate) trait HasSupervisor: Send + Sync + 'static {
+    fn supervisor(&self) -> &Supervisor;
 }

@@ -38,9 +38,11 @@
 //!
 //! Real failures pass through the boundary unchanged.
 
-use crate::body::ResponseBody;
+use crate::body::{ResponseBody, Sink};
 use crate::catch::{caught, classify, exit_response, Polled, Requested};
-use crate::exit::{enter_catching, leave, AsError, ConcreteError, Exit};
+use crate::exit::{
+    enter_catching, enter_catching_in_call, leave, leave_call, AsError, ConcreteError, Exit,
+};
 use crate::supervisor::Supervisor;
 use http::{Request, Response};
 use pin_project_lite::pin_project;
@@ -146,9 +148,9 @@ where
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let request = Requested::of(&req);
         let inner = &mut self.inner;
-        let outer = enter_catching();
+        let outer = enter_catching_in_call();
         let called = catch_unwind(AssertUnwindSafe(|| inner.call(req)));
-        leave(outer);
+        leave_call(outer);
         let state = match called {
             Ok(future) => State::Running { future },
             Err(payload) => match Exit::from_panic(&*payload) {
@@ -163,7 +165,7 @@ where
         };
         ResponseFuture {
             state,
-            supervisor: self.supervisor.clone(),
+            supervisor: Some(self.supervisor.clone()),
             request,
             _error: PhantomData,
         }
@@ -175,7 +177,8 @@ pin_project! {
     pub struct ResponseFuture<F, M> {
         #[pin]
         state: State<F>,
-        supervisor: Supervisor,
+        // Moved into the response's body when the response is ready.
+        supervisor: Option<Supervisor>,
         request: Requested,
         _error: PhantomData<fn() -> M>,
     }
@@ -205,9 +208,10 @@ where
                 leave(outer);
                 match ready!(classify(polled, |err| Exit::from_service_error(err))) {
                     Polled::Response(res) => {
-                        let supervisor = this.supervisor.clone();
+                        let supervisor = this.supervisor.take().expect("polled after completion");
+                        let sink = Sink::Supervisor(supervisor);
                         return Poll::Ready(Ok(
-                            res.map(|body| ResponseBody::supervised(body, supervisor))
+                            res.map(|body| ResponseBody::supervised(body, sink))
                         ));
                     }
                     Polled::Error(err) => return Poll::Ready(Err(err)),
@@ -219,7 +223,8 @@ where
                 return Poll::Ready(Ok(exit_response(this.request.version, exit)));
             }
         };
-        caught(this.supervisor, &exit, this.request);
+        let supervisor = this.supervisor.as_ref().expect("polled after completion");
+        caught(supervisor, &exit, this.request);
         Poll::Ready(Ok(exit_response(this.request.version, exit)))
     }
 }

@@ -349,6 +349,15 @@ pub(crate) fn guarded(started: u64, end: ChildEnd) -> RaiseContext {
     context().with_child(ChildRule::guard(started, end))
 }
 
+/// [`guarded`], for a synchronous `call` inside an exit-aware frame (the
+/// one-layer stack's): the task cell is not read.
+#[inline]
+pub(crate) fn guarded_in_call(started: u64, end: ChildEnd) -> RaiseContext {
+    crate::exit::context_in_call()
+        .with_child(ChildRule::guard(started, end))
+        .caught_in_call()
+}
+
 fn status_of_poll<T, E: AsError<M>, M>(
     polled: &Result<Poll<Result<T, E>>, Box<dyn Any + Send>>,
 ) -> i32 {

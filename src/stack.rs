@@ -47,11 +47,11 @@
 //! There is no reporter unless [`report`](ExitStackLayer::report) sets one,
 //! and no fork guard unless [`fork_guard`](ExitStackLayer::fork_guard) does.
 
-use crate::body::ResponseBody;
+use crate::body::{HasSupervisor, ResponseBody, Sink};
 use crate::catch::{caught, exit_response, take_exit_response, Requested};
 use crate::catch_panic::{DefaultResponseForPanic, ResponseForPanic};
 use crate::exit::Exit;
-use crate::exit::{enter, leave, AsError, ConcreteError, RaiseContext};
+use crate::exit::{enter, enter_in_call, leave, leave_call, AsError, ConcreteError, RaiseContext};
 use crate::report::{report_error, report_panic, ExitPolicy, Failure, Reporter};
 use crate::supervisor::Supervisor;
 use http::{Request, Response};
@@ -169,6 +169,12 @@ struct Shared<H, R> {
     guard: Option<Guard>,
 }
 
+impl<H: Send + Sync + 'static, R: Reporter> HasSupervisor for Shared<H, R> {
+    fn supervisor(&self) -> &Supervisor {
+        &self.supervisor
+    }
+}
+
 impl<H: Clone, R> Clone for Shared<H, R> {
     fn clone(&self) -> Self {
         Shared {
@@ -255,7 +261,7 @@ impl Guarded {
         }
     }
 
-    /// The raise context while the inner service is called or polled: the
+    /// The raise context while the inner future is polled: the
     /// boundary's (exits are caught), plus the guard's rule for children.
     #[inline]
     fn context<H, R>(self, shared: &Shared<H, R>) -> RaiseContext {
@@ -264,13 +270,22 @@ impl Guarded {
             None => crate::exit::catching_context(),
         }
     }
+
+    /// [`context`](Self::context) while the inner service is called.
+    #[inline]
+    fn context_in_call<H, R>(self, shared: &Shared<H, R>) -> RaiseContext {
+        match shared.guard {
+            Some(end) => rule::guarded_in_call(self.started, end),
+            None => crate::exit::catching_context_in_call(),
+        }
+    }
 }
 
 impl<S, H, R, M, ReqBody, ResBody> Service<Request<ReqBody>> for ExitStack<S, H, R, M>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     S::Error: AsError<M> + 'static,
-    H: ResponseForPanic,
+    H: ResponseForPanic + Send + Sync + 'static,
     R: Reporter,
 {
     type Response = Response<ResponseBody<ResBody>>;
@@ -289,9 +304,9 @@ where
         let request = Requested::of(&req);
         let guarded = Guarded::start(&self.shared);
         let inner = &mut self.inner;
-        let outer = enter(guarded.context(&self.shared));
+        let outer = enter_in_call(guarded.context_in_call(&self.shared));
         let mut called = catch_unwind(AssertUnwindSafe(|| inner.call(req)));
-        leave(outer);
+        leave_call(outer);
         if let Some(end) = self.shared.guard {
             rule::after_call(guarded.started, end, &mut called);
         }
@@ -306,7 +321,7 @@ where
         };
         ResponseFuture {
             state,
-            shared: self.shared.clone(),
+            shared: Some(self.shared.clone()),
             request,
             guarded,
             _error: PhantomData,
@@ -326,7 +341,10 @@ fn settle<H, R: Reporter, B, E: AsError<M> + 'static, M>(
 ) -> Result<Response<ResponseBody<B>>, E> {
     match result {
         Ok(mut res) => match take_exit_response(&mut res) {
-            None => Ok(res.map(|body| ResponseBody::supervised(body, shared.supervisor.clone()))),
+            None => {
+                let sink = Sink::Supervisor(shared.supervisor.clone());
+                Ok(res.map(|body| ResponseBody::supervised(body, sink)))
+            }
             // An exit returned as a response: recorded like a raised one.
             Some(exit) => {
                 caught(&shared.supervisor, &exit, request);
@@ -385,7 +403,8 @@ pin_project! {
     pub struct ResponseFuture<F, H, R, M> {
         #[pin]
         state: State<F>,
-        shared: Arc<Shared<H, R>>,
+        // Moved into the response's body when the response is ready.
+        shared: Option<Arc<Shared<H, R>>>,
         request: Requested,
         guarded: Guarded,
         _error: PhantomData<fn() -> M>,
@@ -406,21 +425,21 @@ impl<F, H, R, M, B, E> Future for ResponseFuture<F, H, R, M>
 where
     F: Future<Output = Result<Response<B>, E>>,
     E: AsError<M> + 'static,
-    H: ResponseForPanic,
+    H: ResponseForPanic + Send + Sync + 'static,
     R: Reporter,
 {
     type Output = Result<Response<ResponseBody<B>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
+        let shared = &**this.shared.as_ref().expect("polled after completion");
         let future = match this.state.project() {
             StateProj::Running { future } => future,
             StateProj::Answered { payload } => {
                 let payload = payload.take().expect("polled after completion");
-                return Poll::Ready(Ok(answer_unwind(this.shared, this.request, payload)));
+                return Poll::Ready(Ok(answer_unwind(shared, this.request, payload)));
             }
         };
-        let shared = &**this.shared;
         let outer = enter(this.guarded.context(shared));
         let mut polled = catch_unwind(AssertUnwindSafe(|| future.poll(cx)));
         leave(outer);
@@ -430,10 +449,8 @@ where
         match polled {
             // The happy path, kept small: the rest is out of line.
             Ok(Poll::Ready(Ok(res))) if res.extensions().is_empty() => {
-                let supervisor = shared.supervisor.clone();
-                Poll::Ready(Ok(
-                    res.map(|body| ResponseBody::supervised(body, supervisor))
-                ))
+                let sink = Sink::Shared(this.shared.take().expect("taken once, here"));
+                Poll::Ready(Ok(res.map(|body| ResponseBody::supervised(body, sink))))
             }
             Ok(Poll::Pending) => Poll::Pending,
             Ok(Poll::Ready(result)) => Poll::Ready(settle(shared, this.request, result)),

@@ -12,7 +12,8 @@ mod imp {
     pub(crate) use crate::fork::end::ChildEnd as Guard;
     pub(crate) use crate::fork::end::{generation, watch_forks};
     pub(crate) use crate::fork_guard::{
-        guarded, in_child_after_call as after_call, in_child_after_poll as after_poll,
+        guarded, guarded_in_call, in_child_after_call as after_call,
+        in_child_after_poll as after_poll,
     };
 
     /// The `sticky` bit of a packed rule.
@@ -70,6 +71,10 @@ mod imp {
     pub(crate) enum Guard {}
 
     pub(crate) fn guarded(_started: u64, end: Guard) -> crate::exit::RaiseContext {
+        match end {}
+    }
+
+    pub(crate) fn guarded_in_call(_started: u64, end: Guard) -> crate::exit::RaiseContext {
         match end {}
     }
 

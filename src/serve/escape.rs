@@ -12,7 +12,7 @@
 //! `in_flight`): one wrapper, one future and one body per request.
 
 use crate::catch::{catch_body, caught_in_body, classify, escaped, Polled};
-use crate::exit::{enter_catching, leave};
+use crate::exit::{enter_catching, enter_catching_in_call, leave, leave_call};
 use crate::{Exit, Supervisor};
 #[cfg(feature = "http")]
 use futures_util::future::Either;
@@ -114,11 +114,11 @@ where
         };
         let escapes = &mut *escapes;
         let inner = &mut escapes.inner;
-        let outer = enter_catching();
+        let outer = enter_catching_in_call();
         let ready = catch_unwind(AssertUnwindSafe(|| {
             inner.poll_ready(&mut Context::from_waker(Waker::noop()))
         }));
-        leave(outer);
+        leave_call(outer);
         match ready {
             // Ready now: called in place.
             Ok(Poll::Ready(Ok(()))) => escapes.call_wrapped(req, Either::Left),
@@ -184,9 +184,9 @@ impl<S> Escapes<S> {
             Err(in_flight) => return EscapesFuture::refused(version, in_flight),
         };
         let inner = &mut self.inner;
-        let outer = enter_catching();
+        let outer = enter_catching_in_call();
         let called = catch_unwind(AssertUnwindSafe(|| inner.call(req)));
-        leave(outer);
+        leave_call(outer);
         match called {
             Ok(future) => EscapesFuture {
                 state: State::Running {

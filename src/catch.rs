@@ -5,8 +5,7 @@
 //! fork guard and the servers call these; none decides on its own.
 
 use crate::body::ResponseBody;
-use crate::exit::Exit;
-use crate::exit::{enter_catching, leave};
+use crate::exit::{enter_catching, leave, Exit};
 use crate::supervisor::Supervisor;
 use bytes::Bytes;
 use http::uri::PathAndQuery;

@@ -50,8 +50,9 @@
 use crate::body::{HasSupervisor, ResponseBody, Sink};
 use crate::catch::{caught, exit_response, take_exit_response, Requested};
 use crate::catch_panic::{DefaultResponseForPanic, ResponseForPanic};
-use crate::exit::Exit;
-use crate::exit::{enter, enter_in_call, leave, leave_call, AsError, ConcreteError, RaiseContext};
+use crate::exit::{
+    enter, enter_in_call, leave, leave_call, AsError, ConcreteError, Exit, RaiseContext,
+};
 use crate::report::{report_error, report_panic, ExitPolicy, Failure, Reporter};
 use crate::supervisor::Supervisor;
 use http::{Request, Response};

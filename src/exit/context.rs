@@ -23,9 +23,12 @@ use std::sync::OnceLock;
 /// 30 ns a call in store-forwarding stalls), plus the tokio task the
 /// catching frame runs on, in a thread-local of its own (see `TASK`).
 ///
-/// Bit 0: an exit-aware frame will catch an unwinding exit. Bits 1 and up:
-/// the rule for a child forked below this frame (`fork::ChildRule`, packed;
-/// 0 when there is none), under which a raise ends the child in place.
+/// Bit 0: an exit-aware frame will catch an unwinding exit. Bits 1 to 62:
+/// the rule for a child forked below this frame (`fork::ChildRule`, packed:
+/// bits 1–3 its end and stickiness, 0 when there is none, bits 4 up the
+/// fork generation it started in), under which a raise ends the child in
+/// place; without a rule, bits 4 up keep the generation the catching frame
+/// was entered in. Bit 63: `ANY_TASK`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct RaiseContext(u64, Option<tokio::task::Id>);
 

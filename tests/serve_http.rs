@@ -392,3 +392,33 @@ async fn services_not_ready_at_once_are_waited_for_and_an_exit_in_poll_ready_is_
     assert_eq!(exited.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(server.await.unwrap().unwrap().code(), 6);
 }
+
+/// A server error of its own type, as tonic's `transport::Error` is.
+#[derive(Debug, thiserror::Error)]
+#[error("transport failed")]
+struct TransportError;
+
+#[tokio::test(flavor = "current_thread")]
+async fn serve_graceful_takes_a_server_whose_error_is_not_io() {
+    // Drains on the exit and resolves to it.
+    let supervisor = Supervisor::new();
+    let server = tower_exit::serve::graceful(&supervisor, |shutdown| async move {
+        shutdown.await;
+        Ok::<(), TransportError>(())
+    });
+    supervisor.trigger(tower_exit::Exit::new(3));
+    assert_eq!(server.await.unwrap().code(), 3);
+
+    // The server's own failure comes back as an io::Error wrapping it.
+    let supervisor = Supervisor::new();
+    let failed = tower_exit::serve::graceful(&supervisor, |_shutdown| async {
+        Err::<(), _>(TransportError)
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(failed.kind(), std::io::ErrorKind::Other);
+    assert!(failed
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<TransportError>())
+        .is_some());
+}

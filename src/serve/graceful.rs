@@ -26,6 +26,7 @@
 //! }
 //! ```
 
+use crate::BoxError;
 use crate::{Exit, Supervisor};
 use std::future::{Future, IntoFuture};
 use std::io;
@@ -33,10 +34,11 @@ use std::pin::Pin;
 
 /// Runs the server `start` builds around the shutdown future it is given,
 /// until the first [`Exit`]; see [`Graceful`].
-pub fn graceful<F, S>(supervisor: &Supervisor, start: F) -> Graceful<F>
+pub fn graceful<F, S, E>(supervisor: &Supervisor, start: F) -> Graceful<F>
 where
     F: FnOnce(Pin<Box<dyn Future<Output = ()> + Send>>) -> S,
-    S: IntoFuture<Output = io::Result<()>>,
+    S: IntoFuture<Output = Result<(), E>>,
+    E: Into<BoxError>,
 {
     Graceful {
         supervisor: supervisor.clone(),
@@ -66,11 +68,16 @@ pub struct Graceful<F> {
 
 drain_options!(Graceful<F>);
 
-impl<F, S> IntoFuture for Graceful<F>
+/// The server's own error (an `io::Error` from `axum::serve`, a
+/// `tonic::transport::Error`, any error that converts into a boxed one)
+/// comes back as an `io::Error` that wraps it (`io::Error::other`), so
+/// that `main` keeps one error type.
+impl<F, S, E> IntoFuture for Graceful<F>
 where
     F: FnOnce(Pin<Box<dyn Future<Output = ()> + Send>>) -> S,
-    S: IntoFuture<Output = io::Result<()>>,
+    S: IntoFuture<Output = Result<(), E>>,
     S::IntoFuture: Send + 'static,
+    E: Into<BoxError>,
 {
     type Output = io::Result<Exit>;
     type IntoFuture = Pin<Box<dyn Future<Output = io::Result<Exit>> + Send>>;
@@ -97,7 +104,7 @@ where
                 tokio::time::sleep(grace).await;
             };
             tokio::select! {
-                served = server.as_mut() => served?,
+                served = server.as_mut() => served.map_err(into_io)?,
                 () = grace_over => tracing::warn!(
                     ?grace,
                     "grace period over: dropping the connections still open"
@@ -111,5 +118,14 @@ where
             super::stopped(&exit);
             Ok(exit)
         })
+    }
+}
+
+/// A server's error as an `io::Error`: itself if it is one, wrapped
+/// otherwise.
+fn into_io<E: Into<BoxError>>(err: E) -> io::Error {
+    match err.into().downcast::<io::Error>() {
+        Ok(io) => *io,
+        Err(other) => io::Error::other(other),
     }
 }

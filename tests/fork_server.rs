@@ -114,3 +114,39 @@ fn a_spawn_cancelled_mid_request_leaves_the_link_usable() {
         assert_eq!(job.wait().await.unwrap().code(), Some(3));
     });
 }
+
+#[test]
+fn spawn_after_the_fork_server_was_killed_fails_at_once() {
+    for first_spawn_before_the_kill in [false, true] {
+        let forks = ForkServer::builder().job("len", len).start().unwrap();
+        let server_pid = forks.pid().unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            if first_spawn_before_the_kill {
+                let job = forks.spawn("len", b"ab").await.unwrap();
+                assert_eq!(job.wait().await.unwrap().code(), Some(2));
+            }
+            // SAFETY (test): a signal to a pid this test started.
+            assert_eq!(unsafe { libc::kill(server_pid as i32, libc::SIGKILL) }, 0);
+            // Its death is seen whatever the reader was doing: two tries,
+            // each must fail (not hang) within a second.
+            for attempt in 0..2 {
+                let spawned =
+                    tokio::time::timeout(Duration::from_secs(1), forks.spawn("len", b"a")).await;
+                match spawned {
+                    Ok(Err(SpawnError::Gone(_))) => {}
+                    other => panic!(
+                        "attempt {attempt} (spawn before the kill: {first_spawn_before_the_kill}): \
+                         {:?}",
+                        other.map(|r| r.map(|job| job.pid()))
+                    ),
+                }
+            }
+        });
+        drop(forks);
+        assert!(!common::alive(server_pid), "the fork server was reaped");
+    }
+}

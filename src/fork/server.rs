@@ -174,6 +174,12 @@ struct Link {
 
 #[derive(Debug, Default)]
 struct Pending {
+    /// Set by the reader when the fork server is gone. Checked under the
+    /// same lock as registration, so a request never waits for a reply
+    /// after the reader has given up (it did: the first `spawn` after the
+    /// fork server died registered its waiters after the reader had
+    /// cleared them, and waited forever).
+    closed: bool,
     next_id: u64,
     started: HashMap<u64, oneshot::Sender<Started>>,
     exits: HashMap<u64, oneshot::Sender<ExitStatus>>,
@@ -220,6 +226,12 @@ impl ForkServer {
         // reply can arrive before its waiter.
         let id = {
             let mut pending = link.state.lock().unwrap_or_else(|e| e.into_inner());
+            if pending.closed {
+                return Err(SpawnError::Gone(io::Error::new(
+                    io::ErrorKind::BrokenPipe,
+                    "the fork server is gone",
+                )));
+            }
             let id = pending.next_id + 1;
             pending.next_id = id;
             pending.started.insert(id, started_tx);
@@ -340,6 +352,7 @@ async fn read_replies(mut reader: tokio::net::unix::OwnedReadHalf, state: Arc<Mu
             // The fork server is gone: every waiter learns it (their
             // senders drop here).
             let mut pending = state.lock().unwrap_or_else(|e| e.into_inner());
+            pending.closed = true;
             pending.started.clear();
             pending.exits.clear();
             return;

@@ -44,9 +44,11 @@
 //! - **Signals** (gunicorn's set): SIGTERM stops gracefully (workers drain),
 //!   SIGINT and SIGQUIT stop at once, SIGHUP replaces every worker (new ones
 //!   first; the old ones drain once every new one accepts), SIGTTIN adds a
-//!   worker, SIGTTOU removes one. SIGUSR2 upgrades: the binary on disk
-//!   starts again as a new master on the inherited listening socket (fd 3),
-//!   and the old master drains once the new one's workers accept.
+//!   worker, SIGTTOU removes one. SIGUSR2 upgrades: the command the master
+//!   was started with starts again (so a deploy by rename or by symlink
+//!   runs the new binary; see [`Prefork::upgrade_command`]) as a new master
+//!   on the inherited listening socket (fd 3), and the old master drains
+//!   once the new one's workers accept.
 //! - **Hung workers and memory**: [`Prefork::timeout`] kills a worker whose
 //!   runtime stopped beating; [`Prefork::max_rss`] recycles a worker past a
 //!   resident-memory limit.
@@ -98,6 +100,8 @@ pub struct Prefork {
     hooks: Hooks,
     /// The socket systemd passed (socket activation), instead of binding.
     inherited: Option<Arc<std::os::fd::OwnedFd>>,
+    /// What SIGUSR2 starts, when set by the caller.
+    upgrade_command: Option<std::path::PathBuf>,
 }
 
 /// The most workers one master runs (`workers` and SIGTTIN stop there).
@@ -133,6 +137,7 @@ impl Prefork {
             restart_intensity: None,
             timeout: None,
             max_rss: None,
+            upgrade_command: None,
             hooks: Hooks::default(),
             inherited: None,
         }
@@ -266,6 +271,18 @@ impl Prefork {
         self
     }
 
+    /// What SIGUSR2 starts as the new master (with this master's arguments
+    /// and its listening socket). Default: the command this master was
+    /// started with, `argv[0]` resolved against the directory it started
+    /// in (searched in `PATH` when it has no `/`, as the shell did), so that
+    /// a deploy by rename (`mv -f app.new app`) or by symlink
+    /// (`current -> v2`) starts the new binary, as unicorn and gunicorn do.
+    /// Set it when the master is started through a wrapper.
+    pub fn upgrade_command(mut self, command: impl Into<std::path::PathBuf>) -> Self {
+        self.upgrade_command = Some(command.into());
+        self
+    }
+
     /// How long draining workers get on a graceful stop (default 30 s);
     /// after it, they are killed.
     pub fn grace(mut self, grace: Duration) -> Self {
@@ -359,6 +376,7 @@ impl Prefork {
             free_slots: (0..2 * MAX_WORKERS).rev().collect(),
             reloading: None,
             upgrading: None,
+            started_as: self.upgrade_command.clone().or_else(started_as),
             upgraded_from,
             handed_over: false,
             told_ready: false,
@@ -420,6 +438,8 @@ struct Master<'a, W> {
     reloading: Option<Instant>,
     /// The new master a SIGUSR2 started, until it takes over.
     upgrading: Option<std::process::Child>,
+    /// What SIGUSR2 starts (see `Prefork::upgrade_command`).
+    started_as: Option<std::path::PathBuf>,
     /// The old master that started this one (SIGUSR2), told to drain once
     /// this one's workers accept.
     upgraded_from: Option<u32>,
@@ -504,8 +524,9 @@ where
         }
     }
 
-    /// SIGUSR2: starts a new master from the binary on disk (new code), with
-    /// the same arguments and the listening socket as its descriptor 3.
+    /// SIGUSR2: starts a new master from the command this one was started
+    /// with (the binary on disk now: new code), with the same arguments and
+    /// the listening socket as its descriptor 3.
     /// This one serves on until the new one's workers accept; then the new
     /// one sends it SIGTERM and it drains.
     fn upgrade(&mut self) {
@@ -513,13 +534,11 @@ where
             tracing::warn!("SIGUSR2: an upgrade is already under way");
             return;
         }
-        let exe = match std::env::current_exe() {
-            Ok(exe) => exe,
-            Err(err) => {
-                tracing::error!(%err, "SIGUSR2: cannot find this binary: not upgrading");
-                return;
-            }
+        let Some(exe) = self.started_as.as_ref() else {
+            tracing::error!("SIGUSR2: no command to start (argv[0] is empty): not upgrading");
+            return;
         };
+        tracing::info!(command = %exe.display(), "SIGUSR2: starting a new master");
         let mut command = std::process::Command::new(exe);
         command
             .args(std::env::args_os().skip(1))
@@ -889,6 +908,23 @@ where
         tracing::info!(%exit, "prefork master stopped");
         Ok(exit)
     }
+}
+
+/// The command this process was started with: `argv[0]` resolved against
+/// the directory it started in, or left to a `PATH` search when it has no
+/// `/` (as the shell found it). Not `current_exe()`: after a deploy by
+/// rename that names the deleted old file (`app (deleted)`), and after a
+/// symlink switch the old target.
+fn started_as() -> Option<std::path::PathBuf> {
+    let argv0 = std::path::PathBuf::from(std::env::args_os().next()?);
+    if argv0.as_os_str().is_empty() {
+        return None;
+    }
+    if argv0.is_absolute() || argv0.components().count() == 1 {
+        return Some(argv0);
+    }
+    // Read once, at the master's start: where `argv[0]` was relative to.
+    Some(std::env::current_dir().ok()?.join(argv0))
 }
 
 /// The environment variable a master started by SIGUSR2 finds the old

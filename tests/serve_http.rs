@@ -422,3 +422,54 @@ async fn serve_graceful_takes_a_server_whose_error_is_not_io() {
         .and_then(|inner| inner.downcast_ref::<TransportError>())
         .is_some());
 }
+
+/// RFC 8441: an HTTP/2 client opens a tunnel with extended CONNECT
+/// (`:protocol`, as WebSocket over HTTP/2 does); the service answers 200
+/// and echoes what comes through the upgraded stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extended_connect_over_http2_opens_a_tunnel() {
+    use http_body_util::Empty;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let supervisor = Supervisor::new();
+    let svc = ServiceBuilder::new().layer(supervisor.stack()).service_fn(
+        |mut req: http::Request<hyper::body::Incoming>| async move {
+            let protocol = req.extensions().get::<hyper::ext::Protocol>().cloned();
+            assert_eq!(req.method(), http::Method::CONNECT);
+            assert_eq!(protocol.as_ref().map(|p| p.as_str()), Some("echo"));
+            let upgrade = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                let mut io = hyper_util::rt::TokioIo::new(upgrade.await.unwrap());
+                let mut buf = [0u8; 5];
+                io.read_exact(&mut buf).await.unwrap();
+                io.write_all(&buf).await.unwrap();
+            });
+            Ok::<_, std::convert::Infallible>(http::Response::new(Empty::<bytes::Bytes>::new()))
+        },
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(tower_exit::serve::http(listener, svc, &supervisor).into_future());
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let mut req = http::Request::connect(format!("http://{addr}/tunnel"))
+        .body(Empty::<bytes::Bytes>::new())
+        .unwrap();
+    req.extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("echo"));
+    let mut res = sender.send_request(req).await.expect("CONNECT accepted");
+    assert_eq!(res.status(), StatusCode::OK);
+    let mut io = hyper_util::rt::TokioIo::new(hyper::upgrade::on(&mut res).await.unwrap());
+    io.write_all(b"hello").await.unwrap();
+    let mut echoed = [0u8; 5];
+    io.read_exact(&mut echoed).await.unwrap();
+    assert_eq!(&echoed, b"hello");
+    supervisor.trigger(tower_exit::Exit::success());
+    drop(io);
+    assert_eq!(server.await.unwrap().unwrap().code(), 0);
+}

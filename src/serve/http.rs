@@ -144,11 +144,14 @@ impl<S> ServeHttp<S> {
         // No timer for HTTP/1: hyper's header read timeout makes a timer
         // entry per request head (measured: 4 to 5 % more CPU per request);
         // each connection task keeps one deadline instead (below).
+        // Extended CONNECT (RFC 8441) on: WebSocket over HTTP/2 (axum's
+        // `WebSocketUpgrade` answers it), as `axum::serve` allows.
         builder
             .http2()
             .timer(TokioTimer::new())
             .keep_alive_interval(Some(H2_PING_INTERVAL))
-            .keep_alive_timeout(H2_PING_INTERVAL);
+            .keep_alive_timeout(H2_PING_INTERVAL)
+            .enable_connect_protocol();
         let slots = Arc::new(Semaphore::new(
             max_connections.unwrap_or_else(default_max_connections),
         ));

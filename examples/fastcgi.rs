@@ -8,7 +8,6 @@ mod demo;
 use std::process::ExitCode;
 use std::time::Duration;
 use tower_exit::serve::fastcgi::{Limits, RequestBody};
-use tower_exit::serve::Listener;
 use tower_exit::{Exit, Supervisor};
 
 #[tokio::main]
@@ -19,7 +18,7 @@ async fn main() -> ExitCode {
 
 async fn run() -> std::io::Result<Exit> {
     let args = demo::parse_args("127.0.0.1:9000", false);
-    let listener = Listener::bind(&args.listen).await?;
+    let listener = demo::bind(&args).await?;
     println!("listening on {}", listener.local_addr()?);
 
     // `--header-timeout` bounds the first request and request input here;

@@ -36,6 +36,7 @@ fn main() -> ExitCode {
     };
     let mut prefork = prefork
         .workers(args.workers)
+        .socket_owner(None, args.socket_group)
         .stop_all_code(args.stop_all_code)
         .grace(Duration::from_secs(10))
         .on_bound(|addr| println!("listening on {addr}"))
@@ -59,6 +60,9 @@ fn main() -> ExitCode {
     }
     if let Some(mib) = args.max_rss_mib {
         prefork = prefork.max_rss(mib << 20);
+    }
+    if let Some(mode) = args.socket_mode {
+        prefork = prefork.socket_mode(mode);
     }
     demo::finish(prefork.run_http(demo::service))
 }

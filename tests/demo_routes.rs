@@ -137,3 +137,56 @@ fn fastcgi_demo_through_cgi_fcgi() {
     assert_eq!(app.wait_exit(Duration::from_secs(15)).code(), Some(6));
     assert_eq!(app.stderr_count("ERROR"), 2);
 }
+
+/// `curl` over the unix socket `socket` as user `www-data` (as nginx runs):
+/// the HTTP status, or `Err` with curl's exit code when it cannot connect.
+fn get_as_www_data(socket: &std::path::Path) -> Result<String, Option<i32>> {
+    let out = Command::new("runuser")
+        .args(["-u", "www-data", "--", "curl", "-s", "-o", "/dev/null"])
+        .args(["-w", "%{http_code}", "--max-time", "5", "--unix-socket"])
+        .arg(socket)
+        .arg("http://localhost/")
+        .output()
+        .expect("runuser and curl (.ci/test installs curl)");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(out.status.code())
+    }
+}
+
+/// php-fpm's `listen.mode` and `listen.group`: a socket of mode 0660 in
+/// `www-data`'s group lets nginx's user connect; the same mode in root's
+/// group refuses it. Needs root (to run a client as another user), as CI.
+#[test]
+fn a_0660_socket_of_the_front_servers_group_lets_it_in_and_no_other() {
+    // SAFETY: plain syscall, no arguments.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root to run a client as www-data");
+        return;
+    }
+    let dir = TempDir::new("socket-mode");
+    for (group, expected) in [
+        (Some("www-data"), Ok("200".to_owned())),
+        (None, Err(Some(7))),
+    ] {
+        let socket = dir.0.join("app.sock");
+        let mut command = Command::new(example("http"));
+        command
+            .arg("--listen")
+            .arg(format!("unix:{}", socket.display()));
+        command.args(["--socket-mode", "660"]);
+        if let Some(group) = group {
+            command.args(["--socket-group", group]);
+        }
+        let app = Proc::spawn(command);
+        app.wait_for_line("listening on ");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o660, "{group:?}");
+        // curl's 7: could not connect (EACCES).
+        assert_eq!(get_as_www_data(&socket), expected, "group {group:?}");
+        drop(app);
+        let _ = std::fs::remove_file(&socket);
+    }
+}

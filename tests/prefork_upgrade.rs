@@ -176,7 +176,6 @@ async fn sigusr2_after_a_rename_deploy_starts_the_new_binary() {
         &app,
     )
     .await;
-    std::fs::remove_dir_all(&dir.0).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -199,5 +198,4 @@ async fn sigusr2_after_a_symlink_switch_starts_the_new_release() {
         &dir.0.join("v2").join("app"),
     )
     .await;
-    std::fs::remove_dir_all(&dir.0).unwrap();
 }

@@ -37,6 +37,10 @@ pub struct Args {
     pub max_rss_mib: Option<u64>,
     /// `--max-requests-jitter N` (prefork).
     pub max_requests_jitter: Option<u64>,
+    /// `--socket-mode OCTAL`: a unix socket's mode (php-fpm's `listen.mode`).
+    pub socket_mode: Option<u32>,
+    /// `--socket-group NAME|GID`: a unix socket's group (`listen.group`).
+    pub socket_group: Option<u32>,
 }
 
 /// Ends `main`: the exit's code, or a startup error in plain words and
@@ -69,6 +73,8 @@ pub fn parse_args(default_listen: &str, prefork: bool) -> Args {
         timeout: None,
         max_rss_mib: None,
         max_requests_jitter: None,
+        socket_mode: None,
+        socket_group: None,
     };
     let number = |flag: &str, value: Option<String>| -> u64 {
         value
@@ -125,6 +131,19 @@ pub fn parse_args(default_listen: &str, prefork: bool) -> Args {
                     _ => usage("--stop-all-code takes a status from 1 to 255", prefork),
                 }
             }
+            "--socket-mode" => {
+                let mode = args.next().and_then(|v| u32::from_str_radix(&v, 8).ok());
+                parsed.socket_mode = Some(
+                    mode.unwrap_or_else(|| usage("--socket-mode takes octal bits (660)", prefork)),
+                );
+            }
+            "--socket-group" => {
+                let group = args.next().and_then(|v| group_id(&v));
+                parsed.socket_group =
+                    Some(group.unwrap_or_else(|| {
+                        usage("--socket-group takes a group name or id", prefork)
+                    }));
+            }
             other => usage(&format!("unknown argument {other:?}"), prefork),
         }
     }
@@ -132,6 +151,33 @@ pub fn parse_args(default_listen: &str, prefork: bool) -> Args {
         .parse()
         .unwrap_or_else(|err| usage(&format!("{err}"), prefork));
     parsed
+}
+
+/// A group id, given as a number or as a name in `/etc/group`.
+fn group_id(group: &str) -> Option<u32> {
+    if let Ok(gid) = group.parse() {
+        return Some(gid);
+    }
+    let groups = std::fs::read_to_string("/etc/group").ok()?;
+    groups.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        (fields.next()? == group).then_some(())?;
+        fields.nth(1)?.parse().ok()
+    })
+}
+
+/// Binds `--listen`; a unix socket gets `--socket-group` and
+/// `--socket-mode`.
+#[allow(dead_code)] // the prefork demo binds in its master
+pub async fn bind(args: &Args) -> std::io::Result<tower_exit::serve::Listener> {
+    let mut listener = tower_exit::serve::Listener::bind(&args.listen).await?;
+    if args.socket_group.is_some() {
+        listener = listener.socket_owner(None, args.socket_group)?;
+    }
+    if let Some(mode) = args.socket_mode {
+        listener = listener.socket_mode(mode)?;
+    }
+    Ok(listener)
 }
 
 fn usage(problem: &str, prefork: bool) -> ! {
@@ -142,7 +188,8 @@ fn usage(problem: &str, prefork: bool) -> ! {
         " [--header-timeout SECS] [--max-connections N]"
     };
     eprintln!(
-        "{problem}\nusage: {} [--listen HOST:PORT|unix:PATH]{extra}",
+        "{problem}\nusage: {} [--listen HOST:PORT|unix:PATH] [--socket-mode OCTAL] \
+         [--socket-group NAME|GID]{extra}",
         std::env::args().next().unwrap_or_default()
     );
     std::process::exit(2)

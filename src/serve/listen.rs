@@ -122,6 +122,37 @@ impl Listener {
         }
     }
 
+    /// Sets a unix socket's permission bits, as php-fpm's `listen.mode`:
+    /// who may connect. A socket is bound with the mode the process's umask
+    /// leaves (usually `0755`: only its owner may connect, since connecting
+    /// needs write permission), so a front server running as another user
+    /// (nginx as `www-data`) gets `EACCES`. `0o660` with
+    /// [`socket_owner`](Self::socket_owner)'s group is php-fpm's default.
+    /// An error for a TCP listener, or when the mode cannot be set.
+    pub fn socket_mode(self, mode: u32) -> io::Result<Self> {
+        set_socket_mode(&self.unix_path()?, mode)?;
+        Ok(self)
+    }
+
+    /// Sets a unix socket's owner and group (by id; `None` keeps one), as
+    /// php-fpm's `listen.owner` and `listen.group`. Changing the owner
+    /// needs privileges; a process may give the socket one of its own
+    /// groups. An error for a TCP listener, or when they cannot be set.
+    pub fn socket_owner(self, uid: Option<u32>, gid: Option<u32>) -> io::Result<Self> {
+        set_socket_owner(&self.unix_path()?, uid, gid)?;
+        Ok(self)
+    }
+
+    fn unix_path(&self) -> io::Result<PathBuf> {
+        match self.local_addr()? {
+            ListenAddr::Unix(path) if !path.as_os_str().is_empty() => Ok(path),
+            other => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{other} is not a unix socket with a path: it has no mode or owner"),
+            )),
+        }
+    }
+
     /// The address actually bound (the port chosen for `:0`).
     pub fn local_addr(&self) -> io::Result<ListenAddr> {
         match self {
@@ -175,6 +206,30 @@ fn remove_if_bound_here(path: &Path) {
             tracing::warn!(path = %path.display(), %err, "cannot remove the socket file");
         }
     }
+}
+
+/// A unix socket's permission bits (see [`Listener::socket_mode`]).
+pub(crate) fn set_socket_mode(path: &Path, mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|err| {
+        io::Error::new(
+            err.kind(),
+            format!("cannot set mode {mode:o} on {}: {err}", path.display()),
+        )
+    })
+}
+
+/// A unix socket's owner and group (see [`Listener::socket_owner`]).
+pub(crate) fn set_socket_owner(path: &Path, uid: Option<u32>, gid: Option<u32>) -> io::Result<()> {
+    std::os::unix::fs::chown(path, uid, gid).map_err(|err| {
+        io::Error::new(
+            err.kind(),
+            format!(
+                "cannot set owner {uid:?} group {gid:?} on {}: {err}",
+                path.display()
+            ),
+        )
+    })
 }
 
 /// The one way a unix socket is bound here: a stale socket file is

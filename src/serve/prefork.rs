@@ -59,7 +59,7 @@
 //!   pid) and waits for all of them before it returns; a worker dies with
 //!   its master (`PR_SET_PDEATHSIG`), even if the master is killed.
 
-use super::listen::StdListener;
+use super::listen::{set_socket_mode, set_socket_owner, StdListener};
 use crate::fork::{self, Child};
 use crate::serve::{ListenAddr, Listener, ServeService};
 use crate::sys::{self, BlockedSignals, SharedCounters};
@@ -102,6 +102,9 @@ pub struct Prefork {
     inherited: Option<Arc<std::os::fd::OwnedFd>>,
     /// What SIGUSR2 starts, when set by the caller.
     upgrade_command: Option<std::path::PathBuf>,
+    /// A unix socket's mode, owner and group, set after binding it.
+    socket_mode: Option<u32>,
+    socket_owner: (Option<u32>, Option<u32>),
 }
 
 /// The most workers one master runs (`workers` and SIGTTIN stop there).
@@ -138,6 +141,8 @@ impl Prefork {
             timeout: None,
             max_rss: None,
             upgrade_command: None,
+            socket_mode: None,
+            socket_owner: (None, None),
             hooks: Hooks::default(),
             inherited: None,
         }
@@ -271,6 +276,23 @@ impl Prefork {
         self
     }
 
+    /// The mode of the unix socket the master binds (default: what the
+    /// umask leaves, usually `0755`, so that only this user may connect);
+    /// see [`Listener::socket_mode`]. Not applied to a socket systemd
+    /// passes (its unit's `SocketMode=` says) or one inherited by a new
+    /// master (it keeps the old one's).
+    pub fn socket_mode(mut self, mode: u32) -> Self {
+        self.socket_mode = Some(mode);
+        self
+    }
+
+    /// The owner and group of the unix socket the master binds; see
+    /// [`Listener::socket_owner`] and [`socket_mode`](Self::socket_mode).
+    pub fn socket_owner(mut self, uid: Option<u32>, gid: Option<u32>) -> Self {
+        self.socket_owner = (uid, gid);
+        self
+    }
+
     /// What SIGUSR2 starts as the new master (with this master's arguments
     /// and its listening socket). Default: the command this master was
     /// started with, `argv[0]` resolved against the directory it started
@@ -359,7 +381,18 @@ impl Prefork {
             // Started by an old master's SIGUSR2: its socket is our fd 3.
             (_, Some(_)) => StdListener::from_fd(sys::inherited_fd(3)?)?,
             (Some(fd), None) => StdListener::from_fd(fd.try_clone()?)?,
-            (None, None) => StdListener::bind(&self.listen)?,
+            (None, None) => {
+                let listener = StdListener::bind(&self.listen)?;
+                if let ListenAddr::Unix(path) = &self.listen {
+                    if self.socket_owner != (None, None) {
+                        set_socket_owner(path, self.socket_owner.0, self.socket_owner.1)?;
+                    }
+                    if let Some(mode) = self.socket_mode {
+                        set_socket_mode(path, mode)?;
+                    }
+                }
+                listener
+            }
         };
         let bound = listener.local_addr()?;
         tracing::info!(listen = %bound, workers = self.workers, "prefork master started");

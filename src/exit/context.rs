@@ -90,7 +90,7 @@ impl RaiseContext {
 
     #[inline]
     fn catching_word(self) -> u64 {
-        if self.0 & (rule::STICKY << 1) != 0 {
+        if rule::sticky(self.rule_word()) {
             return (self.0 & !ANY_TASK) | CAUGHT;
         }
         CAUGHT | rule::generation() << 4

@@ -16,8 +16,11 @@ mod imp {
         in_child_after_poll as after_poll,
     };
 
-    /// The `sticky` bit of a packed rule.
-    pub(crate) const STICKY: u64 = ChildRule::STICKY;
+    /// Whether the packed rule `word` is a fork guard's (sticky).
+    #[inline]
+    pub(crate) fn sticky(word: u64) -> bool {
+        word & ChildRule::STICKY != 0
+    }
 
     /// The arming of an exit that leaves a forked child.
     pub(crate) type Armed = std::sync::Arc<crate::fork::end::Armed>;
@@ -50,7 +53,10 @@ mod imp {
     pub(crate) fn watch_forks() {}
 
     /// No rule is ever packed.
-    pub(crate) const STICKY: u64 = 0;
+    #[inline]
+    pub(crate) fn sticky(_word: u64) -> bool {
+        false
+    }
 
     /// No exit is ever armed: `Option<Armed>` is always `None`, and takes
     /// no space.

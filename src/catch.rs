@@ -171,10 +171,11 @@ pub(crate) fn catch_body<T>(poll: impl FnOnce() -> T) -> std::thread::Result<T> 
 #[inline(never)]
 pub(crate) fn caught_in_body(supervisor: &Supervisor, exit: &Exit) {
     exit.end_if_armed();
-    if supervisor.exit().as_ref() == Some(exit) {
+    let recorded = supervisor.exit();
+    if recorded.as_ref() == Some(exit) {
         return;
     }
-    let first = supervisor.exit().is_none();
+    let first = recorded.is_none();
     if exit.is_success() {
         tracing::info!(
             exit.code = exit.code(),

@@ -36,12 +36,7 @@ fn reap(pid: u32, within: Duration) -> i32 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_three_times_then_sigusr2_under_load_fails_no_request() {
     let _serial = SERIAL.lock().await;
-    common::become_subreaper();
-    let mut command = Command::new(example("prefork"));
-    command.args(["--listen", "127.0.0.1:0", "--workers", "2"]);
-    let mut old = Proc::spawn(command);
-    let addr: SocketAddr = old.wait_for_line("listening on ").parse().unwrap();
-
+    let (mut old, addr) = start_master(&example("prefork"));
     let load = PidLoad::start(addr, 4);
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_millis(600)).await;
@@ -52,6 +47,7 @@ async fn sighup_three_times_then_sigusr2_under_load_fails_no_request() {
     signal(old.pid(), libc::SIGUSR2);
     let new_master =
         pid_in(&old.stderr_line("SIGUSR2: new master started", Duration::from_secs(5)));
+    let mut adopted = Adopted(Some(new_master));
     // The old master drains and ends 0 once the new one's workers accept.
     assert_eq!(old.wait_exit(Duration::from_secs(20)).code(), Some(0));
     let took = upgrade_started.elapsed();
@@ -69,8 +65,20 @@ async fn sighup_three_times_then_sigusr2_under_load_fails_no_request() {
     assert!(old.stderr_count("upgrade: this master accepts; the old one drains") == 1);
     eprintln!("upgrade took {took:?} (SIGUSR2 to the old master's exit), {ok} requests, 0 failed");
     // The new master (adopted by this test) stops with SIGTERM, leaving
-    // nothing behind.
+    // nothing behind; if that fails, the guard kills and reaps it.
     stop_new_master(new_master, &pids);
+    adopted.0 = None;
+}
+
+/// The prefork demo at `path` as a master on a free port, 2 workers; this
+/// test becomes a subreaper first, to adopt the master a SIGUSR2 starts.
+fn start_master(path: &std::path::Path) -> (Proc, SocketAddr) {
+    common::become_subreaper();
+    let mut command = Command::new(path);
+    command.args(["--listen", "127.0.0.1:0", "--workers", "2"]);
+    let old = Proc::spawn(command);
+    let addr = old.wait_for_line("listening on ").parse().unwrap();
+    (old, addr)
 }
 
 /// SIGTERM to the new master this test adopted: it ends with 0, and every
@@ -127,11 +135,7 @@ async fn deploy_then_upgrade(
     expected: &std::path::Path,
 ) {
     let _serial = SERIAL.lock().await;
-    common::become_subreaper();
-    let mut command = Command::new(start);
-    command.args(["--listen", "127.0.0.1:0", "--workers", "2"]);
-    let mut old = Proc::spawn(command);
-    let addr: SocketAddr = old.wait_for_line("listening on ").parse().unwrap();
+    let (mut old, addr) = start_master(start);
     let load = PidLoad::start(addr, 4);
     tokio::time::sleep(Duration::from_millis(500)).await;
     deploy();

@@ -34,8 +34,7 @@ use tower::util::Oneshot;
 use tower_service::Service;
 
 use super::budget::Budget;
-pub(crate) use super::in_flight::Conn;
-use super::in_flight::InFlight;
+use super::in_flight::{Conn, InFlight};
 use super::BoxError;
 
 /// Wraps the service a server runs; see [the module docs](self).

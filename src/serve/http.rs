@@ -22,7 +22,8 @@
 //! ```
 
 use super::budget::Budget;
-use super::escape::{Conn, Escapes, ForHyper};
+use super::escape::{Escapes, ForHyper};
+use super::in_flight::Conn;
 use super::listen::{Listener, Peer, Stream};
 use super::watch::{Event, Watch};
 use super::DrainOptions;

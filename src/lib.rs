@@ -127,5 +127,5 @@ cfg_fork! {
 }
 pub use crate::report::{ReportLayer, TracingReporter};
 pub use crate::stack::ExitStackLayer;
-pub use crate::supervisor::Supervisor;
+pub use crate::supervisor::{Hold, Supervisor};
 pub use crate::tunnel::TunnelLayer;

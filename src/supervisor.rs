@@ -8,8 +8,9 @@ use crate::exit::Exit;
 use crate::stack::{ExitStackLayer, NoReporter};
 use std::fmt;
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 /// Records the first [`Exit`] of a server and tells the server to stop.
 ///
@@ -19,6 +20,37 @@ pub struct Supervisor {
     // `watch` keeps the value for late subscribers: a `shutdown_signal()`
     // taken after the exit was recorded resolves at once.
     exit: Arc<watch::Sender<Option<Exit>>>,
+    holds: Arc<Holds>,
+}
+
+/// How many [`Hold`]s are alive, and who waits for none to be.
+#[derive(Default)]
+struct Holds {
+    count: AtomicUsize,
+    released: Notify,
+}
+
+/// Keeps a server's drain waiting, up to its grace period, until dropped;
+/// see [`Supervisor::hold`].
+#[must_use = "the drain waits for a hold only while it is alive"]
+pub struct Hold {
+    holds: Arc<Holds>,
+}
+
+impl fmt::Debug for Hold {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Hold").finish_non_exhaustive()
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        // AcqRel: what the holder did happens before the drain that sees
+        // the count reach zero goes on.
+        if self.holds.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.holds.released.notify_waiters();
+        }
+    }
 }
 
 impl Default for Supervisor {
@@ -46,6 +78,7 @@ impl Supervisor {
     pub fn new() -> Self {
         Supervisor {
             exit: Arc::new(watch::Sender::new(None)),
+            holds: Arc::default(),
         }
     }
 
@@ -97,6 +130,61 @@ impl Supervisor {
         let wait = self.wait();
         async move {
             let _first_exit = wait.await;
+        }
+    }
+
+    /// Keeps the drain of this supervisor's server (`serve::http`,
+    /// `serve::fastcgi`, `serve::graceful`, a prefork worker) waiting until
+    /// the returned [`Hold`] is dropped, up to the grace period: hold one
+    /// in work that outlives its request and must end cleanly, a WebSocket
+    /// that sends its close frame, a stream that sends its last event, a
+    /// job that finishes its write. Without one, the server resolves once
+    /// its own connections are done and `main` returns, ending such work
+    /// wherever it is.
+    ///
+    /// Take it before the work can be cut (in the handler, before the
+    /// upgrade), and watch [`shutdown_signal`](Self::shutdown_signal) to
+    /// learn that the drain started; it resolves at once if it already
+    /// did, so there is no race between the two.
+    ///
+    /// ```
+    /// # async fn run(supervisor: tower_exit::Supervisor) {
+    /// let hold = supervisor.hold();
+    /// tokio::spawn(async move {
+    ///     let _hold = hold;
+    ///     // ... serve a WebSocket until `supervisor.shutdown_signal()`
+    ///     // resolves, then send close 1001 ("going away") and return.
+    /// });
+    /// # }
+    /// ```
+    ///
+    /// Upgraded connections of `serve::http` are waited for without one.
+    pub fn hold(&self) -> Hold {
+        self.holds.count.fetch_add(1, Ordering::Relaxed);
+        Hold {
+            holds: self.holds.clone(),
+        }
+    }
+
+    /// How many [`Hold`]s are alive.
+    #[cfg(all(unix, any(feature = "http", feature = "fastcgi")))] // the servers
+    pub(crate) fn holds(&self) -> usize {
+        self.holds.count.load(Ordering::Acquire)
+    }
+
+    /// Resolves once no [`Hold`] is alive.
+    #[cfg(all(unix, any(feature = "http", feature = "fastcgi")))] // the servers
+    pub(crate) async fn released(&self) {
+        loop {
+            let released = self.holds.released.notified();
+            tokio::pin!(released);
+            // Registered before the count is read: a release between the
+            // two still wakes this wait.
+            released.as_mut().enable();
+            if self.holds() == 0 {
+                return;
+            }
+            released.await;
         }
     }
 }

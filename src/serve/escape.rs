@@ -35,6 +35,8 @@ use tower_service::Service;
 
 use super::budget::Budget;
 use super::in_flight::{Conn, InFlight};
+#[cfg(feature = "http")]
+use super::listen::Peer;
 use super::BoxError;
 
 /// Wraps the service a server runs; see [the module docs](self).
@@ -85,14 +87,23 @@ impl<S> Escapes<S> {
 /// and a clone takes its place (hyper-util's `TowerToHyperService` clones
 /// for every request). Not `Sync`: hyper calls it from the
 /// connection's task only, so the `RefCell` is never contended.
+///
+/// Every request gets the connection's [`Peer`] in its extensions (and,
+/// feature `axum`, axum's `ConnectInfo<SocketAddr>` for a TCP peer).
 #[cfg(feature = "http")]
 #[derive(Debug)]
-pub(crate) struct ForHyper<S>(RefCell<Escapes<S>>);
+pub(crate) struct ForHyper<S> {
+    escapes: RefCell<Escapes<S>>,
+    peer: Peer,
+}
 
 #[cfg(feature = "http")]
 impl<S> ForHyper<S> {
-    pub(crate) fn new(escapes: Escapes<S>) -> Self {
-        ForHyper(RefCell::new(escapes))
+    pub(crate) fn new(escapes: Escapes<S>, peer: Peer) -> Self {
+        ForHyper {
+            escapes: RefCell::new(escapes),
+            peer,
+        }
     }
 }
 
@@ -106,9 +117,10 @@ where
     type Error = BoxError;
     type Future = EscapesFuture<Either<S::Future, Oneshot<S, Request<ReqBody>>>>;
 
-    fn call(&self, req: Request<ReqBody>) -> Self::Future {
+    fn call(&self, mut req: Request<ReqBody>) -> Self::Future {
+        self.peer.insert_into(req.extensions_mut());
         // Never fails: hyper does not call again before `call` returns.
-        let Ok(mut escapes) = self.0.try_borrow_mut() else {
+        let Ok(mut escapes) = self.escapes.try_borrow_mut() else {
             unreachable!("hyper calls its service from one task, never re-entrantly")
         };
         let escapes = &mut *escapes;

@@ -57,7 +57,9 @@ where
 /// finish; after the [grace period](Self::grace) the server future is
 /// dropped (logged at WARN) and this resolves to the exit. Connections the
 /// server runs as tasks of their own (axum does) are not owned by its
-/// future: they end with the runtime, when `main` returns the exit.
+/// future: they end with the runtime, when `main` returns the exit, unless
+/// they hold a [`Hold`](crate::Hold) (see [`Supervisor::hold`]), which
+/// this waits for within the same grace.
 #[derive(Debug)]
 #[must_use = "a server does nothing until awaited"]
 pub struct Graceful<F> {
@@ -103,12 +105,25 @@ where
                 let _first = supervisor.wait().await;
                 tokio::time::sleep(grace).await;
             };
+            tokio::pin!(grace_over);
             tokio::select! {
                 served = server.as_mut() => served.map_err(into_io)?,
-                () = grace_over => tracing::warn!(
+                () = grace_over.as_mut() => tracing::warn!(
                     ?grace,
                     "grace period over: dropping the connections still open"
                 ),
+            }
+            // Work the server does not own (an upgraded connection's task)
+            // that holds the drain: within the same grace.
+            if supervisor.exit().is_some() && supervisor.holds() > 0 {
+                tokio::select! {
+                    () = supervisor.released() => {}
+                    () = grace_over => tracing::warn!(
+                        ?grace,
+                        holds = supervisor.holds(),
+                        "grace period over: the holds still alive end with the runtime"
+                    ),
+                }
             }
             let exit = supervisor.exit().unwrap_or_else(|| {
                 // The server ended by itself (its listener failed, say):

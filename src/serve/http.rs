@@ -22,9 +22,10 @@
 //! ```
 
 use super::budget::Budget;
+use super::conn_io::ConnIo;
 use super::escape::{Escapes, ForHyper};
-use super::in_flight::Conn;
-use super::listen::{Listener, Peer, Stream};
+use super::in_flight::{Activity, Conn};
+use super::listen::{Listener, Peer};
 use super::watch::{Event, Watch};
 use super::DrainOptions;
 use super::ServeService;
@@ -95,8 +96,11 @@ impl<S> ServeHttp<S> {
     /// started or finished (default [`DEFAULT_HEADER_READ_TIMEOUT`]); then
     /// it is closed. This bounds a silent client, one that sends a header
     /// a byte a second or never ends it, and an idle keep-alive connection.
-    /// A request counts as in flight until its response body is sent, so
-    /// a slow handler or a long streamed response is never cut.
+    /// A request counts as in flight until its response body is sent, and
+    /// bytes the socket takes count as activity: a slow handler, a long
+    /// streamed response or a large one that the client reads slowly is
+    /// never cut. A response whose client takes no byte for a whole period
+    /// (it stopped reading) is closed, as nginx's `send_timeout` does.
     ///
     /// The deadline is checked once per period, not per request (a timer
     /// per request costs several percent of CPU): a connection is closed
@@ -117,7 +121,8 @@ impl<S> ServeHttp<S> {
     }
 
     /// Connections served at once (default [`default_max_connections`]);
-    /// more wait in the listen backlog until one ends.
+    /// more wait in the listen backlog until one ends. An upgraded
+    /// connection (a WebSocket) counts until its handler closes it.
     pub fn max_connections(mut self, max: usize) -> Self {
         self.max_connections = Some(max.max(1));
         self
@@ -153,9 +158,8 @@ impl<S> ServeHttp<S> {
             .keep_alive_interval(Some(H2_PING_INTERVAL))
             .keep_alive_timeout(H2_PING_INTERVAL)
             .enable_connect_protocol();
-        let slots = Arc::new(Semaphore::new(
-            max_connections.unwrap_or_else(default_max_connections),
-        ));
+        let max = super::slot_count(max_connections.unwrap_or_else(default_max_connections));
+        let slots = Arc::new(Semaphore::new(max as usize));
         let mut connections = JoinSet::new();
         let draining = Arc::new(AtomicBool::new(false));
         let shutdown = supervisor.shutdown_signal();
@@ -183,13 +187,14 @@ impl<S> ServeHttp<S> {
                 budget.as_ref(),
             );
             let conn_state = svc.conn().clone();
+            // The slot goes with the socket: an upgraded connection keeps
+            // it, in its handler, until closed.
+            let io = ConnIo::new(stream, conn_state.clone(), slot);
             let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), ForHyper::new(svc))
+                .serve_connection_with_upgrades(TokioIo::new(io), ForHyper::new(svc, peer))
                 .into_owned();
             let drain = supervisor.shutdown_signal();
             connections.spawn(async move {
-                // Held until the task ends, however it ends.
-                let _slot = slot;
                 handle_connection(conn, &conn_state, drain, peer, header_read_timeout).await;
             });
         }
@@ -197,14 +202,14 @@ impl<S> ServeHttp<S> {
         listener.remove_socket_if_bound_here();
         drop(listener);
 
-        Ok(super::drain(connections, drain.grace, &supervisor).await)
+        Ok(super::drain(connections, &slots, max, drain.grace, &supervisor).await)
     }
 }
 
 /// Serves one accepted connection until it ends, the server's drain closes
 /// it, or it misses its deadline (see [`ServeHttp::header_read_timeout`]).
 async fn handle_connection<S>(
-    conn: auto::UpgradeableConnection<'static, TokioIo<Stream>, ForHyper<S>, TokioExecutor>,
+    conn: auto::UpgradeableConnection<'static, TokioIo<ConnIo>, ForHyper<S>, TokioExecutor>,
     conn_state: &Conn,
     drain: impl Future<Output = ()>,
     peer: Peer,
@@ -230,10 +235,13 @@ async fn handle_connection<S>(
     // HTTP/2 with no timeout of its own), a partial or
     // byte-a-second header, and an idle keep-alive connection:
     // each is closed between one and two periods after its last
-    // activity.
+    // activity. Bytes the socket took count as activity: a response
+    // whose last frame hyper took is still going out while the client
+    // reads it; one whose client stopped reading is closed like an idle
+    // connection (nginx's `send_timeout`).
     let deadline = tokio::time::sleep(header_read_timeout);
     tokio::pin!(deadline);
-    let mut seen = (0, 0);
+    let mut seen = Activity::default();
     let mut watch = Watch::new();
     let result = loop {
         let event = std::future::poll_fn(|cx| {
@@ -250,8 +258,8 @@ async fn handle_connection<S>(
             Event::Watcher(Watched::Drain) => break None,
             Event::Watcher(Watched::Deadline) => {
                 let now = conn_state.activity();
-                if now.0 == now.1 && now == seen {
-                    tracing::debug!(%peer, requests = now.0, "no request for the header read timeout: connection closed");
+                if now.no_request() && now == seen {
+                    tracing::debug!(%peer, requests = now.started, "no request for the header read timeout: connection closed");
                     return;
                 }
                 seen = now;

@@ -1,12 +1,14 @@
 //! What a connection's requests did, counted without a timer per request:
-//! how many started and ended (for the connection's deadline in
-//! `serve::http`), whether it speaks HTTP/2, whether an HTTP/1 response
+//! how many started and ended, and the bytes written (for the connection's
+//! deadline in `serve::http`), whether it speaks HTTP/2, whether an HTTP/1 response
 //! must close it (the server drains, or its budget is spent), and the
 //! supervisor an exit it carries goes to.
 
 use super::budget::{Budget, Credit};
 use crate::supervisor::Supervisor;
 use http::Version;
+#[cfg(feature = "http")]
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
@@ -16,11 +18,18 @@ use std::sync::Arc;
 /// request is in flight, so the connection is busy. Relaxed atomics: the
 /// task only compares the counts on its own timer, and a late view delays
 /// the check by one period at most.
+///
+/// A request ends when hyper drops its response body, which it does once it
+/// took the last frame, before the socket took the bytes; `written` (the
+/// bytes the socket took, see `conn_io`) covers the rest: a response still
+/// going out is activity too.
 #[derive(Debug)]
 pub(crate) struct Conn {
     supervisor: Supervisor,
     started: AtomicU32,
     ended: AtomicU32,
+    #[cfg(feature = "http")]
+    written: AtomicU64,
     http2: AtomicBool,
     /// Server-wide: set once the server drains (HTTP only).
     draining: Option<Arc<AtomicBool>>,
@@ -42,24 +51,53 @@ impl Conn {
             supervisor: supervisor.clone(),
             started: AtomicU32::new(0),
             ended: AtomicU32::new(0),
+            #[cfg(feature = "http")]
+            written: AtomicU64::new(0),
             http2: AtomicBool::new(false),
             draining: draining.cloned(),
             credit: budget.map(Credit::new),
         }
     }
 
-    /// `(started, ended)` requests so far.
+    /// What the connection did so far.
     #[cfg(feature = "http")]
-    pub(crate) fn activity(&self) -> (u32, u32) {
+    pub(crate) fn activity(&self) -> Activity {
         // `ended` first: read the other way round, a request starting and
         // ending between the two loads would show as ended but never started.
         let ended = self.ended.load(Ordering::Relaxed);
-        (self.started.load(Ordering::Relaxed), ended)
+        Activity {
+            started: self.started.load(Ordering::Relaxed),
+            ended,
+            written: self.written.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The socket took `n` more bytes.
+    #[cfg(feature = "http")]
+    pub(crate) fn wrote(&self, n: usize) {
+        self.written.fetch_add(n as u64, Ordering::Relaxed);
     }
 
     #[cfg(feature = "http")]
     pub(crate) fn http2(&self) -> bool {
         self.http2.load(Ordering::Relaxed)
+    }
+}
+
+/// A connection's counts at one moment; see [`Conn::activity`].
+#[cfg(feature = "http")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Activity {
+    pub(crate) started: u32,
+    pub(crate) ended: u32,
+    pub(crate) written: u64,
+}
+
+#[cfg(feature = "http")]
+impl Activity {
+    /// No request in flight.
+    pub(crate) fn no_request(&self) -> bool {
+        self.started == self.ended
     }
 }
 

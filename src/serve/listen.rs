@@ -371,13 +371,31 @@ pub(crate) trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
 pub(crate) type Stream = Box<dyn Io>;
 
-/// Who connected.
+/// Who connected: in every request's extensions under `serve::http`
+/// (and prefork's HTTP workers), where `Extension<Peer>` extracts it, with
+/// axum's `ConnectInfo<SocketAddr>` beside it for a TCP peer (feature
+/// `axum`). Under `serve::fastcgi` it is the web server's connection; the
+/// HTTP client's address, as the web server saw it, is
+/// [`RemoteAddr`](crate::serve::fastcgi::RemoteAddr) (and `ConnectInfo`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Peer {
     /// A TCP peer.
     Tcp(SocketAddr),
     /// A peer on a unix socket.
     Unix,
+}
+
+impl Peer {
+    /// Puts this peer in a request's extensions, and axum's `ConnectInfo`
+    /// beside it for a TCP peer (feature `axum`).
+    #[cfg(feature = "http")]
+    pub(crate) fn insert_into(self, extensions: &mut http::Extensions) {
+        #[cfg(feature = "axum")]
+        if let Peer::Tcp(addr) = self {
+            extensions.insert(axum::extract::ConnectInfo(addr));
+        }
+        extensions.insert(self);
+    }
 }
 
 impl fmt::Display for Peer {

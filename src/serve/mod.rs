@@ -56,6 +56,8 @@ macro_rules! drain_options {
 }
 
 mod budget;
+#[cfg(feature = "http")]
+mod conn_io;
 mod escape;
 #[cfg(feature = "fastcgi")]
 pub mod fastcgi;
@@ -211,22 +213,44 @@ where
     }
 }
 
-/// Lets the connection tasks finish within `grace`, then drops the rest;
-/// returns the exit that started the drain.
+/// A connection cap as a count of semaphore permits: at least one, at most
+/// what one `acquire_many` takes (the drain takes them all back).
+fn slot_count(max: usize) -> u32 {
+    u32::try_from(max.max(1)).unwrap_or(u32::MAX)
+}
+
+/// Lets the connection tasks finish within `grace`, and the connections
+/// they no longer own (upgraded ones: their sockets hold their `slots`,
+/// `max` in all) and every [`Hold`](crate::Hold) end; then drops the
+/// rest; returns the exit that started the drain.
 async fn drain(
     mut connections: tokio::task::JoinSet<()>,
+    slots: &tokio::sync::Semaphore,
+    max: u32,
     grace: std::time::Duration,
     supervisor: &Supervisor,
 ) -> Exit {
-    tracing::info!(open = connections.len(), "draining");
+    let upgraded = |connections: &tokio::task::JoinSet<()>| {
+        (max as usize).saturating_sub(slots.available_permits() + connections.len())
+    };
+    tracing::info!(
+        open = connections.len(),
+        upgraded = upgraded(&connections),
+        holds = supervisor.holds(),
+        "draining"
+    );
     let drained = tokio::time::timeout(grace, async {
         while connections.join_next().await.is_some() {}
+        let _every_slot = slots.acquire_many(max).await;
+        supervisor.released().await;
     })
     .await;
     if drained.is_err() {
         tracing::warn!(
             ?grace,
             open = connections.len(),
+            upgraded = upgraded(&connections),
+            holds = supervisor.holds(),
             "grace period over: dropping the connections still open"
         );
         connections.shutdown().await;

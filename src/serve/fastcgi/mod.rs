@@ -243,7 +243,8 @@ impl<S> ServeFastCgi<S> {
         }
         .map(|allow| allow.iter().map(IpAddr::to_canonical).collect::<Vec<_>>());
         self.drain.start(&self.supervisor)?;
-        let slots = Arc::new(Semaphore::new(self.limits.max_conns.max(1)));
+        let max = super::slot_count(self.limits.max_conns);
+        let slots = Arc::new(Semaphore::new(max as usize));
         let mut connections = JoinSet::new();
         let shutdown = self.supervisor.shutdown_signal();
         tokio::pin!(shutdown);
@@ -303,6 +304,6 @@ impl<S> ServeFastCgi<S> {
         self.listener.remove_socket_if_bound_here();
         drop(self.listener);
 
-        Ok(super::drain(connections, self.drain.grace, &self.supervisor).await)
+        Ok(super::drain(connections, &slots, max, self.drain.grace, &self.supervisor).await)
     }
 }

@@ -52,7 +52,9 @@ impl fmt::Debug for Params {
 }
 
 /// The HTTP client's address (`REMOTE_ADDR`, `REMOTE_PORT`), when the web
-/// server sent it: a request extension.
+/// server sent it: a request extension, with axum's
+/// `ConnectInfo<SocketAddr>` beside it (feature `axum`). It is the web
+/// server's view: behind a proxy, the proxy's address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RemoteAddr(pub SocketAddr);
 
@@ -228,6 +230,8 @@ pub(crate) fn request_from_params(params: Bytes, peer: Peer) -> Result<Request<(
         });
     let extensions = req.extensions_mut();
     if let Some(remote) = remote {
+        #[cfg(feature = "axum")]
+        extensions.insert(axum::extract::ConnectInfo(remote.0));
         extensions.insert(remote);
     }
     extensions.insert(peer);

@@ -1,0 +1,175 @@
+//! Connections that outlive one request, through `serve::http`: a large
+//! response read slowly, upgraded connections under the cap and through the
+//! drain, the peer's address.
+
+mod common;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use std::future::IntoFuture;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tower_exit::Supervisor;
+
+type Server = tokio::task::JoinHandle<std::io::Result<tower_exit::Exit>>;
+
+/// Reads the head of an HTTP/1 response from `conn`; the head's text and
+/// the bytes of the body read with it.
+async fn read_head(conn: &mut tokio::net::TcpStream) -> (String, Vec<u8>) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = conn.read(&mut buf).await.unwrap();
+        assert!(
+            n > 0,
+            "closed before the head: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let rest = got.split_off(end + 4);
+            return (String::from_utf8_lossy(&got).into_owned(), rest);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_body_in_one_buffer_read_at_5_mb_a_second_arrives_whole_under_a_1_s_header_timeout()
+{
+    // One buffer: hyper takes it as the body's one frame at once, and drops
+    // the body (the request is no longer in flight) while the socket has
+    // taken a few MB of it. The client then reads it in 12 s, 12 periods
+    // of the header timeout.
+    const SIZE: usize = 64 << 20;
+    let body = Bytes::from(vec![b'x'; SIZE]);
+    let supervisor = Supervisor::new();
+    let svc = tower::service_fn(move |_req: http::Request<hyper::body::Incoming>| {
+        let body = body.clone();
+        async move { Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(body))) }
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server: Server = tokio::spawn(
+        tower_exit::serve::http(listener, svc, &supervisor)
+            .header_read_timeout(Duration::from_secs(1))
+            .into_future(),
+    );
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, first) = read_head(&mut conn).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains(&format!("content-length: {SIZE}")), "{head}");
+    // 256 KiB every 50 ms: about 5 MB/s.
+    let started = Instant::now();
+    let mut received = first.len();
+    let mut buf = vec![0u8; 256 << 10];
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    while received < SIZE {
+        tick.tick().await;
+        let want = buf.len().min(SIZE - received);
+        let n = conn.read(&mut buf[..want]).await.unwrap();
+        assert!(
+            n > 0,
+            "closed after {received} of {SIZE} bytes ({:.1} %), at {:?}",
+            received as f64 * 100.0 / SIZE as f64,
+            started.elapsed()
+        );
+        received += n;
+    }
+    assert!(
+        started.elapsed() > Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    supervisor.trigger(tower_exit::Exit::success());
+    assert_eq!(server.await.unwrap().unwrap().code(), 0);
+}
+
+/// The axum example served by `server` ("axum": `axum::serve` through
+/// `serve::graceful`; "http": `serve::http`), with `args`; its address.
+fn axum_example(server: &str, args: &[&str]) -> (common::demo::Proc, String) {
+    let mut command = std::process::Command::new(common::demo::example("axum"));
+    command
+        .args(["--listen", "127.0.0.1:0", "--server", server])
+        .args(args);
+    let proc = common::demo::Proc::spawn(command);
+    let addr = proc.wait_for_line("listening on");
+    (proc, addr)
+}
+
+/// Runs the WebSocket client of `tests/fixtures/ws_client.py` (Python's
+/// `websockets`, installed by `.ci/test`); its JSON line.
+fn ws_client(args: &[&str]) -> serde_json::Value {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/ws_client.py");
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("python3 runs (installed by .ci/test)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "ws_client {args:?}: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(last).unwrap_or_else(|err| panic!("{err}: {stdout}"))
+}
+
+#[test]
+fn every_websocket_gets_close_1001_in_a_drain_under_both_servers() {
+    let runs: usize = std::env::var("WS_DRAIN_RUNS")
+        .ok()
+        .and_then(|runs| runs.parse().ok())
+        .unwrap_or(5);
+    for server in ["http", "axum"] {
+        for run in 0..runs {
+            let (mut proc, addr) = axum_example(server, &[]);
+            let got = ws_client(&[
+                "drain",
+                &format!("ws://{addr}/ws"),
+                "20",
+                &format!("http://{addr}/exit/3"),
+            ]);
+            let codes = got["codes"].as_array().unwrap();
+            assert_eq!(codes.len(), 20);
+            assert!(
+                codes.iter().all(|code| code == 1001),
+                "{server}, run {run}: {codes:?}"
+            );
+            let status = proc.wait_exit(Duration::from_secs(15));
+            assert_eq!(status.code(), Some(3), "{server}, run {run}");
+        }
+    }
+}
+
+#[test]
+fn upgraded_websockets_count_against_the_connection_cap() {
+    let (_proc, addr) = axum_example("http", &["--max-connections", "32"]);
+    let got = ws_client(&["cap", &format!("ws://{addr}/ws"), "40", "3"]);
+    assert_eq!(got["opened"], 32, "{got}");
+    assert_eq!(got["failed"], 8, "{got}");
+}
+
+#[test]
+fn connect_info_is_the_clients_address_under_serve_http() {
+    for server in ["http", "axum"] {
+        let (_proc, addr) = axum_example(server, &[]);
+        let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+        let me = conn.local_addr().unwrap();
+        use std::io::{Read, Write};
+        conn.write_all(b"GET /peer HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .unwrap();
+        let mut reply = String::new();
+        conn.read_to_string(&mut reply).unwrap();
+        assert!(reply.starts_with("HTTP/1.1 200"), "{server}: {reply}");
+        assert!(
+            reply.ends_with(&format!("\r\n\r\n{me}\n")),
+            "{server}: {reply}"
+        );
+    }
+}

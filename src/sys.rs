@@ -22,6 +22,22 @@ pub(crate) fn fd_limit() -> Option<usize> {
     usize::try_from(limit.rlim_cur).ok()
 }
 
+/// Whether `fd` is readable now (a listening socket: a client waits in
+/// its backlog), without blocking.
+#[cfg(feature = "http")]
+pub(crate) fn readable_now(fd: std::os::fd::BorrowedFd<'_>) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut pending = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `pending` is one valid `pollfd` for the whole call, on a
+    // descriptor the borrow keeps open; a zero timeout never blocks.
+    let ready = unsafe { libc::poll(&mut pending, 1, 0) };
+    ready > 0 && pending.revents & libc::POLLIN != 0
+}
+
 #[cfg(feature = "fork")]
 pub(crate) use self::process::*;
 

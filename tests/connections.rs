@@ -173,3 +173,108 @@ fn connect_info_is_the_clients_address_under_serve_http() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_cap_idle_keep_alive_connections_make_room_for_new_clients() {
+    use futures_util::stream;
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper::body::Frame;
+
+    // `/events`: server-sent events, one every 100 ms for 2 s; any other
+    // path: a short answer.
+    let svc = tower::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
+        let body = if req.uri().path() == "/events" {
+            StreamBody::new(stream::unfold(0, |i| async move {
+                if i == 20 {
+                    return None;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let event = Frame::data(Bytes::from_static(b"data: tick\n\n"));
+                Some((Ok::<_, std::convert::Infallible>(event), i + 1))
+            }))
+            .boxed()
+        } else {
+            Full::new(Bytes::from_static(b"hello\n")).boxed()
+        };
+        Ok::<_, std::convert::Infallible>(http::Response::new(body))
+    });
+    let supervisor = Supervisor::new();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server: Server = tokio::spawn(
+        tower_exit::serve::http(listener, svc, &supervisor)
+            .max_connections(4)
+            .into_future(),
+    );
+    // Four keep-alive clients fill the cap, then stay idle (the header
+    // timeout is 30 s).
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        conn.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let (head, _) = read_head(&mut conn).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        idle.push(conn);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A fifth client: the connection idle the longest, the first, makes
+    // room; the others stay.
+    let mut fifth = tokio::net::TcpStream::connect(addr).await.unwrap();
+    fifth
+        .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, _) = read_head(&mut fifth).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut buf = [0u8; 64];
+    let first = idle.remove(0);
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(1), first.readable())
+            .await
+            .map(|_| first.try_read(&mut buf).unwrap_or(0)),
+        Ok(0),
+        "the oldest idle connection is closed"
+    );
+    for conn in &idle {
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), conn.readable())
+                .await
+                .is_err(),
+            "a younger idle connection was closed"
+        );
+    }
+    idle.push(fifth);
+    // Four event-stream clients get in, each as an idle one makes room.
+    let started = Instant::now();
+    let events = (0..4).map(|_| {
+        tokio::spawn(async move {
+            let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+            conn.write_all(b"GET /events HTTP/1.1\r\nhost: x\r\n\r\n")
+                .await
+                .unwrap();
+            let (head, _) = read_head(&mut conn).await;
+            assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+            started.elapsed()
+        })
+    });
+    for waited in futures_util::future::join_all(events).await {
+        let waited = waited.unwrap();
+        assert!(
+            waited < Duration::from_secs(3),
+            "an event client waited {waited:?}"
+        );
+    }
+    // The idle ones were closed, the server still serves.
+    for mut conn in idle {
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+            .await
+            .expect("an idle connection left open at the cap")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "{:?}", String::from_utf8_lossy(&buf[..n]));
+    }
+    supervisor.trigger(tower_exit::Exit::success());
+    assert_eq!(server.await.unwrap().unwrap().code(), 0);
+}

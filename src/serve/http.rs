@@ -24,7 +24,7 @@
 use super::budget::Budget;
 use super::conn_io::ConnIo;
 use super::escape::{Escapes, ForHyper};
-use super::in_flight::{Activity, Conn};
+use super::in_flight::{Activity, Conn, Open};
 use super::listen::{Listener, Peer};
 use super::watch::{Event, Watch};
 use super::DrainOptions;
@@ -122,7 +122,11 @@ impl<S> ServeHttp<S> {
 
     /// Connections served at once (default [`default_max_connections`]);
     /// more wait in the listen backlog until one ends. An upgraded
-    /// connection (a WebSocket) counts until its handler closes it.
+    /// connection (a WebSocket) counts until its handler closes it. At the
+    /// cap, while a client waits, the connection with no request in flight
+    /// for the longest (an idle keep-alive one) is closed to make room, as
+    /// nginx does: at most one every 50 ms; a request its client sent
+    /// meanwhile is still answered.
     pub fn max_connections(mut self, max: usize) -> Self {
         self.max_connections = Some(max.max(1));
         self
@@ -161,6 +165,7 @@ impl<S> ServeHttp<S> {
         let max = super::slot_count(max_connections.unwrap_or_else(default_max_connections));
         let slots = Arc::new(Semaphore::new(max as usize));
         let mut connections = JoinSet::new();
+        let open = Arc::new(Open::default());
         let draining = Arc::new(AtomicBool::new(false));
         let shutdown = supervisor.shutdown_signal();
         tokio::pin!(shutdown);
@@ -171,6 +176,13 @@ impl<S> ServeHttp<S> {
                 &slots,
                 budget.as_deref(),
                 &supervisor,
+                Some(&|| {
+                    if open.reclaim_idlest() {
+                        tracing::debug!(
+                            "at the connection cap: closing the connection idle the longest"
+                        );
+                    }
+                }),
                 shutdown.as_mut(),
             )
             .await
@@ -194,7 +206,9 @@ impl<S> ServeHttp<S> {
                 .serve_connection_with_upgrades(TokioIo::new(io), ForHyper::new(svc, peer))
                 .into_owned();
             let drain = supervisor.shutdown_signal();
+            let entry = open.add(&conn_state);
             connections.spawn(async move {
+                let _entry = entry;
                 handle_connection(conn, &conn_state, drain, peer, header_read_timeout).await;
             });
         }
@@ -241,6 +255,8 @@ async fn handle_connection<S>(
     // connection (nginx's `send_timeout`).
     let deadline = tokio::time::sleep(header_read_timeout);
     tokio::pin!(deadline);
+    let reclaimed = conn_state.reclaimed();
+    tokio::pin!(reclaimed);
     let mut seen = Activity::default();
     let mut watch = Watch::new();
     let result = loop {
@@ -249,6 +265,9 @@ async fn handle_connection<S>(
                 if drain.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Watched::Drain);
                 }
+                if reclaimed.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Watched::Reclaimed);
+                }
                 deadline.as_mut().poll(cx).map(|()| Watched::Deadline)
             })
         })
@@ -256,6 +275,14 @@ async fn handle_connection<S>(
         match event {
             Event::Conn(result) => break Some(result),
             Event::Watcher(Watched::Drain) => break None,
+            Event::Watcher(Watched::Reclaimed) => {
+                // Idle, and the server at its cap: closed now (a request
+                // its client sent meanwhile is still answered), HTTP/2
+                // with GOAWAY.
+                tracing::debug!(%peer, "idle at the connection cap: closed to make room");
+                conn.as_mut().graceful_shutdown();
+                break Some(conn.as_mut().await);
+            }
             Event::Watcher(Watched::Deadline) => {
                 let now = conn_state.activity();
                 if now.no_request() && now == seen {
@@ -297,6 +324,7 @@ async fn handle_connection<S>(
 enum Watched {
     Drain,
     Deadline,
+    Reclaimed,
 }
 
 /// How long an HTTP/1 connection may stay open once draining starts, for a

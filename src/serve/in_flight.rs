@@ -8,9 +8,17 @@ use super::budget::{Budget, Credit};
 use crate::supervisor::Supervisor;
 use http::Version;
 #[cfg(feature = "http")]
+use std::collections::HashMap;
+#[cfg(feature = "http")]
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
+#[cfg(feature = "http")]
+use std::sync::{Mutex, PoisonError};
+#[cfg(feature = "http")]
+use std::time::{Duration, Instant};
+#[cfg(feature = "http")]
+use tokio::sync::Notify;
 
 /// One connection's count of its requests.
 ///
@@ -30,6 +38,17 @@ pub(crate) struct Conn {
     ended: AtomicU32,
     #[cfg(feature = "http")]
     written: AtomicU64,
+    /// When the last request ended, in nanoseconds after `accepted` (0:
+    /// none yet): how long the connection has been idle, for the cap.
+    #[cfg(feature = "http")]
+    last_end: AtomicU64,
+    #[cfg(feature = "http")]
+    accepted: Instant,
+    /// Asks the connection's task to close it (idle, at the cap).
+    #[cfg(feature = "http")]
+    reclaim: Notify,
+    #[cfg(feature = "http")]
+    reclaimed: AtomicBool,
     http2: AtomicBool,
     /// Server-wide: set once the server drains (HTTP only).
     draining: Option<Arc<AtomicBool>>,
@@ -53,6 +72,14 @@ impl Conn {
             ended: AtomicU32::new(0),
             #[cfg(feature = "http")]
             written: AtomicU64::new(0),
+            #[cfg(feature = "http")]
+            last_end: AtomicU64::new(0),
+            #[cfg(feature = "http")]
+            accepted: Instant::now(),
+            #[cfg(feature = "http")]
+            reclaim: Notify::new(),
+            #[cfg(feature = "http")]
+            reclaimed: AtomicBool::new(false),
             http2: AtomicBool::new(false),
             draining: draining.cloned(),
             credit: budget.map(Credit::new),
@@ -76,6 +103,13 @@ impl Conn {
     #[cfg(feature = "http")]
     pub(crate) fn wrote(&self, n: usize) {
         self.written.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Resolves once the server asks for this connection's slot (see
+    /// [`Open::reclaim_idlest`]).
+    #[cfg(feature = "http")]
+    pub(crate) fn reclaimed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.reclaim.notified()
     }
 
     #[cfg(feature = "http")]
@@ -152,6 +186,76 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        #[cfg(feature = "http")]
+        {
+            // Nanoseconds fit in a u64 for 584 years of one connection.
+            let since = self.0.accepted.elapsed().as_nanos() as u64;
+            self.0.last_end.store(since.max(1), Ordering::Relaxed);
+        }
         self.0.ended.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A server's open connections (HTTP), for making room at the cap: the
+/// one idle the longest is asked to close, as nginx reuses its idle
+/// keep-alive connections first when it runs short.
+#[cfg(feature = "http")]
+#[derive(Debug, Default)]
+pub(crate) struct Open {
+    conns: Mutex<HashMap<u64, Arc<Conn>>>,
+    next: AtomicU64,
+}
+
+#[cfg(feature = "http")]
+impl Open {
+    /// Counts `conn` as open until the returned entry is dropped.
+    pub(crate) fn add(self: &Arc<Self>, conn: &Arc<Conn>) -> OpenEntry {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.lock().insert(id, conn.clone());
+        OpenEntry {
+            open: self.clone(),
+            id,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Conn>>> {
+        self.conns.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Asks the connection with no request in flight that has been so the
+    /// longest to close (its task shuts it down gracefully: a request its
+    /// client sent meanwhile is still answered). False if every
+    /// connection is busy.
+    pub(crate) fn reclaim_idlest(&self) -> bool {
+        let conns = self.lock();
+        let idlest = conns
+            .values()
+            .filter(|conn| conn.activity().no_request() && !conn.reclaimed.load(Ordering::Relaxed))
+            .min_by_key(|conn| {
+                conn.accepted + Duration::from_nanos(conn.last_end.load(Ordering::Relaxed))
+            });
+        match idlest {
+            Some(conn) => {
+                conn.reclaimed.store(true, Ordering::Relaxed);
+                conn.reclaim.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// A connection's place in [`Open`], given up when dropped.
+#[cfg(feature = "http")]
+#[derive(Debug)]
+pub(crate) struct OpenEntry {
+    open: Arc<Open>,
+    id: u64,
+}
+
+#[cfg(feature = "http")]
+impl Drop for OpenEntry {
+    fn drop(&mut self) {
+        self.open.lock().remove(&self.id);
     }
 }

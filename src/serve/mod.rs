@@ -145,22 +145,50 @@ where
     type ResBody = B;
 }
 
+/// What a server does at its connection cap for a client waiting in the
+/// backlog: HTTP closes the connection idle the longest.
+type MakeRoom<'a> = Option<&'a (dyn Fn() + Sync)>;
+
+/// How often a server at its connection cap looks for a client waiting in
+/// its backlog, to close an idle connection for it: its added latency at
+/// most. At most one idle connection is closed per period.
+const RECLAIM_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// The next connection a server may serve, with its connection slot:
-/// a free slot first (beyond the cap, connections wait in the kernel's
-/// backlog), then a unit of the request budget if there is one (see
-/// [`budget::admit`]), then the accept. `None` once `shutdown` resolves or
+/// a free slot first (at the cap, `make_room` is called to close an idle
+/// connection while a client waits in the kernel's backlog), then a unit
+/// of the request budget if there is one (see [`budget::admit`]), then the
+/// accept. `None` once `shutdown` resolves or
 /// the budget is spent: the server stops accepting and drains.
 async fn next_connection<F: std::future::Future<Output = ()>>(
     listener: &Listener,
     slots: &std::sync::Arc<tokio::sync::Semaphore>,
     budget: Option<&budget::Budget>,
     supervisor: &Supervisor,
+    #[cfg_attr(not(feature = "http"), allow(unused_variables))] make_room: MakeRoom<'_>,
     mut shutdown: std::pin::Pin<&mut F>,
 ) -> Option<(listen::Stream, Peer, tokio::sync::OwnedSemaphorePermit)> {
-    let slot = tokio::select! {
-        biased;
-        _ = shutdown.as_mut() => return None,
-        slot = slots.clone().acquire_owned() => slot.expect("semaphore never closed"),
+    let slot = match slots.clone().try_acquire_owned() {
+        Ok(slot) => slot,
+        Err(_) => {
+            // At the cap: while a client waits in the backlog, ask an
+            // idle connection to make room (HTTP), checked every
+            // RECLAIM_EVERY until a slot frees.
+            let acquire = slots.clone().acquire_owned();
+            tokio::pin!(acquire);
+            loop {
+                #[cfg(feature = "http")]
+                if let Some(make_room) = make_room.filter(|_| listener.has_waiting()) {
+                    make_room();
+                }
+                tokio::select! {
+                    biased;
+                    _ = shutdown.as_mut() => return None,
+                    slot = acquire.as_mut() => break slot.expect("semaphore never closed"),
+                    () = tokio::time::sleep(RECLAIM_EVERY) => {}
+                }
+            }
+        }
     };
     if !budget::admit(budget, supervisor, shutdown.as_mut()).await {
         return None;

@@ -255,6 +255,8 @@ impl<S> ServeFastCgi<S> {
                 &slots,
                 self.budget.as_deref(),
                 &self.supervisor,
+                // Idle FastCGI connections close at their own timeout.
+                None,
                 shutdown.as_mut(),
             )
             .await

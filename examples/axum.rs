@@ -7,7 +7,9 @@
 //! carried inside the app's error type, via `?`), `/result-exit/N` (a
 //! handler returning `Result<_, Exit>`), `/slow` (answers after 1 s),
 //! `/peer` (the client's address, axum's `ConnectInfo`), `/ws` (a WebSocket
-//! echo that says goodbye, close 1001, when the server drains). An exit
+//! echo that says goodbye, close 1001, when the server drains), `/ready`
+//! and `/live` (the probes; `--shutdown-delay SECS` serves on that long
+//! after SIGTERM, not ready, before draining). An exit
 //! answers `503`, lets `/slow` finish and the WebSockets close, and ends the
 //! process with `N`; SIGTERM or Ctrl-C drains and ends it with 0.
 //!
@@ -123,6 +125,10 @@ fn app(supervisor: &Supervisor) -> Router {
             get(|ConnectInfo(peer): ConnectInfo<SocketAddr>| async move { format!("{peer}\n") }),
         )
         .route("/ws", get(ws_echo))
+        // Probes: 503 from the first moment of a shutdown delay or drain;
+        // liveness 200 throughout.
+        .route_service("/ready", supervisor.readiness())
+        .route_service("/live", supervisor.liveness())
         .route("/fail", get(|| async { Err::<(), _>(AppError::Database) }))
         .route(
             "/panic",
@@ -170,6 +176,7 @@ struct Options {
     listen: String,
     server_http: bool,
     max_connections: Option<usize>,
+    shutdown_delay: Duration,
 }
 
 fn options() -> Options {
@@ -178,6 +185,7 @@ fn options() -> Options {
         listen: "127.0.0.1:8080".to_owned(),
         server_http: false,
         max_connections: None,
+        shutdown_delay: Duration::ZERO,
     };
     while let Some(arg) = args.next() {
         match (arg.as_str(), args.next().as_deref()) {
@@ -187,9 +195,13 @@ fn options() -> Options {
             ("--max-connections", Some(max)) if max.parse::<usize>().is_ok() => {
                 options.max_connections = max.parse().ok();
             }
+            ("--shutdown-delay", Some(secs)) if secs.parse::<u64>().is_ok() => {
+                options.shutdown_delay = Duration::from_secs(secs.parse().unwrap_or(0));
+            }
             _ => {
                 eprintln!(
-                    "usage: axum [--listen HOST:PORT] [--server axum|http] [--max-connections N]"
+                    "usage: axum [--listen HOST:PORT] [--server axum|http] [--max-connections N] \
+                     [--shutdown-delay SECS]"
                 );
                 std::process::exit(2)
             }
@@ -238,6 +250,7 @@ async fn run() -> std::io::Result<Exit> {
         .with_graceful_shutdown(shutdown)
     })
     .grace(Duration::from_secs(10))
+    .shutdown_delay(options.shutdown_delay)
     .with_signals()
     .await
 }

@@ -36,6 +36,7 @@ async fn run() -> std::io::Result<Exit> {
     tower_exit::serve::fastcgi(listener, service, &supervisor)
         .limits(limits)
         .grace(Duration::from_secs(10))
+        .shutdown_delay(args.shutdown_delay)
         .with_signals()
         .await
 }

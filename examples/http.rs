@@ -28,6 +28,7 @@ async fn run() -> std::io::Result<Exit> {
     let supervisor = Supervisor::new();
     let mut serve = tower_exit::serve::http(listener, demo::service(&supervisor), &supervisor)
         .grace(Duration::from_secs(10))
+        .shutdown_delay(args.shutdown_delay)
         .with_signals();
     if let Some(timeout) = args.header_timeout {
         serve = serve.header_read_timeout(timeout);

@@ -39,6 +39,7 @@ fn main() -> ExitCode {
         .socket_owner(None, args.socket_group)
         .stop_all_code(args.stop_all_code)
         .grace(Duration::from_secs(10))
+        .shutdown_delay(args.shutdown_delay)
         .on_bound(|addr| println!("listening on {addr}"))
         // The hooks, visible: in the master before each fork, in each new
         // worker (a fresh single-threaded process: printing is safe), and

@@ -1,6 +1,7 @@
-//! `IntoResponse for Exit` (feature `axum`): a handler returning
+//! For axum (feature `axum`): `IntoResponse for Exit` (a handler returning
 //! `Result<T, Exit>`, or `?` on an `Exit`, ends the server like a raised
-//! exit, and in abort builds too (nothing unwinds).
+//! exit, and in abort builds too: nothing unwinds), and the probes
+//! [`ready`] and [`live`] as handlers.
 
 use crate::catch::ExitResponse;
 use crate::Exit;
@@ -44,4 +45,36 @@ impl IntoResponse for Exit {
         res.extensions_mut().insert(ExitResponse(self));
         res
     }
+}
+
+/// Readiness as an axum handler, for a router whose state holds the
+/// [`Supervisor`](crate::Supervisor) (or gives it through `FromRef`):
+/// `200 ready`, then `503 draining` from the first moment of a shutdown
+/// delay or drain. The same as [`Supervisor::readiness`](crate::Supervisor::readiness),
+/// which `Router::route_service` takes too.
+///
+/// ```
+/// use axum::{routing::get, Router};
+/// use tower_exit::Supervisor;
+///
+/// let supervisor = Supervisor::new();
+/// let app: Router = Router::new()
+///     .route("/ready", get(tower_exit::axum::ready))
+///     .route("/live", get(tower_exit::axum::live))
+///     .with_state(supervisor);
+/// ```
+pub async fn ready(
+    axum::extract::State(supervisor): axum::extract::State<crate::Supervisor>,
+) -> Response {
+    use tower::ServiceExt;
+    let Ok(res) = supervisor.readiness().oneshot(http::Request::new(())).await;
+    res.into_response()
+}
+
+/// Liveness as an axum handler: `200 live` while the process answers,
+/// through the shutdown delay and the drain.
+pub async fn live() -> Response {
+    use tower::ServiceExt;
+    let Ok(res) = crate::Liveness.oneshot(http::Request::new(())).await;
+    res.into_response()
 }

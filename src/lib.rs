@@ -92,7 +92,7 @@ macro_rules! inner_accessors {
 }
 
 #[cfg(feature = "axum")]
-mod axum;
+pub mod axum;
 mod body;
 mod builder;
 mod catch;
@@ -127,5 +127,5 @@ cfg_fork! {
 }
 pub use crate::report::{ReportLayer, TracingReporter};
 pub use crate::stack::ExitStackLayer;
-pub use crate::supervisor::{Hold, Supervisor};
+pub use crate::supervisor::{Hold, Liveness, Readiness, Supervisor};
 pub use crate::tunnel::TunnelLayer;

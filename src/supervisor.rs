@@ -8,8 +8,10 @@ use crate::exit::Exit;
 use crate::stack::{ExitStackLayer, NoReporter};
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::OnceLock;
+use std::time::Instant;
 use tokio::sync::{watch, Notify};
 
 /// Records the first [`Exit`] of a server and tells the server to stop.
@@ -21,6 +23,21 @@ pub struct Supervisor {
     // taken after the exit was recorded resolves at once.
     exit: Arc<watch::Sender<Option<Exit>>>,
     holds: Arc<Holds>,
+    stop: Arc<Stop>,
+}
+
+/// How the first exit came, for the servers' shutdown delay.
+#[derive(Default)]
+struct Stop {
+    /// When the first exit was recorded.
+    at: OnceLock<Instant>,
+    /// The first exit came from SIGTERM or SIGINT.
+    signaled: AtomicBool,
+    /// A second signal came: drain now, the delay cut short.
+    #[cfg(all(unix, any(feature = "http", feature = "fastcgi")))] // the servers
+    hurry: AtomicBool,
+    #[cfg(all(unix, any(feature = "http", feature = "fastcgi")))]
+    hurried: Notify,
 }
 
 /// How many [`Hold`]s are alive, and who waits for none to be.
@@ -79,6 +96,7 @@ impl Supervisor {
         Supervisor {
             exit: Arc::new(watch::Sender::new(None)),
             holds: Arc::default(),
+            stop: Arc::default(),
         }
     }
 
@@ -94,13 +112,74 @@ impl Supervisor {
     ///
     /// Servers call this on SIGTERM/SIGINT with [`Exit::success`].
     pub fn trigger(&self, exit: Exit) -> bool {
+        self.record(exit, false)
+    }
+
+    /// Records `exit` as [`trigger`](Self::trigger) does; `signaled`: it
+    /// comes from SIGTERM or SIGINT (the servers' shutdown delay applies).
+    pub(crate) fn record(&self, exit: Exit, signaled: bool) -> bool {
         self.exit.send_if_modified(|slot| {
             if slot.is_some() {
                 return false;
             }
+            // Before the exit is published: whoever sees it sees these.
+            let _ = self.stop.at.set(Instant::now());
+            self.stop.signaled.store(signaled, Ordering::Relaxed);
             *slot = Some(exit);
             true
         })
+    }
+
+    /// Whether the server takes new work: true until the first exit is
+    /// recorded (SIGTERM with [`with_signals`](crate::serve::ServeHttp::with_signals)
+    /// records one), false from then on, through a shutdown delay and the
+    /// drain. What [`readiness`](Self::readiness) answers.
+    pub fn ready(&self) -> bool {
+        self.exit.borrow().is_none()
+    }
+
+    /// A readiness check, as a tower service (axum:
+    /// `.route_service("/ready", supervisor.readiness())`): `200 ready`
+    /// while [`ready`](Self::ready), `503 draining` from the first moment
+    /// of a shutdown delay or drain, so that a load balancer or Kubernetes
+    /// stops sending new clients before the server stops accepting them.
+    pub fn readiness(&self) -> Readiness {
+        Readiness(self.clone())
+    }
+
+    /// A liveness check, as a tower service: `200 live` for as long as the
+    /// server answers, through the shutdown delay and the drain (a
+    /// liveness probe that failed during a drain would get the process
+    /// killed in the middle of it).
+    pub fn liveness(&self) -> Liveness {
+        Liveness
+    }
+
+    /// When the first exit was recorded, and whether it came from a signal.
+    #[cfg(all(unix, any(feature = "http", feature = "fastcgi")))] // the servers
+    pub(crate) fn stopped_at(&self) -> Option<(Instant, bool)> {
+        let at = *self.stop.at.get()?;
+        Some((at, self.stop.signaled.load(Ordering::Relaxed)))
+    }
+
+    /// Cuts the shutdown delay short (a second signal): every server
+    /// drains now.
+    #[cfg(all(unix, any(feature = "http", feature = "fastcgi")))] // the servers
+    pub(crate) fn hurry(&self) {
+        self.stop.hurry.store(true, Ordering::Release);
+        self.stop.hurried.notify_waiters();
+    }
+
+    /// Resolves once the delay is cut short by [`hurry`](Self::hurry).
+    #[cfg(all(unix, any(feature = "http", feature = "fastcgi")))] // the servers
+    pub(crate) async fn hurried(&self) {
+        let hurried = self.stop.hurried.notified();
+        tokio::pin!(hurried);
+        hurried.as_mut().enable();
+        if self.stop.hurry.load(Ordering::Acquire) {
+            return;
+        }
+        hurried.await;
     }
 
     /// The first recorded exit, if any.
@@ -187,4 +266,67 @@ impl Supervisor {
             released.await;
         }
     }
+}
+
+/// [`Supervisor::readiness`]: `200 ready` while the server takes new work,
+/// `503 draining` from its first exit (SIGTERM included) on.
+#[derive(Clone, Debug)]
+pub struct Readiness(Supervisor);
+
+/// [`Supervisor::liveness`]: `200 live` while the process answers.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Liveness;
+
+impl<B> tower_service::Service<http::Request<B>> for Readiness {
+    type Response = http::Response<String>;
+    type Error = std::convert::Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Request<B>) -> Self::Future {
+        std::future::ready(Ok(if self.0.ready() {
+            plain(http::StatusCode::OK, "ready\n")
+        } else {
+            plain(http::StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+        }))
+    }
+}
+
+impl<B> tower_service::Service<http::Request<B>> for Liveness {
+    type Response = http::Response<String>;
+    type Error = std::convert::Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Request<B>) -> Self::Future {
+        std::future::ready(Ok(plain(http::StatusCode::OK, "live\n")))
+    }
+}
+
+/// A `text/plain` answer; never cached (a probe must see the state now).
+fn plain(status: http::StatusCode, body: &'static str) -> http::Response<String> {
+    let mut res = http::Response::new(body.to_owned());
+    *res.status_mut() = status;
+    let headers = res.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    headers.insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
+    res
 }

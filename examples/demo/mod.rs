@@ -6,7 +6,8 @@ use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use std::future::Future;
 use std::time::Duration;
-use tower::{BoxError, Service, ServiceBuilder};
+use tower::util::Either;
+use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
 use tower_exit::fork::{self, Forked};
 use tower_exit::report::TracingReporter;
 use tower_exit::serve::ListenAddr;
@@ -41,6 +42,9 @@ pub struct Args {
     pub socket_mode: Option<u32>,
     /// `--socket-group NAME|GID`: a unix socket's group (`listen.group`).
     pub socket_group: Option<u32>,
+    /// `--shutdown-delay SECS`: serve on that long after SIGTERM, not
+    /// ready, before draining.
+    pub shutdown_delay: Duration,
 }
 
 /// Ends `main`: the exit's code, or a startup error in plain words and
@@ -75,6 +79,7 @@ pub fn parse_args(default_listen: &str, prefork: bool) -> Args {
         max_requests_jitter: None,
         socket_mode: None,
         socket_group: None,
+        shutdown_delay: Duration::ZERO,
     };
     let number = |flag: &str, value: Option<String>| -> u64 {
         value
@@ -130,6 +135,12 @@ pub fn parse_args(default_listen: &str, prefork: bool) -> Args {
                     Ok(code @ 1..=255) => code,
                     _ => usage("--stop-all-code takes a status from 1 to 255", prefork),
                 }
+            }
+            "--shutdown-delay" => {
+                let secs = args.next().and_then(|v| v.parse::<f64>().ok());
+                parsed.shutdown_delay = secs
+                    .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
+                    .unwrap_or_else(|| usage("--shutdown-delay takes seconds", prefork));
             }
             "--socket-mode" => {
                 let mode = args.next().and_then(|v| u32::from_str_radix(&v, 8).ok());
@@ -189,7 +200,7 @@ fn usage(problem: &str, prefork: bool) -> ! {
     };
     eprintln!(
         "{problem}\nusage: {} [--listen HOST:PORT|unix:PATH] [--socket-mode OCTAL] \
-         [--socket-group NAME|GID]{extra}",
+         [--socket-group NAME|GID] [--shutdown-delay SECS]{extra}",
         std::env::args().next().unwrap_or_default()
     );
     std::process::exit(2)
@@ -340,5 +351,27 @@ pub fn service<B: Send + 'static>(
                 .report(TracingReporter)
                 .fork_guard(ForkGuardLayer::new().exit_code()),
         )
-        .service_fn(handler::<B>)
+        .service_fn(probes_or_routes(supervisor))
+}
+
+/// `/ready` and `/live` (the supervisor's readiness and liveness services),
+/// then the routes.
+fn probes_or_routes<B: Send + 'static>(
+    supervisor: &Supervisor,
+) -> impl Fn(Request<B>) -> std::pin::Pin<Box<dyn Future<Output = Reply> + Send>> + Clone {
+    let readiness = supervisor.readiness();
+    move |req: Request<B>| {
+        let probe = match req.uri().path() {
+            "/ready" => Some(Either::Left(readiness.clone())),
+            "/live" => Some(Either::Right(tower_exit::Liveness)),
+            _ => None,
+        };
+        match probe {
+            Some(probe) => Box::pin(async move {
+                let Ok(res) = probe.oneshot(req).await;
+                Ok(res.map(|body| Full::new(Bytes::from(body))))
+            }),
+            None => Box::pin(handler(req)),
+        }
+    }
 }

@@ -92,17 +92,20 @@ where
         } = self;
         let grace = drain.grace;
         let signals = drain.start(&supervisor);
-        let wait = supervisor.wait();
+        let drain_now = drain.drain_signal(&supervisor);
         let shutdown: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(async move {
-            let _first = wait.await;
+            drain_now.await;
             tracing::info!("draining");
         });
         let server = start(shutdown).into_future();
+        let delay_started = drain.delay_started(supervisor.clone());
+        let drain_now = drain.drain_signal(&supervisor);
         Box::pin(async move {
             signals?;
             let mut server = std::pin::pin!(server);
+            let delay_said = tokio::spawn(delay_started);
             let grace_over = async {
-                let _first = supervisor.wait().await;
+                drain_now.await;
                 tokio::time::sleep(grace).await;
             };
             tokio::pin!(grace_over);
@@ -130,6 +133,7 @@ where
                 // not an exit anyone asked for.
                 Exit::failure("the server ended without an exit")
             });
+            delay_said.abort();
             super::stopped(&exit);
             Ok(exit)
         })

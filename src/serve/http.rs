@@ -167,7 +167,18 @@ impl<S> ServeHttp<S> {
         let mut connections = JoinSet::new();
         let open = Arc::new(Open::default());
         let draining = Arc::new(AtomicBool::new(false));
-        let shutdown = supervisor.shutdown_signal();
+        // A shutdown delay starts: HTTP/1 responses say `connection:
+        // close`, HTTP/2 connections get GOAWAY, accepting goes on.
+        let going_away = tokio::spawn({
+            let (supervisor, draining, open) = (supervisor.clone(), draining.clone(), open.clone());
+            async move {
+                if drain.delay_started(supervisor).await {
+                    draining.store(true, Ordering::Release);
+                    open.go_away_http2();
+                }
+            }
+        });
+        let shutdown = drain.drain_signal(&supervisor);
         tokio::pin!(shutdown);
 
         loop {
@@ -205,13 +216,14 @@ impl<S> ServeHttp<S> {
             let conn = builder
                 .serve_connection_with_upgrades(TokioIo::new(io), ForHyper::new(svc, peer))
                 .into_owned();
-            let drain = supervisor.shutdown_signal();
+            let drain_now = drain.drain_signal(&supervisor);
             let entry = open.add(&conn_state);
             connections.spawn(async move {
                 let _entry = entry;
-                handle_connection(conn, &conn_state, drain, peer, header_read_timeout).await;
+                handle_connection(conn, &conn_state, drain_now, peer, header_read_timeout).await;
             });
         }
+        going_away.abort();
         draining.store(true, Ordering::Release);
         listener.remove_socket_if_bound_here();
         drop(listener);
@@ -276,10 +288,10 @@ async fn handle_connection<S>(
             Event::Conn(result) => break Some(result),
             Event::Watcher(Watched::Drain) => break None,
             Event::Watcher(Watched::Reclaimed) => {
-                // Idle, and the server at its cap: closed now (a request
-                // its client sent meanwhile is still answered), HTTP/2
-                // with GOAWAY.
-                tracing::debug!(%peer, "idle at the connection cap: closed to make room");
+                // Idle with the server at its cap, or HTTP/2 in a shutdown
+                // delay: shut down gracefully (a request its client sent
+                // meanwhile is still answered), HTTP/2 with GOAWAY.
+                tracing::debug!(%peer, "connection asked to close: idle at the cap, or HTTP/2 going away");
                 conn.as_mut().graceful_shutdown();
                 break Some(conn.as_mut().await);
             }

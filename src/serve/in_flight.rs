@@ -105,8 +105,25 @@ impl Conn {
         self.written.fetch_add(n as u64, Ordering::Relaxed);
     }
 
-    /// Resolves once the server asks for this connection's slot (see
-    /// [`Open::reclaim_idlest`]).
+    /// Whether the server goes away: it drains, or its shutdown delay
+    /// runs.
+    #[cfg(feature = "http")]
+    fn going_away(&self) -> bool {
+        self.draining
+            .as_ref()
+            .is_some_and(|draining| draining.load(Ordering::Acquire))
+    }
+
+    /// Asks the connection's task to shut it down gracefully, once.
+    #[cfg(feature = "http")]
+    fn close_gracefully(&self) {
+        if !self.reclaimed.swap(true, Ordering::Relaxed) {
+            self.reclaim.notify_one();
+        }
+    }
+
+    /// Resolves once the server asks to close this connection gracefully
+    /// (see [`Open::reclaim_idlest`], [`Open::go_away_http2`]).
     #[cfg(feature = "http")]
     pub(crate) fn reclaimed(&self) -> tokio::sync::futures::Notified<'_> {
         self.reclaim.notified()
@@ -147,6 +164,12 @@ impl InFlight {
         conn.started.fetch_add(1, Ordering::Relaxed);
         if version == Version::HTTP_2 {
             conn.http2.store(true, Ordering::Relaxed);
+            // A new HTTP/2 connection while the server goes away (a
+            // shutdown delay): served, and told GOAWAY.
+            #[cfg(feature = "http")]
+            if conn.going_away() {
+                conn.close_gracefully();
+            }
         }
         let in_flight = InFlight(conn.clone());
         match &conn.credit {
@@ -236,11 +259,18 @@ impl Open {
             });
         match idlest {
             Some(conn) => {
-                conn.reclaimed.store(true, Ordering::Relaxed);
-                conn.reclaim.notify_one();
+                conn.close_gracefully();
                 true
             }
             None => false,
+        }
+    }
+
+    /// Tells every HTTP/2 connection GOAWAY (a shutdown delay starts); the
+    /// requests in flight on them finish.
+    pub(crate) fn go_away_http2(&self) {
+        for conn in self.lock().values().filter(|conn| conn.http2()) {
+            conn.close_gracefully();
         }
     }
 }

@@ -34,6 +34,35 @@ macro_rules! drain_options {
                 self.drain.signals = true;
                 self
             }
+
+            /// After SIGTERM or SIGINT (see [`with_signals`](Self::with_signals)),
+            /// keep accepting and serving for `delay` before draining
+            /// (default zero: drain at once). During the delay the
+            /// supervisor is not [ready](crate::Supervisor::ready) (a
+            /// readiness probe answers `503`), HTTP/1 responses carry
+            /// `connection: close` and HTTP/2 connections get GOAWAY, so
+            /// that a load balancer or Kubernetes, which learns of the stop
+            /// only from its probes, moves clients to other instances
+            /// before this one stops accepting. A second signal cuts the
+            /// delay short. Kubernetes: a few seconds more than the
+            /// readiness probe's `periodSeconds × failureThreshold` (say
+            /// 5 s for 1 s × 2 plus the endpoints' propagation), with
+            /// `terminationGracePeriodSeconds` ≥ delay + grace.
+            ///
+            /// An exit the application raises drains at once, unless
+            /// [`delay_exits`](Self::delay_exits) says otherwise.
+            pub fn shutdown_delay(mut self, delay: std::time::Duration) -> Self {
+                self.drain.delay = delay;
+                self
+            }
+
+            /// Whether an exit the application raises (not only a signal)
+            /// waits for the [shutdown delay](Self::shutdown_delay) too
+            /// (default false).
+            pub fn delay_exits(mut self, yes: bool) -> Self {
+                self.drain.delay_exits = yes;
+                self
+            }
         }
     };
     ($server:ident<$param:ident>, $body:ty) => {
@@ -94,6 +123,8 @@ pub const DEFAULT_GRACE: std::time::Duration = std::time::Duration::from_secs(30
 pub(crate) struct DrainOptions {
     pub(crate) grace: std::time::Duration,
     pub(crate) signals: bool,
+    pub(crate) delay: std::time::Duration,
+    pub(crate) delay_exits: bool,
 }
 
 impl Default for DrainOptions {
@@ -101,6 +132,8 @@ impl Default for DrainOptions {
         DrainOptions {
             grace: DEFAULT_GRACE,
             signals: false,
+            delay: std::time::Duration::ZERO,
+            delay_exits: false,
         }
     }
 }
@@ -109,9 +142,53 @@ impl DrainOptions {
     /// Installs the signal handling asked for, at the server's start.
     fn start(self, supervisor: &Supervisor) -> std::io::Result<()> {
         if self.signals {
-            drain_on_signals(supervisor)?;
+            drain_on_signals(supervisor, self.delay)?;
         }
         Ok(())
+    }
+
+    /// Whether the first exit waits for the shutdown delay.
+    fn delays(self, supervisor: &Supervisor) -> Option<tokio::time::Instant> {
+        let (at, signaled) = supervisor.stopped_at()?;
+        (!self.delay.is_zero() && (signaled || self.delay_exits))
+            .then(|| tokio::time::Instant::from_std(at + self.delay))
+    }
+
+    /// Resolves when the server must drain: once the first exit is
+    /// recorded, after the shutdown delay when it applies (or a second
+    /// signal cuts it short). Every one of a server's futures ends the
+    /// delay at the same instant: it counts from the exit.
+    pub(crate) fn drain_signal(
+        self,
+        supervisor: &Supervisor,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let supervisor = supervisor.clone();
+        async move {
+            let _first = supervisor.wait().await;
+            if let Some(until) = self.delays(&supervisor) {
+                tokio::select! {
+                    () = tokio::time::sleep_until(until) => {}
+                    () = supervisor.hurried() => {}
+                }
+            }
+        }
+    }
+
+    /// Says that the shutdown delay starts, if it applies, once the first
+    /// exit is recorded; returns whether it does. For the server's own
+    /// work at that moment (HTTP/1 `connection: close`, HTTP/2 GOAWAY).
+    pub(crate) async fn delay_started(self, supervisor: Supervisor) -> bool {
+        let exit = supervisor.wait().await;
+        let delays = self.delays(&supervisor).is_some();
+        if delays {
+            tracing::info!(
+                delay = ?self.delay,
+                exit.code = exit.code(),
+                exit.message = exit.message(),
+                "shutdown delay: not ready, still serving; draining after it"
+            );
+        }
+        delays
     }
 }
 
@@ -299,8 +376,9 @@ fn stopped(exit: &Exit) {
     );
 }
 
-/// Records `Exit::success()` on the first SIGTERM or SIGINT.
-fn drain_on_signals(supervisor: &Supervisor) -> std::io::Result<()> {
+/// Records `Exit::success()` on the first SIGTERM or SIGINT (the servers'
+/// shutdown `delay` applies to it); a second one cuts the delay short.
+fn drain_on_signals(supervisor: &Supervisor, delay: std::time::Duration) -> std::io::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     // tokio sets up its signal driver with a socket pair on first use and
     // panics when the process is out of file descriptors: make sure two are
@@ -312,12 +390,28 @@ fn drain_on_signals(supervisor: &Supervisor) -> std::io::Result<()> {
     let mut int = signal(SignalKind::interrupt())?;
     let supervisor = supervisor.clone();
     tokio::spawn(async move {
-        let name = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
+        let mut next = async || {
+            tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            }
         };
-        tracing::info!(signal = name, "draining on signal");
-        supervisor.trigger(Exit::success().with_message(name));
+        let name = next().await;
+        if delay.is_zero() {
+            tracing::info!(signal = name, "draining on signal");
+        } else {
+            tracing::info!(
+                signal = name,
+                ?delay,
+                "signal: draining after the shutdown delay"
+            );
+        }
+        supervisor.record(Exit::success().with_message(name), true);
+        if !delay.is_zero() {
+            let name = next().await;
+            tracing::info!(signal = name, "second signal: the shutdown delay cut short");
+            supervisor.hurry();
+        }
     });
     Ok(())
 }

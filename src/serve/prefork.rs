@@ -93,6 +93,7 @@ pub struct Prefork {
     jitter: u64,
     stop_all_code: Option<i32>,
     grace: Duration,
+    shutdown_delay: Duration,
     on_bound: Option<OnBound>,
     restart_intensity: Option<(u32, Duration)>,
     timeout: Option<Duration>,
@@ -136,6 +137,7 @@ impl Prefork {
             jitter: 0,
             stop_all_code: None,
             grace: super::DEFAULT_GRACE,
+            shutdown_delay: Duration::ZERO,
             on_bound: None,
             restart_intensity: None,
             timeout: None,
@@ -312,6 +314,18 @@ impl Prefork {
         self
     }
 
+    /// On SIGTERM, workers keep accepting and serving for `delay` while
+    /// their readiness answers `503` (HTTP/1 responses say `connection:
+    /// close`, HTTP/2 connections get GOAWAY), then drain (default zero);
+    /// see [`ServeHttp::shutdown_delay`](crate::serve::ServeHttp::shutdown_delay).
+    /// The master says `STOPPING=1` at the delay's start and logs each
+    /// phase; workers are killed only after delay + grace. A worker
+    /// replaced on SIGHUP waits the delay too (beside its replacement).
+    pub fn shutdown_delay(mut self, delay: Duration) -> Self {
+        self.shutdown_delay = delay;
+        self
+    }
+
     #[cfg(feature = "http")]
     /// Runs the master, serving HTTP in each worker. Returns when the server
     /// stops: [`Exit::success`] after SIGTERM/SIGINT/SIGQUIT, or the
@@ -321,10 +335,11 @@ impl Prefork {
         F: Fn(&Supervisor) -> S,
         S: ServeService<hyper::body::Incoming>,
     {
-        let grace = self.grace;
+        let (grace, delay) = (self.grace, self.shutdown_delay);
         self.run(move |listener, supervisor, limit| {
             let mut serve = crate::serve::http(listener, factory(supervisor), supervisor)
                 .grace(grace)
+                .shutdown_delay(delay)
                 .with_signals();
             if let Some(limit) = limit {
                 serve = serve.max_requests(limit);
@@ -341,10 +356,11 @@ impl Prefork {
         F: Fn(&Supervisor) -> S,
         S: ServeService<crate::serve::fastcgi::RequestBody>,
     {
-        let grace = self.grace;
+        let (grace, delay) = (self.grace, self.shutdown_delay);
         self.run(move |listener, supervisor, limit| {
             let mut serve = crate::serve::fastcgi(listener, factory(supervisor), supervisor)
                 .grace(grace)
+                .shutdown_delay(delay)
                 .with_signals();
             if let Some(limit) = limit {
                 serve = serve.max_requests(limit);
@@ -519,7 +535,8 @@ where
                 }
                 Some(libc::SIGTERM) => {
                     tracing::info!("SIGTERM: graceful stop");
-                    return self.stop_all(Exit::success().with_message("SIGTERM"), true);
+                    let delay = self.config.shutdown_delay;
+                    return self.stop_all_after(Exit::success().with_message("SIGTERM"), delay);
                 }
                 Some(libc::SIGUSR2) => self.upgrade(),
                 Some(sig @ (libc::SIGINT | libc::SIGQUIT)) => {
@@ -909,19 +926,50 @@ where
     /// Stops every worker (SIGTERM and a grace period, or SIGKILL at
     /// once), reaps them all, and returns `exit`.
     fn stop_all(&mut self, exit: Exit, graceful: bool) -> io::Result<Exit> {
-        notify(&[sd_notify::NotifyState::Stopping]);
-        let signal = if graceful {
-            libc::SIGTERM
+        if graceful {
+            self.stop_all_after(exit, Duration::ZERO)
         } else {
-            libc::SIGKILL
-        };
+            self.stop_workers(exit, libc::SIGKILL, Duration::ZERO)
+        }
+    }
+
+    /// A graceful stop whose workers first serve on for `delay` (their
+    /// shutdown delay, which they run themselves on SIGTERM); phases
+    /// logged. A second SIGTERM is passed on: it cuts their delay short.
+    fn stop_all_after(&mut self, exit: Exit, delay: Duration) -> io::Result<Exit> {
+        if !delay.is_zero() {
+            tracing::info!(
+                ?delay,
+                workers = self.workers.len(),
+                "shutdown delay: workers not ready, still serving; they drain after it"
+            );
+        }
+        self.stop_workers(exit, libc::SIGTERM, delay)
+    }
+
+    fn stop_workers(
+        &mut self,
+        exit: Exit,
+        signal: libc::c_int,
+        delay: Duration,
+    ) -> io::Result<Exit> {
+        notify(&[sd_notify::NotifyState::Stopping]);
         for worker in &mut self.workers {
             worker.role = Role::Retiring;
             let _ = worker.child.kill(signal);
         }
-        let deadline = Instant::now() + self.config.grace + Duration::from_secs(1);
+        let started = Instant::now();
+        let mut drain_said = delay.is_zero();
+        let deadline = started + delay + self.config.grace + Duration::from_secs(1);
         while !self.workers.is_empty() {
             self.reap()?;
+            if !drain_said && started.elapsed() >= delay {
+                drain_said = true;
+                tracing::info!(
+                    workers = self.workers.len(),
+                    "shutdown delay over: workers drain"
+                );
+            }
             if Instant::now() > deadline {
                 tracing::warn!(
                     left = self.workers.len(),
@@ -935,8 +983,17 @@ where
                 }
                 break;
             }
-            // SIGCHLD wakes us; other signals wait until we are done.
-            let _ = self.signals.wait(Duration::from_millis(50));
+            // SIGCHLD wakes us; a second SIGTERM in the delay is passed
+            // on; other signals wait until we are done.
+            if self.signals.wait(Duration::from_millis(50)) == Some(libc::SIGTERM)
+                && signal == libc::SIGTERM
+                && !drain_said
+            {
+                tracing::info!("second SIGTERM: the shutdown delay cut short");
+                for worker in &mut self.workers {
+                    let _ = worker.child.kill(libc::SIGTERM);
+                }
+            }
         }
         tracing::info!(%exit, "prefork master stopped");
         Ok(exit)

@@ -246,7 +246,7 @@ impl<S> ServeFastCgi<S> {
         let max = super::slot_count(self.limits.max_conns);
         let slots = Arc::new(Semaphore::new(max as usize));
         let mut connections = JoinSet::new();
-        let shutdown = self.supervisor.shutdown_signal();
+        let shutdown = self.drain.drain_signal(&self.supervisor);
         tokio::pin!(shutdown);
 
         loop {
@@ -285,7 +285,7 @@ impl<S> ServeFastCgi<S> {
                 self.budget.as_ref(),
             );
             let limits = self.limits.clone();
-            let drain = self.supervisor.shutdown_signal();
+            let drain = self.drain.drain_signal(&self.supervisor);
             connections.spawn(async move {
                 let ended = conn::serve(stream, peer, service, limits, drain).await;
                 match ended {

@@ -384,3 +384,21 @@ fn readiness_turns_503_at_once_and_liveness_stays_200_through_delay_and_drain() 
     });
     assert!(proc.wait_exit(Duration::from_secs(15)).success());
 }
+
+#[test]
+fn a_second_sigterm_cuts_the_shutdown_delay_short() {
+    for demo in [Demo::Http, Demo::Prefork] {
+        let mut proc = instance(demo, free_port(), "60");
+        signal(proc.pid(), libc::SIGTERM);
+        proc.stderr_line("shutdown delay", Duration::from_secs(5));
+        let second = Instant::now();
+        signal(proc.pid(), libc::SIGTERM);
+        let status = proc.wait_exit(Duration::from_secs(15));
+        assert!(status.success(), "{demo:?}: {status}");
+        assert!(
+            second.elapsed() < Duration::from_secs(5),
+            "{demo:?}: {:?}",
+            second.elapsed()
+        );
+    }
+}

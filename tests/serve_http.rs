@@ -473,3 +473,32 @@ async fn extended_connect_over_http2_opens_a_tunnel() {
     drop(io);
     assert_eq!(server.await.unwrap().unwrap().code(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exit_waits_for_the_shutdown_delay_only_when_asked() {
+    for delay_exits in [false, true] {
+        let (addr, supervisor, server) = ok_server(|s| {
+            s.shutdown_delay(Duration::from_millis(600))
+                .delay_exits(delay_exits)
+        })
+        .await;
+        let started = std::time::Instant::now();
+        supervisor.trigger(tower_exit::Exit::new(4));
+        assert!(!supervisor.ready());
+        if delay_exits {
+            // In the delay: still accepting, answering, and closing.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let reply = get(addr, "/ok").await.unwrap();
+            assert_eq!(reply.status, StatusCode::OK);
+            assert_eq!(reply.headers["connection"], "close");
+        }
+        let exit = server.await.unwrap().unwrap();
+        assert_eq!(exit.code(), 4);
+        let took = started.elapsed();
+        if delay_exits {
+            assert!(took >= Duration::from_millis(600), "drained after {took:?}");
+        } else {
+            assert!(took < Duration::from_millis(500), "delayed: {took:?}");
+        }
+    }
+}

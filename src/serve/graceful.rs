@@ -60,6 +60,12 @@ where
 /// future: they end with the runtime, when `main` returns the exit, unless
 /// they hold a [`Hold`](crate::Hold) (see [`Supervisor::hold`]), which
 /// this waits for within the same grace.
+///
+/// With a [shutdown delay](Self::shutdown_delay), `shutdown` resolves after
+/// it: meanwhile the supervisor is not ready (readiness answers `503`) and
+/// your server serves as usual (it is yours: this cannot add `connection:
+/// close` to its HTTP/1 responses nor send GOAWAY on its HTTP/2
+/// connections, as `serve::http` does).
 #[derive(Debug)]
 #[must_use = "a server does nothing until awaited"]
 pub struct Graceful<F> {

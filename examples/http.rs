@@ -36,5 +36,8 @@ async fn run() -> std::io::Result<Exit> {
     if let Some(max) = args.max_connections {
         serve = serve.max_connections(max);
     }
+    if let Some((bytes_per_sec, grace)) = args.min_response_rate {
+        serve = serve.min_response_rate(bytes_per_sec, grace);
+    }
     serve.await
 }

@@ -65,5 +65,8 @@ fn main() -> ExitCode {
     if let Some(mode) = args.socket_mode {
         prefork = prefork.socket_mode(mode);
     }
+    if let Some((bytes_per_sec, grace)) = args.min_response_rate {
+        prefork = prefork.min_response_rate(bytes_per_sec, grace);
+    }
     demo::finish(prefork.run_http(demo::service))
 }

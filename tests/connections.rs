@@ -278,3 +278,80 @@ async fn at_the_cap_idle_keep_alive_connections_make_room_for_new_clients() {
     supervisor.trigger(tower_exit::Exit::success());
     assert_eq!(server.await.unwrap().unwrap().code(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_reading_below_the_minimum_response_rate_is_closed_and_one_above_is_not() {
+    // 16 KiB/s after 1 s: a client that stops reading is closed within
+    // 1 s + 64 KiB / 16 KiB/s = 5 s of its first wait.
+    // Larger than what the sockets' buffers take at once, so that the
+    // server's writes wait on the slow client (whose receive buffer is
+    // kept small, as a slow client's window stays).
+    const SIZE: usize = 16 << 20;
+    let body = Bytes::from(vec![b'x'; SIZE]);
+    let supervisor = Supervisor::new();
+    let svc = tower::service_fn(move |_req: http::Request<hyper::body::Incoming>| {
+        let body = body.clone();
+        async move { Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(body))) }
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server: Server = tokio::spawn(
+        tower_exit::serve::http(listener, svc, &supervisor)
+            .min_response_rate(16 << 10, Duration::from_secs(1))
+            .into_future(),
+    );
+    let request = |mut conn: tokio::net::TcpStream| async move {
+        conn.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let (head, first) = read_head(&mut conn).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        (conn, first.len())
+    };
+    // A byte a second for 12 s; then it reads all it can, fast: what the
+    // socket buffered before the server closed it, then the end. Had the
+    // server not closed it, the fast read would get the whole body.
+    let slow = tokio::spawn(async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(8 << 10).unwrap();
+        let (mut conn, mut received) = request(socket.connect(addr).await.unwrap()).await;
+        let mut byte = [0u8; 1];
+        for _ in 0..12 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if conn.read(&mut byte).await.unwrap_or(0) == 0 {
+                return received;
+            }
+            received += 1;
+        }
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf)).await {
+                Ok(Ok(0) | Err(_)) => return received,
+                Ok(Ok(n)) => received += n,
+                Err(_) => panic!("neither closed nor sent more after {received} bytes"),
+            }
+        }
+    });
+    // 64 KiB every 10 ms, with the same small buffer: about 6 MB/s, well
+    // above the rate.
+    let steady = tokio::spawn(async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(8 << 10).unwrap();
+        let (mut conn, mut received) = request(socket.connect(addr).await.unwrap()).await;
+        let mut buf = vec![0u8; 64 << 10];
+        while received < SIZE {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            let n = conn.read(&mut buf).await.unwrap();
+            assert!(n > 0, "a steady reader closed after {received} bytes");
+            received += n;
+        }
+    });
+    steady.await.unwrap();
+    let received = slow.await.unwrap();
+    assert!(
+        received < SIZE / 2,
+        "the slow client was not closed: it got {received} bytes"
+    );
+    supervisor.trigger(tower_exit::Exit::success());
+    assert_eq!(server.await.unwrap().unwrap().code(), 0);
+}

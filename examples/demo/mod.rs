@@ -45,6 +45,9 @@ pub struct Args {
     /// `--shutdown-delay SECS`: serve on that long after SIGTERM, not
     /// ready, before draining.
     pub shutdown_delay: Duration,
+    /// `--min-response-rate BYTES/SECS` (HTTP): the slowest a client may
+    /// read, after a grace.
+    pub min_response_rate: Option<(u64, Duration)>,
 }
 
 /// Ends `main`: the exit's code, or a startup error in plain words and
@@ -80,6 +83,7 @@ pub fn parse_args(default_listen: &str, prefork: bool) -> Args {
         socket_mode: None,
         socket_group: None,
         shutdown_delay: Duration::ZERO,
+        min_response_rate: None,
     };
     let number = |flag: &str, value: Option<String>| -> u64 {
         value
@@ -135,6 +139,15 @@ pub fn parse_args(default_listen: &str, prefork: bool) -> Args {
                     Ok(code @ 1..=255) => code,
                     _ => usage("--stop-all-code takes a status from 1 to 255", prefork),
                 }
+            }
+            "--min-response-rate" => {
+                let value = args.next().unwrap_or_default();
+                parsed.min_response_rate = value
+                    .split_once('/')
+                    .and_then(|(rate, secs)| {
+                        Some((rate.parse().ok()?, Duration::from_secs(secs.parse().ok()?)))
+                    })
+                    .or_else(|| usage("--min-response-rate takes BYTES/SECONDS", prefork));
             }
             "--shutdown-delay" => {
                 let secs = args.next().and_then(|v| v.parse::<f64>().ok());
@@ -200,7 +213,8 @@ fn usage(problem: &str, prefork: bool) -> ! {
     };
     eprintln!(
         "{problem}\nusage: {} [--listen HOST:PORT|unix:PATH] [--socket-mode OCTAL] \
-         [--socket-group NAME|GID] [--shutdown-delay SECS]{extra}",
+         [--socket-group NAME|GID] [--shutdown-delay SECS] \
+         [--min-response-rate BYTES/SECS]{extra}",
         std::env::args().next().unwrap_or_default()
     );
     std::process::exit(2)

@@ -22,7 +22,7 @@
 //! ```
 
 use super::budget::Budget;
-use super::conn_io::ConnIo;
+use super::conn_io::{ConnIo, MinRate};
 use super::escape::{Escapes, ForHyper};
 use super::in_flight::{Activity, Conn, Open};
 use super::listen::{Listener, Peer};
@@ -44,6 +44,11 @@ use tokio::task::JoinSet;
 
 pub use super::DEFAULT_GRACE;
 
+const DEFAULT_MIN_RATE: MinRate = MinRate {
+    bytes_per_sec: DEFAULT_MIN_RESPONSE_RATE.0,
+    grace: DEFAULT_MIN_RESPONSE_RATE.1,
+};
+
 /// Serves `service` on `listener` (TCP or unix) until `supervisor` records
 /// an exit; see [`ServeHttp`].
 pub fn http<S>(listener: impl Into<Listener>, service: S, supervisor: &Supervisor) -> ServeHttp<S> {
@@ -55,8 +60,13 @@ pub fn http<S>(listener: impl Into<Listener>, service: S, supervisor: &Superviso
         header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
         max_connections: None,
         budget: None,
+        min_response_rate: Some(DEFAULT_MIN_RATE),
     }
 }
+
+/// Default minimum response rate: 240 bytes a second after a 5 s grace,
+/// Kestrel's. See [`ServeHttp::min_response_rate`].
+pub const DEFAULT_MIN_RESPONSE_RATE: (u64, Duration) = (240, Duration::from_secs(5));
 
 /// Default time a connection may go without starting or finishing a
 /// request: 30 s, hyper's header read timeout. See
@@ -89,6 +99,7 @@ pub struct ServeHttp<S> {
     header_read_timeout: Duration,
     max_connections: Option<usize>,
     budget: Option<Arc<Budget>>,
+    min_response_rate: Option<MinRate>,
 }
 
 impl<S> ServeHttp<S> {
@@ -120,13 +131,36 @@ impl<S> ServeHttp<S> {
         self
     }
 
+    /// The slowest a client may take a response (default
+    /// [`DEFAULT_MIN_RESPONSE_RATE`]: 240 bytes a second after a 5 s
+    /// grace, Kestrel's), so that clients that read a byte a second cannot
+    /// hold connections and response buffers for ever. A write that waits
+    /// on the client (the socket's buffer is full) may wait `grace`, plus
+    /// what the bytes the client took since its previous wait are worth at
+    /// `bytes_per_sec` (at most 64 KiB of them, about the step in which the
+    /// kernel frees a socket's buffer); longer, and the connection is
+    /// closed, logged at INFO. A client reading at the rate or faster is
+    /// never closed; one that stops reading is closed within
+    /// `grace + 64 KiB / bytes_per_sec` (4.6 min at the default). Time the
+    /// application spends producing the response does not count, only
+    /// waits on the socket. Upgraded connections (WebSockets) are held to
+    /// it too. `bytes_per_sec` 0 turns it off.
+    pub fn min_response_rate(mut self, bytes_per_sec: u64, grace: Duration) -> Self {
+        self.min_response_rate = Some(MinRate {
+            bytes_per_sec,
+            grace,
+        });
+        self
+    }
+
     /// Connections served at once (default [`default_max_connections`]);
     /// more wait in the listen backlog until one ends. An upgraded
     /// connection (a WebSocket) counts until its handler closes it. At the
-    /// cap, while a client waits, the connection with no request in flight
-    /// for the longest (an idle keep-alive one) is closed to make room, as
-    /// nginx does: at most one every 50 ms; a request its client sent
-    /// meanwhile is still answered.
+    /// cap, while a client waits, the keep-alive connection idle the
+    /// longest (one that served a request and has none in flight) is closed
+    /// to make room, as nginx does: at most one every 50 ms; a request its
+    /// client sent meanwhile is still answered. A connection that has not
+    /// sent its first request is left to the header timeout.
     pub fn max_connections(mut self, max: usize) -> Self {
         self.max_connections = Some(max.max(1));
         self
@@ -148,6 +182,7 @@ impl<S> ServeHttp<S> {
             header_read_timeout,
             max_connections,
             budget,
+            min_response_rate,
         } = self;
         drain.start(&supervisor)?;
         let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -212,7 +247,7 @@ impl<S> ServeHttp<S> {
             let conn_state = svc.conn().clone();
             // The slot goes with the socket: an upgraded connection keeps
             // it, in its handler, until closed.
-            let io = ConnIo::new(stream, conn_state.clone(), slot);
+            let io = ConnIo::new(stream, conn_state.clone(), slot, peer, min_response_rate);
             let conn = builder
                 .serve_connection_with_upgrades(TokioIo::new(io), ForHyper::new(svc, peer))
                 .into_owned();

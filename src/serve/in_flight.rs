@@ -245,15 +245,23 @@ impl Open {
         self.conns.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Asks the connection with no request in flight that has been so the
-    /// longest to close (its task shuts it down gracefully: a request its
+    /// Asks the keep-alive connection (a request done, none in flight)
+    /// idle the longest to close (its task shuts it down gracefully: a request its
     /// client sent meanwhile is still answered). False if every
     /// connection is busy.
     pub(crate) fn reclaim_idlest(&self) -> bool {
         let conns = self.lock();
         let idlest = conns
             .values()
-            .filter(|conn| conn.activity().no_request() && !conn.reclaimed.load(Ordering::Relaxed))
+            .filter(|conn| {
+                // Kept alive after a request: never one that has not sent
+                // its first (its request may be on its way; the header
+                // timeout bounds a silent one).
+                let activity = conn.activity();
+                activity.started > 0
+                    && activity.no_request()
+                    && !conn.reclaimed.load(Ordering::Relaxed)
+            })
             .min_by_key(|conn| {
                 conn.accepted + Duration::from_nanos(conn.last_end.load(Ordering::Relaxed))
             });

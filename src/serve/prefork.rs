@@ -94,6 +94,8 @@ pub struct Prefork {
     stop_all_code: Option<i32>,
     grace: Duration,
     shutdown_delay: Duration,
+    #[cfg(feature = "http")]
+    min_response_rate: Option<(u64, Duration)>,
     on_bound: Option<OnBound>,
     restart_intensity: Option<(u32, Duration)>,
     timeout: Option<Duration>,
@@ -138,6 +140,8 @@ impl Prefork {
             stop_all_code: None,
             grace: super::DEFAULT_GRACE,
             shutdown_delay: Duration::ZERO,
+            #[cfg(feature = "http")]
+            min_response_rate: None,
             on_bound: None,
             restart_intensity: None,
             timeout: None,
@@ -326,6 +330,15 @@ impl Prefork {
         self
     }
 
+    /// HTTP workers: the slowest a client may take a response; see
+    /// [`ServeHttp::min_response_rate`](crate::serve::ServeHttp::min_response_rate)
+    /// (default 240 bytes a second after 5 s).
+    #[cfg(feature = "http")]
+    pub fn min_response_rate(mut self, bytes_per_sec: u64, grace: Duration) -> Self {
+        self.min_response_rate = Some((bytes_per_sec, grace));
+        self
+    }
+
     #[cfg(feature = "http")]
     /// Runs the master, serving HTTP in each worker. Returns when the server
     /// stops: [`Exit::success`] after SIGTERM/SIGINT/SIGQUIT, or the
@@ -335,12 +348,15 @@ impl Prefork {
         F: Fn(&Supervisor) -> S,
         S: ServeService<hyper::body::Incoming>,
     {
-        let (grace, delay) = (self.grace, self.shutdown_delay);
+        let (grace, delay, rate) = (self.grace, self.shutdown_delay, self.min_response_rate);
         self.run(move |listener, supervisor, limit| {
             let mut serve = crate::serve::http(listener, factory(supervisor), supervisor)
                 .grace(grace)
                 .shutdown_delay(delay)
                 .with_signals();
+            if let Some((bytes_per_sec, grace)) = rate {
+                serve = serve.min_response_rate(bytes_per_sec, grace);
+            }
             if let Some(limit) = limit {
                 serve = serve.max_requests(limit);
             }

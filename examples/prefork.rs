@@ -14,12 +14,14 @@
 //! `/exit/N` ends that worker, which the master replaces. SIGTERM drains,
 //! SIGINT stops at once, SIGHUP replaces every worker, SIGTTIN/SIGTTOU add
 //! or remove one. `--restart-intensity N/SECS` stops the server (status 1)
-//! when workers fail N times within SECS seconds.
+//! when workers fail N times within SECS seconds. `--fastcgi` serves
+//! FastCGI instead of HTTP, for nginx's `fastcgi_pass` (php-fpm's place).
 
 mod demo;
 
 use std::process::ExitCode;
 use std::time::Duration;
+use tower_exit::serve::fastcgi::RequestBody;
 use tower_exit::serve::prefork::Prefork;
 
 fn main() -> ExitCode {
@@ -67,6 +69,10 @@ fn main() -> ExitCode {
     }
     if let Some((bytes_per_sec, grace)) = args.min_response_rate {
         prefork = prefork.min_response_rate(bytes_per_sec, grace);
+    }
+    if args.fastcgi {
+        // Behind nginx (`fastcgi_pass`), php-fpm's place.
+        return demo::finish(prefork.run_fastcgi(demo::service::<RequestBody>));
     }
     demo::finish(prefork.run_http(demo::service))
 }

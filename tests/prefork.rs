@@ -552,3 +552,28 @@ async fn an_exit_in_a_workers_background_task_drains_that_worker_with_its_code()
     signal(master.pid(), libc::SIGTERM);
     assert_eq!(master.wait_exit(Duration::from_secs(15)).code(), Some(0));
 }
+
+/// nginx keeps FastCGI connections (`fastcgi_keep_conn on`, `keepalive`)
+/// whatever a response's headers say: a worker whose budget is spent
+/// closes its kept connections after their last request's END_REQUEST,
+/// so nginx sends the next request on a new connection, to a worker with
+/// budget left, instead of getting `503`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fastcgi_workers_behind_nginx_keep_conn_recycle_without_a_503() {
+    let (_app, addr) = prefork(&["--fastcgi", "--workers", "2", "--max-requests", "50"]);
+    let dir = common::demo::TempDir::new("prefork-keep-conn");
+    let (_nginx, port) = common::demo::nginx(&dir, &addr.to_string());
+    let front: SocketAddr = ([127, 0, 0, 1], port).into();
+    let load = PidLoad::start(front, 8);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (ok, failed, pids) = load.stop().await;
+    let shown: Vec<_> = failed.iter().take(5).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed: {shown:?}",
+        failed.len(),
+        ok as usize + failed.len()
+    );
+    // 50 requests a worker: dozens of recycles.
+    assert!(pids.len() > 10, "{} workers for {ok} requests", pids.len());
+}

@@ -48,6 +48,8 @@ pub struct Args {
     /// `--min-response-rate BYTES/SECS` (HTTP): the slowest a client may
     /// read, after a grace.
     pub min_response_rate: Option<(u64, Duration)>,
+    /// `--fastcgi` (prefork): workers serve FastCGI, not HTTP.
+    pub fastcgi: bool,
 }
 
 /// Ends `main`: the exit's code, or a startup error in plain words and
@@ -84,6 +86,7 @@ pub fn parse_args(default_listen: &str, prefork: bool) -> Args {
         socket_group: None,
         shutdown_delay: Duration::ZERO,
         min_response_rate: None,
+        fastcgi: false,
     };
     let number = |flag: &str, value: Option<String>| -> u64 {
         value
@@ -98,6 +101,7 @@ pub fn parse_args(default_listen: &str, prefork: bool) -> Args {
                     .next()
                     .unwrap_or_else(|| usage("--listen needs a value", prefork))
             }
+            "--fastcgi" if prefork => parsed.fastcgi = true,
             "--timeout" if prefork => {
                 parsed.timeout = Some(Duration::from_secs(number("--timeout", args.next())))
             }
@@ -206,8 +210,8 @@ pub async fn bind(args: &Args) -> std::io::Result<tower_exit::serve::Listener> {
 
 fn usage(problem: &str, prefork: bool) -> ! {
     let extra = if prefork {
-        " [--workers N] [--max-requests M] [--max-requests-jitter J] [--stop-all-code C] \
-         [--restart-intensity N/SECS] [--timeout SECS] [--max-rss MIB]"
+        " [--fastcgi] [--workers N] [--max-requests M] [--max-requests-jitter J] \
+         [--stop-all-code C] [--restart-intensity N/SECS] [--timeout SECS] [--max-rss MIB]"
     } else {
         " [--header-timeout SECS] [--max-connections N]"
     };

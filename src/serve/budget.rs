@@ -5,9 +5,11 @@
 //! connection and gives it to the connection as its *credit* for its first
 //! request; an HTTP/1 response takes a new credit for the connection's next
 //! request, or says `connection: close` when none is left. A request uses
-//! its connection's credit (or takes a unit itself: HTTP/2 streams, FastCGI
-//! requests after the first on a kept connection, which get `503` when none
-//! is left). A connection that ends with an unused credit gives it back.
+//! its connection's credit (or takes a unit itself: HTTP/2 streams, which
+//! get `503` when none is left). A FastCGI response takes a new credit too,
+//! and when none is left its connection is closed after the END_REQUEST
+//! (nginx keeps FastCGI connections whatever the headers say). A
+//! connection that ends with an unused credit gives it back.
 //! When the last unit is used, the server records its recycling exit and
 //! drains.
 //!

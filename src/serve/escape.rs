@@ -67,7 +67,6 @@ impl<S> Escapes<S> {
     }
 
     /// What this connection's requests did so far.
-    #[cfg(feature = "http")]
     pub(crate) fn conn(&self) -> &Arc<Conn> {
         &self.conn
     }

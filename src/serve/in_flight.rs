@@ -50,6 +50,10 @@ pub(crate) struct Conn {
     #[cfg(feature = "http")]
     reclaimed: AtomicBool,
     http2: AtomicBool,
+    /// No credit is left for the connection's next request: it must close
+    /// after this one (FastCGI closes it itself after `END_REQUEST`; nginx
+    /// keeps a FastCGI connection whatever the response's headers say).
+    closing: AtomicBool,
     /// Server-wide: set once the server drains (HTTP only).
     draining: Option<Arc<AtomicBool>>,
     /// The connection's hold on the server's request budget, if any.
@@ -81,6 +85,7 @@ impl Conn {
             #[cfg(feature = "http")]
             reclaimed: AtomicBool::new(false),
             http2: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
             draining: draining.cloned(),
             credit: budget.map(Credit::new),
         }
@@ -127,6 +132,13 @@ impl Conn {
     #[cfg(feature = "http")]
     pub(crate) fn reclaimed(&self) -> tokio::sync::futures::Notified<'_> {
         self.reclaim.notified()
+    }
+
+    /// Whether the connection must close once its requests are done: its
+    /// budget is spent (see [`InFlight::closes_after`]).
+    #[cfg(feature = "fastcgi")]
+    pub(crate) fn closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
     }
 
     #[cfg(feature = "http")]
@@ -192,10 +204,14 @@ impl InFlight {
     /// keep-alive clients stop sending on it: the server drains, or (with
     /// a budget) no credit is left for the connection's next request.
     pub(crate) fn closes_after(&self, version: Version) -> bool {
-        if version > Version::HTTP_11 {
+        let conn = &self.0;
+        // HTTP/2 streams take their units themselves, and its connections
+        // are not closed by a header. (FastCGI, the server without a
+        // `draining` flag, renews for any HTTP version its web server
+        // speaks: its connection is closed by the server, see `closing`.)
+        if version > Version::HTTP_11 && conn.draining.is_some() {
             return false;
         }
-        let conn = &self.0;
         if conn
             .draining
             .as_ref()
@@ -203,7 +219,11 @@ impl InFlight {
         {
             return true;
         }
-        conn.credit.as_ref().is_some_and(|credit| !credit.renew())
+        let spent = conn.credit.as_ref().is_some_and(|credit| !credit.renew());
+        if spent {
+            conn.closing.store(true, Ordering::Release);
+        }
+        spent
     }
 }
 

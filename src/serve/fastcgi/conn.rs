@@ -64,11 +64,14 @@ pub(crate) enum Ended {
 }
 
 /// Serves one connection until the web server closes it, a request without
-/// `FCGI_KEEP_CONN` is done, or draining starts and no request is active.
+/// `FCGI_KEEP_CONN` is done, the server's request budget has no unit left
+/// for the connection's next request (`requests`), or draining starts and
+/// no request is active.
 pub(crate) async fn serve<IO, S>(
     io: IO,
     peer: Peer,
     service: S,
+    requests: &crate::serve::in_flight::Conn,
     limits: Limits,
     drain: impl Future<Output = ()>,
 ) -> Ended
@@ -163,6 +166,13 @@ where
             Some(done) = done_rx.recv() => {
                 conn.finish(done).await;
                 last_activity = tokio::time::Instant::now();
+                // The worker's budget has no unit left for this
+                // connection's next request: close it after this one's
+                // END_REQUEST, so that nginx (which keeps a FastCGI
+                // connection whatever the headers say) sends the next
+                // request on a new connection, to another worker, instead
+                // of getting a 503 here.
+                conn.close_when_idle |= requests.closing();
             }
             () = &mut drain, if !draining => draining = true,
         }

@@ -287,7 +287,8 @@ impl<S> ServeFastCgi<S> {
             let limits = self.limits.clone();
             let drain = self.drain.drain_signal(&self.supervisor);
             connections.spawn(async move {
-                let ended = conn::serve(stream, peer, service, limits, drain).await;
+                let requests = service.conn().clone();
+                let ended = conn::serve(stream, peer, service, &requests, limits, drain).await;
                 match ended {
                     conn::Ended::Closed => tracing::debug!(%peer, "FastCGI connection closed"),
                     conn::Ended::Protocol(err) => {

@@ -577,3 +577,71 @@ async fn fastcgi_workers_behind_nginx_keep_conn_recycle_without_a_503() {
     // 50 requests a worker: dozens of recycles.
     assert!(pids.len() > 10, "{} workers for {ok} requests", pids.len());
 }
+
+/// HTTP/2 streams past a worker's budget are refused (`REFUSED_STREAM`:
+/// never processed) and the connection told GOAWAY, not answered `503`: a
+/// client sends them again on a new connection, to a worker with budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_streams_past_the_budget_are_refused_not_503() {
+    let (_app, addr) = prefork(&["--workers", "2", "--max-requests", "5"]);
+    let mut answered = 0;
+    let mut refused = 0;
+    let mut pending: Vec<u32> = (0..16).collect();
+    for _round in 0..20 {
+        if pending.is_empty() {
+            break;
+        }
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        let sent: Vec<_> = pending
+            .drain(..)
+            .map(|i| {
+                let mut sender = sender.clone();
+                tokio::spawn(async move {
+                    let req = http::Request::get("/pid")
+                        .body(http_body_util::Empty::<bytes::Bytes>::new())
+                        .unwrap();
+                    (i, sender.send_request(req).await)
+                })
+            })
+            .collect();
+        for task in sent {
+            let (i, res) = task.await.unwrap();
+            match res {
+                Ok(res) => {
+                    assert_eq!(res.status(), StatusCode::OK, "stream {i}");
+                    answered += 1;
+                }
+                Err(err) => {
+                    // Refused, or never sent once GOAWAY came: both safe to
+                    // send again.
+                    let h2 = std::error::Error::source(&err)
+                        .and_then(|source| source.downcast_ref::<h2::Error>());
+                    let safe = err.is_canceled()
+                        || h2.is_some_and(|h2| {
+                            h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+                                || (h2.is_go_away() && h2.reason() == Some(h2::Reason::NO_ERROR))
+                        });
+                    assert!(
+                        safe,
+                        "stream {i}: {err} ({:?})",
+                        std::error::Error::source(&err)
+                    );
+                    refused += 1;
+                    pending.push(i);
+                }
+            }
+        }
+    }
+    assert_eq!(answered, 16, "{refused} refused, {pending:?} left");
+    assert!(
+        refused > 0,
+        "16 streams on workers of 5 requests: some must be refused"
+    );
+}

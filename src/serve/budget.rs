@@ -6,7 +6,7 @@
 //! request; an HTTP/1 response takes a new credit for the connection's next
 //! request, or says `connection: close` when none is left. A request uses
 //! its connection's credit (or takes a unit itself: HTTP/2 streams, which
-//! get `503` when none is left). A FastCGI response takes a new credit too,
+//! are refused, `REFUSED_STREAM`, with GOAWAY, when none is left). A FastCGI response takes a new credit too,
 //! and when none is left its connection is closed after the END_REQUEST
 //! (nginx keeps FastCGI connections whatever the headers say). A
 //! connection that ends with an unused credit gives it back.

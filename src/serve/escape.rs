@@ -243,11 +243,13 @@ pin_project! {
 }
 
 impl<F> EscapesFuture<F> {
-    /// A request beyond the server's budget: `503`, and the connection
-    /// closed (HTTP/1), without calling the service.
+    /// A request beyond the server's budget, without calling the service:
+    /// an HTTP/2 stream is refused (`RST_STREAM REFUSED_STREAM`: never
+    /// processed, which clients retry on another connection, as after
+    /// GOAWAY), anything else gets `503` and its connection closed.
     fn refused(version: Version, in_flight: InFlight) -> Self {
         EscapesFuture {
-            state: State::Exited,
+            state: State::Refused,
             version,
             in_flight: Some(in_flight),
         }
@@ -259,6 +261,7 @@ pin_project! {
     enum State<F> {
         Running { #[pin] future: F },
         Exited,
+        Refused,
     }
 }
 
@@ -276,7 +279,13 @@ where
             .as_ref()
             .expect("EscapesFuture polled after completion")
             .supervisor();
-        if let StateProj::Running { future } = this.state.project() {
+        let state = this.state.project();
+        #[cfg(feature = "http")]
+        if matches!(state, StateProj::Refused) && *this.version == Version::HTTP_2 {
+            this.in_flight.take();
+            return Poll::Ready(Err(Box::new(h2::Error::from(h2::Reason::REFUSED_STREAM))));
+        }
+        if let StateProj::Running { future } = state {
             let outer = enter_catching();
             let polled = catch_unwind(AssertUnwindSafe(|| {
                 future

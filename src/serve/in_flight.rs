@@ -185,7 +185,15 @@ impl InFlight {
         }
         let in_flight = InFlight(conn.clone());
         match &conn.credit {
-            Some(credit) if !credit.start_request() => Err(in_flight),
+            Some(credit) if !credit.start_request() => {
+                // Past the budget on HTTP/2: the stream is refused, and the
+                // connection told GOAWAY so its client opens no more.
+                #[cfg(feature = "http")]
+                if version == Version::HTTP_2 {
+                    conn.close_gracefully();
+                }
+                Err(in_flight)
+            }
             _ => Ok(in_flight),
         }
     }

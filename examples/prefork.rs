@@ -24,6 +24,14 @@ use std::time::Duration;
 use tower_exit::serve::fastcgi::RequestBody;
 use tower_exit::serve::prefork::Prefork;
 
+/// One line to stderr in one `write`: the master and its workers share the
+/// pipe, and `eprintln!` writes a line in pieces that another process's
+/// output could split.
+fn say(line: String) {
+    use std::io::Write;
+    let _ = std::io::stderr().write_all(line.as_bytes());
+}
+
 fn main() -> ExitCode {
     demo::init_logging();
     let args = demo::parse_args("127.0.0.1:8080", true);
@@ -46,9 +54,9 @@ fn main() -> ExitCode {
         // The hooks, visible: in the master before each fork, in each new
         // worker (a fresh single-threaded process: printing is safe), and
         // in the master once a worker was reaped.
-        .before_fork(|| eprintln!("hook: forking a worker"))
-        .worker_started(|| eprintln!("hook: worker {} started", std::process::id()))
-        .worker_ended(|pid, status| eprintln!("hook: worker {pid} ended: {status}"));
+        .before_fork(|| say("hook: forking a worker\n".into()))
+        .worker_started(|| say(format!("hook: worker {} started\n", std::process::id())))
+        .worker_ended(|pid, status| say(format!("hook: worker {pid} ended: {status}\n")));
     if let Some(max) = args.max_requests {
         prefork = prefork.max_requests(max);
     }

@@ -645,3 +645,40 @@ async fn http2_streams_past_the_budget_are_refused_not_503() {
         "16 streams on workers of 5 requests: some must be refused"
     );
 }
+
+/// A worker that recycles while an HTTP/2 client keeps its connection
+/// (a client that stopped reading: it never acknowledges the GOAWAY's
+/// PING, so the worker drains until its grace runs out, 10 s in the demo)
+/// has its replacement forked when it starts draining, not when it ends:
+/// new clients are answered at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recycling_workers_replacement_serves_while_it_still_drains() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (app, addr) = prefork(&["--workers", "1", "--max-requests", "3"]);
+    // HTTP/2 by hand: the preface, empty SETTINGS, one GET / (HPACK:
+    // :method GET, :scheme http, :path /, :authority x), then silence.
+    let mut frozen = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    let headers = [0x82, 0x86, 0x84, 0x41, 0x01, b'x'];
+    out.extend_from_slice(&[0, 0, headers.len() as u8, 1, 0x05, 0, 0, 0, 1]);
+    out.extend_from_slice(&headers);
+    frozen.write_all(&out).await.unwrap();
+    // Its answer arrives (and is left unread, with what follows).
+    let mut first = [0u8; 9];
+    frozen.read_exact(&mut first).await.unwrap();
+    // Two more requests spend the budget of 3: the worker drains, held
+    // by the frozen connection.
+    let old = pid_of_worker(addr).await;
+    assert_eq!(pid_of_worker(addr).await, old);
+    let started = Instant::now();
+    let next = pid_of_worker(addr).await;
+    let waited = started.elapsed();
+    assert_ne!(next, old, "answered by the draining worker");
+    assert!(
+        waited < Duration::from_secs(3),
+        "a new client waited {waited:?}"
+    );
+    app.stderr_line("forking its replacement now", Duration::from_secs(5));
+    drop(frozen);
+}

@@ -478,6 +478,10 @@ enum Role {
     Retiring,
     /// Killed for its silence (`timeout`): replaced at once.
     Hung,
+    /// Draining by itself (its budget spent, `max_rss`, an exit): not
+    /// counted as serving, so its replacement is forked now; its end is
+    /// read as a serving worker's (recycled, failed, or the stop-all code).
+    Draining,
 }
 
 struct Worker {
@@ -632,11 +636,22 @@ where
         }
     }
 
-    /// Kills the workers silent for longer than the timeout.
+    /// Kills the workers silent for longer than the timeout; counts a
+    /// worker that started draining by itself (its budget spent, its
+    /// memory past `max_rss`, an exit) as leaving, so that its replacement
+    /// is forked now, not once it ended: clients it keeps until its grace
+    /// runs out (an idle HTTP/2 connection) do not keep new ones waiting.
     fn check_heartbeats(&mut self) {
         let now = Instant::now();
         for worker in &mut self.workers {
             let beat = self.beats.get(worker.slot).load(Ordering::Acquire);
+            if beat & DRAINING != 0 && worker.role == Role::Serving {
+                tracing::info!(
+                    pid = worker.child.pid(),
+                    "worker draining: forking its replacement now"
+                );
+                worker.role = Role::Draining;
+            }
             if beat != worker.beat {
                 worker.beat = beat;
                 worker.beat_changed = now;
@@ -884,17 +899,17 @@ where
             (Role::Hung, _) => tracing::info!(pid, %status, "hung worker reaped"),
             // Checked first; `run` refused a stop-all code of 0, which is
             // the status of a worker recycling itself.
-            (Role::Serving | Role::Outgoing, Some(code))
+            (Role::Serving | Role::Outgoing | Role::Draining, Some(code))
                 if Some(code) == self.config.stop_all_code =>
             {
                 tracing::warn!(pid, code, "worker asked to stop the server");
                 self.stop = Some(Exit::new(code).with_message("a worker asked to stop the server"));
             }
-            (Role::Serving | Role::Outgoing, Some(0)) => {
+            (Role::Serving | Role::Outgoing | Role::Draining, Some(0)) => {
                 tracing::info!(pid, "worker recycled");
                 self.failures = 0;
             }
-            (Role::Serving | Role::Outgoing, _) => {
+            (Role::Serving | Role::Outgoing | Role::Draining, _) => {
                 // Fast failures in a row back off: 0.1 s, 0.2 s, ... up to
                 // 10 s; a worker that lived a while resets the count.
                 if lived > Duration::from_secs(5) {
@@ -1060,6 +1075,10 @@ fn watchdog_period() -> Option<Duration> {
     sd_notify::watchdog_enabled(false, &mut usec).then(|| Duration::from_micros(usec / 2))
 }
 
+/// The heartbeat counter's top bit: the worker started draining. (The
+/// counter's other bits count beats, which never reach it.)
+const DRAINING: u64 = 1 << 63;
+
 /// A worker's sign of life, from its own runtime: a counter in memory the
 /// master reads, moved every `every`; and its resident memory, checked at
 /// the same pace against `max_rss`.
@@ -1074,8 +1093,19 @@ impl Heartbeat {
         let mut interval = tokio::time::interval(self.every);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut recycling = false;
+        let drains = supervisor.wait();
+        tokio::pin!(drains);
+        let mut draining = false;
         loop {
-            interval.tick().await;
+            tokio::select! {
+                _ = interval.tick() => {}
+                _ = &mut drains, if !draining => {
+                    // Told once: the master forks the replacement.
+                    draining = true;
+                    beat.fetch_or(DRAINING, Ordering::Release);
+                    continue;
+                }
+            }
             beat.fetch_add(1, Ordering::Release);
             let Some(max) = self.max_rss else {
                 continue;

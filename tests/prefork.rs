@@ -682,3 +682,47 @@ async fn a_recycling_workers_replacement_serves_while_it_still_drains() {
     app.stderr_line("forking its replacement now", Duration::from_secs(5));
     drop(frozen);
 }
+
+/// Four clients growing a worker's memory as fast as they can: it is
+/// recycled near its `max_rss`, not a second's growth past it (the issue's
+/// 1.0 GB against 64 MiB, when memory was read once a second).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_rss_holds_under_clients_growing_memory_fast() {
+    let (master, addr) = prefork(&["--workers", "1", "--max-rss", "64"]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = get(addr, "/grow/4").await;
+                }
+            })
+        })
+        .collect();
+    // The workers' resident memory, sampled every 2 ms for 3 s.
+    let mut peak_kib = 0;
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        for (pid, _) in common::children_of(master.pid()) {
+            // A worker may end between the listing and the read.
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            let rss_kib = status
+                .lines()
+                .find_map(|line| line.strip_prefix("VmRSS:"))
+                .and_then(|kib| kib.trim().trim_end_matches(" kB").parse().ok())
+                .unwrap_or(0);
+            peak_kib = peak_kib.max(rss_kib);
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for client in clients {
+        client.await.unwrap();
+    }
+    let recycled = master.stderr_count("worker over max_rss: recycling");
+    let peak_mib = peak_kib / 1024;
+    eprintln!("peak worker RSS: {peak_mib} MiB for a limit of 64 MiB, {recycled} recycles");
+    assert!(peak_mib < 160, "a worker reached {peak_mib} MiB");
+    assert!(recycled >= 3, "{recycled} recycles in 3 s");
+}

@@ -189,7 +189,7 @@ pub fn nginx(dir: &TempDir, fastcgi_pass: &str) -> (Proc, u16) {
         "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log info;\n\
          events {{ worker_connections 128; }}\n\
          http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  fastcgi_temp_path {d}/fastcgi;\n  proxy_temp_path {d}/proxy;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-         upstream app {{ server {fastcgi_pass}; keepalive 4; }}\n\
+         upstream app {{ server {fastcgi_pass}; keepalive 8; }}\n\
          server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      include /etc/nginx/fastcgi_params;\n      fastcgi_param REQUEST_URI $request_uri;\n      fastcgi_keep_conn on;\n      fastcgi_pass app;\n    }}\n  }}\n}}\n"
     );
     let conf_path = dir.0.join("nginx.conf");

@@ -98,7 +98,9 @@ where
     };
     let mut buf = BytesMut::with_capacity(8 * 1024);
     let mut decoder = Decoder;
-    let mut draining = false;
+    // When the server started draining: a kept connection still takes the
+    // next request for a moment (see NEXT_REQUEST_WAIT).
+    let mut draining: Option<tokio::time::Instant> = None;
     let mut begun = false;
     let connected = tokio::time::Instant::now();
     // The last time the peer sent something or a request ended: the idle
@@ -122,7 +124,10 @@ where
         if let Err(err) = handled {
             break Ended::Protocol(err);
         }
-        if conn.active.is_empty() && (conn.close_when_idle || draining) {
+        // A connection accepted just before the drain gets the same wait:
+        // its first request is likely on its way.
+        let drain_waited = draining.is_some_and(|at| at.elapsed() >= NEXT_REQUEST_WAIT);
+        if conn.active.is_empty() && (conn.close_when_idle || drain_waited) {
             break Ended::Closed;
         }
         begun |= conn.next_seq > 0;
@@ -151,6 +156,18 @@ where
                 connected + limit
             }
         });
+        // Draining, with nothing active: the web server may already have
+        // sent its next request on this kept connection; closing now would
+        // fail it (nginx retries a GET on a new connection, not a POST).
+        // It gets NEXT_REQUEST_WAIT to come; one that does is answered,
+        // and the connection closed right after its END_REQUEST.
+        let drain_deadline = draining
+            .filter(|_| conn.active.is_empty())
+            .map(|at| at + NEXT_REQUEST_WAIT);
+        let wake = match (deadline, drain_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         tokio::select! {
             read = reader.read_buf(&mut buf) => match read {
                 Ok(0) => match decoder.decode_eof(&buf) {
@@ -160,12 +177,17 @@ where
                 Ok(_) => last_activity = tokio::time::Instant::now(),
                 Err(err) => break Ended::Io(err),
             },
-            () = sleep_until(deadline) => {
+            () = sleep_until(wake) => {
+                if drain_deadline.is_some_and(|at| tokio::time::Instant::now() >= at) {
+                    continue;
+                }
                 break Ended::TimedOut(waiting.map_or("", |(what, _)| what));
             }
             Some(done) = done_rx.recv() => {
                 conn.finish(done).await;
                 last_activity = tokio::time::Instant::now();
+                // Draining: closed after this END_REQUEST (see above).
+                conn.close_when_idle |= draining.is_some();
                 // The worker's budget has no unit left for this
                 // connection's next request: close it after this one's
                 // END_REQUEST, so that nginx (which keeps a FastCGI
@@ -174,7 +196,7 @@ where
                 // of getting a 503 here.
                 conn.close_when_idle |= requests.closing();
             }
-            () = &mut drain, if !draining => draining = true,
+            () = &mut drain, if draining.is_none() => draining = Some(tokio::time::Instant::now()),
         }
     };
 
@@ -477,6 +499,11 @@ where
         self.send(records).await;
     }
 }
+
+/// How long a kept connection stays open once the server drains, for a
+/// request its web server may already have sent (as `serve::http` waits
+/// for an HTTP/1 one).
+const NEXT_REQUEST_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Tells the connection a request task ended, however it ended: finished,
 /// panicked or aborted (dropped). `try_send` cannot fail for lack of room:

@@ -1,8 +1,9 @@
 //! What a connection's requests did, counted without a timer per request:
 //! how many started and ended, and the bytes written (for the connection's
-//! deadline in `serve::http`), whether it speaks HTTP/2, whether an HTTP/1 response
+//! deadline in `serve::http`), whether it speaks HTTP/2, whether a response
 //! must close it (the server drains, or its budget is spent), and the
-//! supervisor an exit it carries goes to.
+//! supervisor an exit it carries goes to. With the server's open
+//! connections ([`Open`]), for closing an idle one at the cap.
 
 use super::budget::{Budget, Credit};
 use crate::supervisor::Supervisor;
@@ -44,7 +45,8 @@ pub(crate) struct Conn {
     last_end: AtomicU64,
     #[cfg(feature = "http")]
     accepted: Instant,
-    /// Asks the connection's task to close it (idle, at the cap).
+    /// Asks the connection's task to shut it down gracefully: idle at the
+    /// cap, or HTTP/2 while the server goes away or past its budget.
     #[cfg(feature = "http")]
     reclaim: Notify,
     #[cfg(feature = "http")]
@@ -237,8 +239,10 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        // HTTP (the server with a `draining` flag) picks its idlest
+        // connection by this; FastCGI has no use for the clock read.
         #[cfg(feature = "http")]
-        {
+        if self.0.draining.is_some() {
             // Nanoseconds fit in a u64 for 584 years of one connection.
             let since = self.0.accepted.elapsed().as_nanos() as u64;
             self.0.last_end.store(since.max(1), Ordering::Relaxed);

@@ -219,8 +219,9 @@ async fn at_the_cap_idle_keep_alive_connections_make_room_for_new_clients() {
         idle.push(conn);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // A fifth client: the connection idle the longest, the first, makes
-    // room; the others stay.
+    // A fifth client, after waiting 1 s in the backlog: the connection
+    // idle the longest (and at least 1 s), the first, makes room; the
+    // others stay.
     let mut fifth = tokio::net::TcpStream::connect(addr).await.unwrap();
     fifth
         .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
@@ -231,7 +232,7 @@ async fn at_the_cap_idle_keep_alive_connections_make_room_for_new_clients() {
     let mut buf = [0u8; 64];
     let first = idle.remove(0);
     assert_eq!(
-        tokio::time::timeout(Duration::from_secs(1), first.readable())
+        tokio::time::timeout(Duration::from_secs(3), first.readable())
             .await
             .map(|_| first.try_read(&mut buf).unwrap_or(0)),
         Ok(0),
@@ -246,7 +247,8 @@ async fn at_the_cap_idle_keep_alive_connections_make_room_for_new_clients() {
         );
     }
     idle.push(fifth);
-    // Four event-stream clients get in, each as an idle one makes room.
+    // Four event-stream clients get in, each as an idle one makes room
+    // (after the first has waited 1 s, one every 50 ms).
     let started = Instant::now();
     let events = (0..4).map(|_| {
         tokio::spawn(async move {
@@ -256,15 +258,18 @@ async fn at_the_cap_idle_keep_alive_connections_make_room_for_new_clients() {
                 .unwrap();
             let (head, _) = read_head(&mut conn).await;
             assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-            started.elapsed()
+            // Kept open (its stream goes on): it holds its slot.
+            (started.elapsed(), conn)
         })
     });
-    for waited in futures_util::future::join_all(events).await {
-        let waited = waited.unwrap();
+    let mut streams = Vec::new();
+    for joined in futures_util::future::join_all(events).await {
+        let (waited, conn) = joined.unwrap();
         assert!(
             waited < Duration::from_secs(3),
             "an event client waited {waited:?}"
         );
+        streams.push(conn);
     }
     // The idle ones were closed, the server still serves.
     for mut conn in idle {
@@ -275,6 +280,7 @@ async fn at_the_cap_idle_keep_alive_connections_make_room_for_new_clients() {
             .unwrap_or(0);
         assert_eq!(n, 0, "{:?}", String::from_utf8_lossy(&buf[..n]));
     }
+    drop(streams);
     supervisor.trigger(tower_exit::Exit::success());
     assert_eq!(server.await.unwrap().unwrap().code(), 0);
 }

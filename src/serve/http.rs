@@ -156,11 +156,14 @@ impl<S> ServeHttp<S> {
     /// Connections served at once (default [`default_max_connections`]);
     /// more wait in the listen backlog until one ends. An upgraded
     /// connection (a WebSocket) counts until its handler closes it. At the
-    /// cap, while a client waits, the keep-alive connection idle the
-    /// longest (one that served a request and has none in flight) is closed
-    /// to make room, as nginx does: at most one every 50 ms; a request its
-    /// client sent meanwhile is still answered. A connection that has not
-    /// sent its first request is left to the header timeout.
+    /// cap, once clients have waited in the backlog for 1 s, the keep-alive
+    /// connection idle the longest (one that served a request and has none
+    /// in flight, for at least 1 s) is closed to make room, as nginx
+    /// reuses its idle connections: at most one every 50 ms while clients
+    /// wait; a request its client sent meanwhile is still answered. A
+    /// connection that has not sent its first request is left to the
+    /// header timeout. (The two seconds keep a pooled client that pauses
+    /// between bursts from being cut as it sends.)
     pub fn max_connections(mut self, max: usize) -> Self {
         self.max_connections = Some(max.max(1));
         self
@@ -215,6 +218,8 @@ impl<S> ServeHttp<S> {
         });
         let shutdown = drain.drain_signal(&supervisor);
         tokio::pin!(shutdown);
+        // At the cap: since when clients wait in the backlog.
+        let mut waiting_since = None;
 
         loop {
             let Some((stream, peer, slot)) = super::next_connection(
@@ -229,6 +234,7 @@ impl<S> ServeHttp<S> {
                         );
                     }
                 }),
+                &mut waiting_since,
                 shutdown.as_mut(),
             )
             .await

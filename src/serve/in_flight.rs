@@ -251,6 +251,11 @@ impl Drop for InFlight {
     }
 }
 
+/// How long a keep-alive connection must have been idle before it is
+/// closed to make room at the cap.
+#[cfg(feature = "http")]
+const RECLAIM_MIN_IDLE: Duration = Duration::from_secs(1);
+
 /// A server's open connections (HTTP), for making room at the cap: the
 /// one idle the longest is asked to close, as nginx reuses its idle
 /// keep-alive connections first when it runs short.
@@ -277,12 +282,13 @@ impl Open {
         self.conns.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Asks the keep-alive connection (a request done, none in flight)
-    /// idle the longest to close (its task shuts it down gracefully: a request its
-    /// client sent meanwhile is still answered). False if every
-    /// connection is busy.
+    /// Asks the keep-alive connection (a request done, none in flight, for
+    /// at least [`RECLAIM_MIN_IDLE`]) idle the longest to close (its task
+    /// shuts it down gracefully: a request its client sent meanwhile is
+    /// still answered). False if there is none.
     pub(crate) fn reclaim_idlest(&self) -> bool {
         let conns = self.lock();
+        let now = Instant::now();
         let idlest = conns
             .values()
             .filter(|conn| {
@@ -294,9 +300,18 @@ impl Open {
                     && activity.no_request()
                     && !conn.reclaimed.load(Ordering::Relaxed)
             })
-            .min_by_key(|conn| {
-                conn.accepted + Duration::from_nanos(conn.last_end.load(Ordering::Relaxed))
-            });
+            .map(|conn| {
+                let idle_since =
+                    conn.accepted + Duration::from_nanos(conn.last_end.load(Ordering::Relaxed));
+                (idle_since, conn)
+            })
+            // A client that uses its connection now and then (a pool
+            // between bursts) is not cut as it sends.
+            .filter(|(idle_since, _)| {
+                now.saturating_duration_since(*idle_since) >= RECLAIM_MIN_IDLE
+            })
+            .min_by_key(|(idle_since, _)| *idle_since)
+            .map(|(_, conn)| conn);
         match idlest {
             Some(conn) => {
                 conn.close_gracefully();

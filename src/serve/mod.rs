@@ -227,36 +227,55 @@ where
 type MakeRoom<'a> = Option<&'a (dyn Fn() + Sync)>;
 
 /// How often a server at its connection cap looks for a client waiting in
-/// its backlog, to close an idle connection for it: its added latency at
-/// most. At most one idle connection is closed per period.
+/// its backlog, to close an idle connection for it. At most one idle
+/// connection is closed per period.
 const RECLAIM_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// How long a client waits in the backlog, the server at its cap, before
+/// an idle connection is closed for it.
+#[cfg(feature = "http")]
+const RECLAIM_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The next connection a server may serve, with its connection slot:
 /// a free slot first (at the cap, `make_room` is called to close an idle
-/// connection while a client waits in the kernel's backlog), then a unit
+/// connection once clients have waited in the kernel's backlog for
+/// RECLAIM_AFTER, since `waiting_since`, which the server keeps), then a unit
 /// of the request budget if there is one (see [`budget::admit`]), then the
 /// accept. `None` once `shutdown` resolves or
 /// the budget is spent: the server stops accepting and drains.
+// Without `http`, `make_room` is always `None` and `waiting_since` unused.
+#[cfg_attr(not(feature = "http"), allow(unused_variables))]
 async fn next_connection<F: std::future::Future<Output = ()>>(
     listener: &Listener,
     slots: &std::sync::Arc<tokio::sync::Semaphore>,
     budget: Option<&budget::Budget>,
     supervisor: &Supervisor,
-    #[cfg_attr(not(feature = "http"), allow(unused_variables))] make_room: MakeRoom<'_>,
+    make_room: MakeRoom<'_>,
+    waiting_since: &mut Option<tokio::time::Instant>,
     mut shutdown: std::pin::Pin<&mut F>,
 ) -> Option<(listen::Stream, Peer, tokio::sync::OwnedSemaphorePermit)> {
     let slot = match slots.clone().try_acquire_owned() {
         Ok(slot) => slot,
         Err(_) => {
-            // At the cap: while a client waits in the backlog, ask an
-            // idle connection to make room (HTTP), checked every
-            // RECLAIM_EVERY until a slot frees.
+            // At the cap: once a client has waited in the backlog for
+            // RECLAIM_AFTER, ask an idle connection to make room (HTTP),
+            // checked every RECLAIM_EVERY until a slot frees.
             let acquire = slots.clone().acquire_owned();
             tokio::pin!(acquire);
             loop {
                 #[cfg(feature = "http")]
-                if let Some(make_room) = make_room.filter(|_| listener.has_waiting()) {
-                    make_room();
+                if let Some(make_room) = make_room {
+                    if listener.has_waiting() {
+                        // Since when clients wait (kept across accepts while
+                        // the backlog stays full): room is made for clients
+                        // that waited RECLAIM_AFTER.
+                        let since = *waiting_since.get_or_insert_with(tokio::time::Instant::now);
+                        if since.elapsed() >= RECLAIM_AFTER {
+                            make_room();
+                        }
+                    } else {
+                        *waiting_since = None;
+                    }
                 }
                 tokio::select! {
                     biased;

@@ -257,6 +257,7 @@ impl<S> ServeFastCgi<S> {
                 &self.supervisor,
                 // Idle FastCGI connections close at their own timeout.
                 None,
+                &mut None,
                 shutdown.as_mut(),
             )
             .await

@@ -73,8 +73,12 @@ async fn sighup_three_times_then_sigusr2_under_load_fails_no_request() {
 /// The prefork demo at `path` as a master on a free port, 2 workers; this
 /// test becomes a subreaper first, to adopt the master a SIGUSR2 starts.
 fn start_master(path: &std::path::Path) -> (Proc, SocketAddr) {
+    start_master_with(Command::new(path))
+}
+
+/// [`start_master`] with a command of the caller's (its environment).
+fn start_master_with(mut command: Command) -> (Proc, SocketAddr) {
     common::become_subreaper();
-    let mut command = Command::new(path);
     command.args(["--listen", "127.0.0.1:0", "--workers", "2"]);
     let old = Proc::spawn(command);
     let addr = old.wait_for_line("listening on ").parse().unwrap();
@@ -197,4 +201,152 @@ async fn sigusr2_after_a_symlink_switch_starts_the_new_release() {
         &dir.0.join("v2").join("app"),
     )
     .await;
+}
+
+/// A `NOTIFY_SOCKET` that tells who sent each message (`SO_PASSCRED`), as
+/// systemd does: (sender pid, message).
+struct NotifySocket {
+    socket: std::os::unix::net::UnixDatagram,
+}
+
+impl NotifySocket {
+    fn bind(path: &std::path::Path) -> NotifySocket {
+        use std::os::fd::AsRawFd;
+        let socket = std::os::unix::net::UnixDatagram::bind(path).unwrap();
+        let on: libc::c_int = 1;
+        // SAFETY: setsockopt reads an int that lives through the call.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PASSCRED,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0);
+        socket
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        NotifySocket { socket }
+    }
+
+    /// The next message, if one comes within 200 ms.
+    fn next(&self) -> Option<(u32, String)> {
+        use std::os::fd::AsRawFd;
+        let mut data = [0u8; 512];
+        let mut control = [0u64; 16];
+        let mut iov = libc::iovec {
+            iov_base: data.as_mut_ptr().cast(),
+            iov_len: data.len(),
+        };
+        // SAFETY: a zeroed msghdr is valid; its pointers are set to buffers
+        // that live through the call.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&control);
+        // SAFETY: recvmsg fills the buffers `msg` points to.
+        let n = unsafe { libc::recvmsg(self.socket.as_raw_fd(), &mut msg, 0) };
+        if n < 0 {
+            return None;
+        }
+        // SAFETY: walks the control messages recvmsg wrote into `control`.
+        let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+        let mut pid = 0;
+        while !cmsg.is_null() {
+            // SAFETY: `cmsg` points into `control`, within `msg_controllen`.
+            let header = unsafe { &*cmsg };
+            if header.cmsg_level == libc::SOL_SOCKET && header.cmsg_type == libc::SCM_CREDENTIALS {
+                // SAFETY: SCM_CREDENTIALS data is a `ucred`.
+                let cred = unsafe {
+                    std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::ucred>())
+                };
+                pid = cred.pid as u32;
+            }
+            // SAFETY: as above.
+            cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
+        }
+        Some((
+            pid,
+            String::from_utf8_lossy(&data[..n as usize]).into_owned(),
+        ))
+    }
+}
+
+/// systemd's view of an upgrade, by sender pid: the old master READY=1
+/// with its MAINPID; the new one READY=1 with MAINPID=new; after that, the
+/// old master sends nothing (it used to send STOPPING=1, which systemd
+/// could take for the unit's under `NotifyAccess=all`). Then the new
+/// master's own stop says STOPPING=1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_hand_over_the_old_master_tells_systemd_nothing() {
+    let _serial = SERIAL.lock().await;
+    let dir = common::demo::TempDir::new("upgrade-notify");
+    let path = dir.0.join("notify.sock");
+    let notify = NotifySocket::bind(&path);
+    let mut command = Command::new(example("prefork"));
+    command.env("NOTIFY_SOCKET", &path);
+    let (mut old, _addr) = start_master_with(command);
+    let old_pid = old.pid();
+    let mut said = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !said
+        .iter()
+        .any(|(pid, m): &(u32, String)| *pid == old_pid && m.contains("READY=1"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no READY=1 from the old master: {said:?}"
+        );
+        said.extend(notify.next());
+    }
+    signal(old_pid, libc::SIGUSR2);
+    let new_master =
+        pid_in(&old.stderr_line("SIGUSR2: new master started", Duration::from_secs(5)));
+    let mut adopted = Adopted(Some(new_master));
+    assert_eq!(old.wait_exit(Duration::from_secs(20)).code(), Some(0));
+    // What is still on its way.
+    while let Some(message) = notify.next() {
+        said.push(message);
+    }
+    let handed = said
+        .iter()
+        .position(|(pid, m)| *pid == new_master && m.contains(&format!("MAINPID={new_master}")))
+        .unwrap_or_else(|| panic!("no MAINPID from the new master: {said:?}"));
+    let after: Vec<_> = said[handed..]
+        .iter()
+        .filter(|(pid, _)| *pid == old_pid)
+        .collect();
+    assert!(
+        after.is_empty(),
+        "the old master spoke after the hand-over: {after:?} (all: {said:?})"
+    );
+    // The new master's own stop is said.
+    signal(new_master, libc::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !said
+        .iter()
+        .any(|(pid, m)| *pid == new_master && m.contains("STOPPING=1"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no STOPPING=1 from the new master: {said:?}"
+        );
+        said.extend(notify.next());
+    }
+    let status = reap(new_master, Duration::from_secs(15));
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "status {status}"
+    );
+    adopted.0 = None;
+    // Its workers, adopted by this subreaper test, are reaped too.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !common::children_of(std::process::id()).is_empty() && Instant::now() < deadline {
+        // SAFETY: reaps children of this subreaper test only.
+        while unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } > 0 {}
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

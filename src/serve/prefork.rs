@@ -984,7 +984,12 @@ where
         signal: libc::c_int,
         delay: Duration,
     ) -> io::Result<Exit> {
-        notify(&[sd_notify::NotifyState::Stopping]);
+        // After an upgrade's hand-over the unit is the new master's (it
+        // said `MAINPID=`): the old one says nothing more, or systemd
+        // (`NotifyAccess=all`) could take its STOPPING=1 for the unit's.
+        if !self.handed_over {
+            notify(&[sd_notify::NotifyState::Stopping]);
+        }
         for worker in &mut self.workers {
             worker.role = Role::Retiring;
             let _ = worker.child.kill(signal);

@@ -66,15 +66,11 @@ impl IntoResponse for Exit {
 pub async fn ready(
     axum::extract::State(supervisor): axum::extract::State<crate::Supervisor>,
 ) -> Response {
-    use tower::ServiceExt;
-    let Ok(res) = supervisor.readiness().oneshot(http::Request::new(())).await;
-    res.into_response()
+    supervisor.readiness().response().into_response()
 }
 
 /// Liveness as an axum handler: `200 live` while the process answers,
 /// through the shutdown delay and the drain.
 pub async fn live() -> Response {
-    use tower::ServiceExt;
-    let Ok(res) = crate::Liveness.oneshot(http::Request::new(())).await;
-    res.into_response()
+    crate::Liveness.response().into_response()
 }

@@ -277,43 +277,48 @@ pub struct Readiness(Supervisor);
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Liveness;
 
-impl<B> tower_service::Service<http::Request<B>> for Readiness {
-    type Response = http::Response<String>;
-    type Error = std::convert::Infallible;
-    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(
-        &mut self,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: http::Request<B>) -> Self::Future {
-        std::future::ready(Ok(if self.0.ready() {
+impl Readiness {
+    /// The answer, for any request.
+    pub(crate) fn response(&self) -> http::Response<String> {
+        if self.0.ready() {
             plain(http::StatusCode::OK, "ready\n")
         } else {
             plain(http::StatusCode::SERVICE_UNAVAILABLE, "draining\n")
-        }))
+        }
     }
 }
 
-impl<B> tower_service::Service<http::Request<B>> for Liveness {
-    type Response = http::Response<String>;
-    type Error = std::convert::Infallible;
-    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(
-        &mut self,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: http::Request<B>) -> Self::Future {
-        std::future::ready(Ok(plain(http::StatusCode::OK, "live\n")))
+impl Liveness {
+    /// The answer, for any request.
+    pub(crate) fn response(&self) -> http::Response<String> {
+        plain(http::StatusCode::OK, "live\n")
     }
 }
+
+/// A probe as a tower service: always ready, its `response` to any request.
+macro_rules! probe_service {
+    ($probe:ty) => {
+        impl<B> tower_service::Service<http::Request<B>> for $probe {
+            type Response = http::Response<String>;
+            type Error = std::convert::Infallible;
+            type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+            fn poll_ready(
+                &mut self,
+                _: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<Result<(), Self::Error>> {
+                std::task::Poll::Ready(Ok(()))
+            }
+
+            fn call(&mut self, _: http::Request<B>) -> Self::Future {
+                std::future::ready(Ok(self.response()))
+            }
+        }
+    };
+}
+
+probe_service!(Readiness);
+probe_service!(Liveness);
 
 /// A `text/plain` answer; never cached (a probe must see the state now).
 fn plain(status: http::StatusCode, body: &'static str) -> http::Response<String> {

@@ -56,7 +56,9 @@ pub(crate) struct Conn {
     /// after this one (FastCGI closes it itself after `END_REQUEST`; nginx
     /// keeps a FastCGI connection whatever the response's headers say).
     closing: AtomicBool,
-    /// Server-wide: set once the server drains (HTTP only).
+    /// Server-wide: set once the server goes away (its shutdown delay or
+    /// drain). `serve::http` only: its presence tells an HTTP connection
+    /// (see [`Conn::serves_http`]).
     draining: Option<Arc<AtomicBool>>,
     /// The connection's hold on the server's request budget, if any.
     credit: Option<Credit>,
@@ -91,6 +93,12 @@ impl Conn {
             draining: draining.cloned(),
             credit: budget.map(Credit::new),
         }
+    }
+
+    /// Whether this is a `serve::http` connection (the one server with a
+    /// `draining` flag), not a FastCGI one.
+    fn serves_http(&self) -> bool {
+        self.draining.is_some()
     }
 
     /// What the connection did so far.
@@ -216,10 +224,10 @@ impl InFlight {
     pub(crate) fn closes_after(&self, version: Version) -> bool {
         let conn = &self.0;
         // HTTP/2 streams take their units themselves, and its connections
-        // are not closed by a header. (FastCGI, the server without a
-        // `draining` flag, renews for any HTTP version its web server
-        // speaks: its connection is closed by the server, see `closing`.)
-        if version > Version::HTTP_11 && conn.draining.is_some() {
+        // are not closed by a header. (FastCGI renews for any HTTP version
+        // its web server speaks: it closes its connection itself, see
+        // `closing`.)
+        if version > Version::HTTP_11 && conn.serves_http() {
             return false;
         }
         if conn
@@ -239,10 +247,10 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        // HTTP (the server with a `draining` flag) picks its idlest
-        // connection by this; FastCGI has no use for the clock read.
+        // HTTP picks its idlest connection by this; FastCGI has no use for
+        // the clock read.
         #[cfg(feature = "http")]
-        if self.0.draining.is_some() {
+        if self.0.serves_http() {
             // Nanoseconds fit in a u64 for 584 years of one connection.
             let since = self.0.accepted.elapsed().as_nanos() as u64;
             self.0.last_end.store(since.max(1), Ordering::Relaxed);

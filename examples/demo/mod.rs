@@ -126,12 +126,7 @@ pub fn parse_args(default_listen: &str, prefork: bool) -> Args {
                     usize::try_from(number("--workers", args.next())).unwrap_or(usize::MAX)
             }
             "--restart-intensity" if prefork => {
-                let value = args.next().unwrap_or_default();
-                parsed.restart_intensity = value
-                    .split_once('/')
-                    .and_then(|(n, secs)| {
-                        Some((n.parse().ok()?, Duration::from_secs(secs.parse().ok()?)))
-                    })
+                parsed.restart_intensity = per_seconds(args.next())
                     .or_else(|| usage("--restart-intensity takes CRASHES/SECONDS", prefork));
             }
             "--max-requests" if prefork => {
@@ -145,12 +140,7 @@ pub fn parse_args(default_listen: &str, prefork: bool) -> Args {
                 }
             }
             "--min-response-rate" => {
-                let value = args.next().unwrap_or_default();
-                parsed.min_response_rate = value
-                    .split_once('/')
-                    .and_then(|(rate, secs)| {
-                        Some((rate.parse().ok()?, Duration::from_secs(secs.parse().ok()?)))
-                    })
+                parsed.min_response_rate = per_seconds(args.next())
                     .or_else(|| usage("--min-response-rate takes BYTES/SECONDS", prefork));
             }
             "--shutdown-delay" => {
@@ -179,6 +169,14 @@ pub fn parse_args(default_listen: &str, prefork: bool) -> Args {
         .parse()
         .unwrap_or_else(|err| usage(&format!("{err}"), prefork));
     parsed
+}
+
+/// `N/SECS` (`--restart-intensity`, `--min-response-rate`): a number and
+/// a whole number of seconds.
+fn per_seconds<N: std::str::FromStr>(value: Option<String>) -> Option<(N, Duration)> {
+    let value = value?;
+    let (n, secs) = value.split_once('/')?;
+    Some((n.parse().ok()?, Duration::from_secs(secs.parse().ok()?)))
 }
 
 /// A group id, given as a number or as a name in `/etc/group`.

@@ -34,6 +34,34 @@ async fn read_head(conn: &mut tokio::net::TcpStream) -> (String, Vec<u8>) {
     }
 }
 
+/// The service of [`one_buffer_server`], boxed so that its options can be
+/// set by the caller.
+type OneBuffer = tower::util::BoxCloneService<
+    http::Request<hyper::body::Incoming>,
+    http::Response<Full<Bytes>>,
+    std::convert::Infallible,
+>;
+
+/// A server answering every request with `size` bytes in one buffer (the
+/// body's one frame), `configure`d; its address, supervisor and task.
+async fn one_buffer_server(
+    size: usize,
+    configure: impl FnOnce(
+        tower_exit::serve::ServeHttp<OneBuffer>,
+    ) -> tower_exit::serve::ServeHttp<OneBuffer>,
+) -> (std::net::SocketAddr, Supervisor, Server) {
+    let body = Bytes::from(vec![b'x'; size]);
+    let supervisor = Supervisor::new();
+    let svc = OneBuffer::new(tower::service_fn(move |_req| {
+        let body = body.clone();
+        async move { Ok(http::Response::new(Full::new(body))) }
+    }));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = configure(tower_exit::serve::http(listener, svc, &supervisor));
+    (addr, supervisor, tokio::spawn(server.into_future()))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_body_in_one_buffer_read_at_5_mb_a_second_arrives_whole_under_a_1_s_header_timeout()
 {
@@ -42,19 +70,8 @@ async fn a_large_body_in_one_buffer_read_at_5_mb_a_second_arrives_whole_under_a_
     // taken a few MB of it. The client then reads it in 12 s, 12 periods
     // of the header timeout.
     const SIZE: usize = 64 << 20;
-    let body = Bytes::from(vec![b'x'; SIZE]);
-    let supervisor = Supervisor::new();
-    let svc = tower::service_fn(move |_req: http::Request<hyper::body::Incoming>| {
-        let body = body.clone();
-        async move { Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(body))) }
-    });
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server: Server = tokio::spawn(
-        tower_exit::serve::http(listener, svc, &supervisor)
-            .header_read_timeout(Duration::from_secs(1))
-            .into_future(),
-    );
+    let (addr, supervisor, server) =
+        one_buffer_server(SIZE, |s| s.header_read_timeout(Duration::from_secs(1))).await;
     let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
     conn.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
         .await
@@ -293,19 +310,10 @@ async fn a_client_reading_below_the_minimum_response_rate_is_closed_and_one_abov
     // server's writes wait on the slow client (whose receive buffer is
     // kept small, as a slow client's window stays).
     const SIZE: usize = 16 << 20;
-    let body = Bytes::from(vec![b'x'; SIZE]);
-    let supervisor = Supervisor::new();
-    let svc = tower::service_fn(move |_req: http::Request<hyper::body::Incoming>| {
-        let body = body.clone();
-        async move { Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(body))) }
-    });
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server: Server = tokio::spawn(
-        tower_exit::serve::http(listener, svc, &supervisor)
-            .min_response_rate(16 << 10, Duration::from_secs(1))
-            .into_future(),
-    );
+    let (addr, supervisor, server) = one_buffer_server(SIZE, |s| {
+        s.min_response_rate(16 << 10, Duration::from_secs(1))
+    })
+    .await;
     let request = |mut conn: tokio::net::TcpStream| async move {
         conn.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
             .await

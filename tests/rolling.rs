@@ -8,7 +8,7 @@
 mod common;
 
 use bytes::Bytes;
-use common::demo::{example, free_port, signal, Proc, TempDir};
+use common::demo::{example, free_port, sbin, signal, wait_for_port, Proc, TempDir};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::process::Command;
@@ -67,27 +67,13 @@ fn haproxy(dir: &TempDir, backends: &[u16]) -> (Proc, u16) {
     );
     let path = dir.0.join("haproxy.cfg");
     std::fs::write(&path, conf).unwrap();
-    let mut command = Command::new(haproxy_binary());
+    let mut command = Command::new(sbin("haproxy"));
     command.arg("-db").arg("-f").arg(&path);
     let proc = Proc::spawn(command);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "haproxy did not start: {:?}",
-            proc.stderr.lock().unwrap()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_port(port, || {
+        format!("haproxy did not start: {:?}", proc.stderr.lock().unwrap())
+    });
     (proc, port)
-}
-
-fn haproxy_binary() -> &'static str {
-    if std::path::Path::new("/usr/sbin/haproxy").exists() {
-        "/usr/sbin/haproxy"
-    } else {
-        "haproxy"
-    }
 }
 
 /// What the clients saw.

@@ -194,7 +194,7 @@ pub fn nginx(dir: &TempDir, fastcgi_pass: &str) -> (Proc, u16) {
     );
     let conf_path = dir.0.join("nginx.conf");
     std::fs::write(&conf_path, conf).unwrap();
-    let mut command = Command::new(nginx_binary());
+    let mut command = Command::new(sbin("nginx"));
     command
         .arg("-p")
         .arg(&dir.0)
@@ -203,23 +203,32 @@ pub fn nginx(dir: &TempDir, fastcgi_pass: &str) -> (Proc, u16) {
         .arg("-e")
         .arg(dir.0.join("stderr.log"));
     let proc = Proc::spawn(command);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
+    wait_for_port(port, || {
+        format!(
             "nginx did not start: {:?}",
             std::fs::read_to_string(dir.0.join("error.log"))
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        )
+    });
     (proc, port)
 }
 
-fn nginx_binary() -> &'static str {
-    if std::path::Path::new("/usr/sbin/nginx").exists() {
-        "/usr/sbin/nginx"
+/// A Debian server binary (`/usr/sbin` is not on every user's PATH).
+pub fn sbin(name: &'static str) -> String {
+    let path = format!("/usr/sbin/{name}");
+    if std::path::Path::new(&path).exists() {
+        path
     } else {
-        "nginx"
+        name.to_owned()
+    }
+}
+
+/// Waits up to 10 s for a server to accept on loopback `port`; fails the
+/// test with `missing()` otherwise.
+pub fn wait_for_port(port: u16, missing: impl Fn() -> String) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{}", missing());
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -1,6 +1,11 @@
 //! N calls of the one-layer stack (`stack`) or of no layer (`plain`), for
 //! counting instructions under callgrind: a steadier measure than time on
 //! a noisy machine. See BENCHMARKS.md for the command.
+//!
+//! A third argument picks the request: `get` (the default: no header),
+//! `post` (`POST`, `content-type: application/json`) or `grpc` (`POST`,
+//! `content-type: application/grpc`), to tell what a gRPC call costs
+//! against an HTTP one.
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
@@ -12,15 +17,38 @@ use std::task::{Context, Poll, Waker};
 use tower::{service_fn, Service, ServiceBuilder};
 use tower_exit::report::Failure;
 
+/// The request `one_call` sends.
+#[derive(Clone, Copy)]
+enum Kind {
+    Get,
+    Post,
+    Grpc,
+}
+
+fn request(kind: Kind) -> Request<Full<Bytes>> {
+    let content_type = match kind {
+        Kind::Get => return Request::new(Full::default()),
+        Kind::Post => "application/json",
+        Kind::Grpc => "application/grpc",
+    };
+    let mut req = Request::new(Full::default());
+    *req.method_mut() = http::Method::POST;
+    req.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
+    req
+}
+
 #[inline(never)]
-fn one_call<S>(svc: &mut S) -> S::Response
+fn one_call<S>(svc: &mut S, kind: Kind) -> S::Response
 where
     S: Service<Request<Full<Bytes>>>,
     S::Error: std::fmt::Debug,
 {
     let mut cx = Context::from_waker(Waker::noop());
     assert!(matches!(svc.poll_ready(&mut cx), Poll::Ready(Ok(()))));
-    let mut fut = pin!(svc.call(black_box(Request::new(Full::default()))));
+    let mut fut = pin!(svc.call(black_box(request(kind))));
     match fut.as_mut().poll(&mut cx) {
         Poll::Ready(res) => res.unwrap(),
         Poll::Pending => unreachable!(),
@@ -56,11 +84,16 @@ fn main() {
         ))))
     });
     let which = std::env::args().nth(2).unwrap_or_default();
+    let kind = match std::env::args().nth(3).as_deref() {
+        Some("post") => Kind::Post,
+        Some("grpc") => Kind::Grpc,
+        _ => Kind::Get,
+    };
     for _ in 0..n {
         if which == "stack" {
-            black_box(one_call(&mut svc));
+            black_box(one_call(&mut svc, kind));
         } else {
-            black_box(one_call(&mut plain));
+            black_box(one_call(&mut plain, kind));
         }
     }
 }

@@ -38,9 +38,18 @@ where
     S: Service<Request<Full<Bytes>>>,
     S::Error: std::fmt::Debug,
 {
+    one_call_of(svc, || Request::new(Full::default()))
+}
+
+#[inline(always)]
+fn one_call_of<S>(svc: &mut S, request: impl Fn() -> Request<Full<Bytes>>) -> S::Response
+where
+    S: Service<Request<Full<Bytes>>>,
+    S::Error: std::fmt::Debug,
+{
     let mut cx = Context::from_waker(Waker::noop());
     assert!(matches!(svc.poll_ready(&mut cx), Poll::Ready(Ok(()))));
-    let mut fut = pin!(svc.call(black_box(Request::new(Full::default()))));
+    let mut fut = pin!(svc.call(black_box(request())));
     match fut.as_mut().poll(&mut cx) {
         Poll::Ready(res) => res.unwrap(),
         Poll::Pending => unreachable!("ready service"),
@@ -117,6 +126,38 @@ fn layers(c: &mut Criterion) {
             .fork_guard()
             .service(inner()),
     );
+}
+
+/// A `POST` with `content_type`.
+fn post(content_type: &'static str) -> Request<Full<Bytes>> {
+    let mut req = Request::new(Full::default());
+    *req.method_mut() = http::Method::POST;
+    req.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
+    req
+}
+
+/// A gRPC call against an HTTP `POST` through the one layer (issue 26: the
+/// gRPC form of the answers costs nothing on the happy path), and each
+/// through no layer.
+fn grpc(c: &mut Criterion) {
+    let supervisor = tower_exit::Supervisor::new();
+    let mut group = c.benchmark_group("POST");
+    for (name, content_type) in [("json", "application/json"), ("grpc", "application/grpc")] {
+        let mut plain = inner();
+        group.bench_function(format!("no layer, {name}"), |b| {
+            b.iter(|| black_box(one_call_of(&mut plain, || post(content_type))))
+        });
+        let mut stack = ServiceBuilder::new()
+            .layer(supervisor.stack())
+            .service(inner());
+        group.bench_function(format!("stack as one layer, {name}"), |b| {
+            b.iter(|| black_box(one_call_of(&mut stack, || post(content_type))))
+        });
+    }
+    group.finish();
 }
 
 /// An exit from the handler to the boundary through six layers, as unwind
@@ -217,5 +258,5 @@ fn fork_spawn(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, layers, exit_propagation, tunnel, fork_spawn);
+criterion_group!(benches, layers, grpc, exit_propagation, tunnel, fork_spawn);
 criterion_main!(benches);

@@ -2,6 +2,7 @@
 
 use crate::catch::{catch_body, caught_in_body};
 use crate::exit::Exit;
+use crate::grpc::LastCall;
 use crate::supervisor::Supervisor;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -22,7 +23,9 @@ pin_project! {
     /// polled under a catch: an [`Exit`] raised while it streams is
     /// recorded in the supervisor (the server drains and resolves with it),
     /// then unwinds on, which ends the response after the bytes already
-    /// sent: the client sees a cut, never a complete-looking body.
+    /// sent: the client sees a cut, never a complete-looking body. A gRPC
+    /// call's body still streaming at the drain's last call ends between
+    /// two messages with trailers `grpc-status: 14` (`UNAVAILABLE`).
     #[derive(Debug)]
     pub struct ResponseBody<B> {
         #[pin]
@@ -34,7 +37,13 @@ pin_project! {
     #[project = KindProj]
     #[derive(Debug)]
     enum Kind<B> {
-        Inner { #[pin] body: B, sink: Option<Sink> },
+        Inner {
+            #[pin]
+            body: B,
+            sink: Option<Sink>,
+            // A gRPC call's (under a supervised layer only).
+            last_call: Option<LastCall>,
+        },
         Full { data: Option<Bytes> },
     }
 }
@@ -49,17 +58,23 @@ impl<B> ResponseBody<B> {
 
     pub(crate) fn inner(body: B) -> Self {
         ResponseBody {
-            kind: Kind::Inner { body, sink: None },
+            kind: Kind::Inner {
+                body,
+                sink: None,
+                last_call: None,
+            },
         }
     }
 
-    /// The inner body, an exit raised in it taken by `sink`'s supervisor.
+    /// The inner body, an exit raised in it taken by `sink`'s supervisor;
+    /// a gRPC call's (`grpc`) ended at the drain's last call.
     #[inline]
-    pub(crate) fn supervised(body: B, sink: Sink) -> Self {
+    pub(crate) fn supervised(body: B, sink: Sink, grpc: bool) -> Self {
         ResponseBody {
             kind: Kind::Inner {
                 body,
                 sink: Some(sink),
+                last_call: grpc.then(LastCall::new),
             },
         }
     }
@@ -93,11 +108,27 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         match self.project().kind.project() {
-            KindProj::Inner { body, sink: None } => body.poll_frame(cx),
+            KindProj::Inner {
+                body, sink: None, ..
+            } => body.poll_frame(cx),
             KindProj::Inner {
                 body,
                 sink: Some(sink),
-            } => match catch_body(|| body.poll_frame(cx)) {
+                last_call,
+            } => match catch_body(|| {
+                let Some(last_call) = last_call else {
+                    return body.poll_frame(cx);
+                };
+                let supervisor = sink.supervisor();
+                if let Some(end) = last_call.before(supervisor) {
+                    return Poll::Ready(end);
+                }
+                let polled = body.poll_frame(cx);
+                if polled.is_pending() {
+                    last_call.pending(supervisor, cx);
+                }
+                polled
+            }) {
                 Ok(poll) => poll,
                 Err(payload) => {
                     if let Some(exit) = Exit::from_panic(&*payload) {
@@ -112,6 +143,10 @@ where
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
+            Kind::Inner {
+                last_call: Some(last_call),
+                ..
+            } if last_call.said() => true,
             Kind::Inner { body, .. } => body.is_end_stream(),
             Kind::Full { data } => data.is_none(),
         }

@@ -210,8 +210,9 @@ where
                     Polled::Response(res) => {
                         let supervisor = this.supervisor.take().expect("polled after completion");
                         let sink = Sink::Supervisor(supervisor);
+                        let grpc = this.request.grpc.is_some();
                         return Poll::Ready(Ok(
-                            res.map(|body| ResponseBody::supervised(body, sink))
+                            res.map(|body| ResponseBody::supervised(body, sink, grpc))
                         ));
                     }
                     Polled::Error(err) => return Poll::Ready(Err(err)),
@@ -220,11 +221,11 @@ where
             }
             StateProj::Exited { exit } => {
                 let exit = exit.take().expect("polled after completion");
-                return Poll::Ready(Ok(exit_response(this.request.version, exit)));
+                return Poll::Ready(Ok(exit_response(this.request, exit)));
             }
         };
         let supervisor = this.supervisor.as_ref().expect("polled after completion");
         caught(supervisor, &exit, this.request);
-        Poll::Ready(Ok(exit_response(this.request.version, exit)))
+        Poll::Ready(Ok(exit_response(this.request, exit)))
     }
 }

@@ -6,6 +6,7 @@
 
 use crate::body::ResponseBody;
 use crate::exit::{enter_catching, leave, Exit};
+use crate::grpc::Grpc;
 use crate::supervisor::Supervisor;
 use bytes::Bytes;
 use http::uri::PathAndQuery;
@@ -62,6 +63,8 @@ pub(crate) struct Requested {
     pub(crate) version: Version,
     method: Method,
     path: Option<PathAndQuery>,
+    /// A gRPC call: answered in gRPC's form.
+    pub(crate) grpc: Option<Grpc>,
 }
 
 impl Requested {
@@ -71,6 +74,7 @@ impl Requested {
             version: req.version(),
             method: req.method().clone(),
             path: req.uri().path_and_query().cloned(),
+            grpc: Grpc::of(req),
         }
     }
 }
@@ -113,10 +117,15 @@ pub(crate) fn caught(supervisor: &Supervisor, exit: &Exit, request: &Requested) 
 }
 
 /// `503`, and `connection: close` where HTTP/1 has it (HTTP/2 forbids the
-/// header; the server's graceful shutdown sends GOAWAY there). The exit
-/// rides in the response's extensions, so that layers outside can tell an
-/// intended exit from a real `503` (`res.extensions().get::<Exit>()`).
-pub(crate) fn exit_response<B>(version: Version, exit: Exit) -> Response<ResponseBody<B>> {
+/// header; the server's graceful shutdown sends GOAWAY there); a gRPC
+/// call's `UNAVAILABLE` (see [`Grpc::exit`]). The exit rides in the
+/// response's extensions, so that layers outside can tell an intended exit
+/// from a real `503` (`res.extensions().get::<Exit>()`).
+pub(crate) fn exit_response<B>(request: &Requested, exit: Exit) -> Response<ResponseBody<B>> {
+    let version = request.version;
+    if let Some(grpc) = request.grpc {
+        return grpc.exit(ResponseBody::full(Bytes::new()), version, exit);
+    }
     let mut res = Response::new(ResponseBody::full(Bytes::from_static(
         b"Service Unavailable\n",
     )));

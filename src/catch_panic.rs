@@ -37,6 +37,7 @@
 //! ```
 
 use crate::body::ResponseBody;
+use crate::grpc::Grpc;
 use crate::Exit;
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
@@ -53,6 +54,17 @@ use tower_service::Service;
 pub trait ResponseForPanic: Clone {
     /// The response for a panic with this payload.
     fn response_for_panic(&mut self, payload: Box<dyn Any + Send>) -> Response<Bytes>;
+
+    /// The response for a panic in a gRPC call (a `POST` whose
+    /// `content-type` is `application/grpc*`), whose client reads only
+    /// `grpc-status`: by default a trailers-only `INTERNAL` (HTTP `200`,
+    /// `grpc-status: 13`, nothing of the panic said). A response with
+    /// `content-type: application/grpc` is sent to a gRPC-Web call as
+    /// `application/grpc-web+proto`.
+    fn response_for_grpc_panic(&mut self, payload: Box<dyn Any + Send>) -> Response<Bytes> {
+        drop(payload);
+        crate::grpc::panic_response()
+    }
 }
 
 impl<F> ResponseForPanic for F
@@ -66,7 +78,8 @@ where
 
 /// The default answer to a panic: `500 Internal Server Error`, a short
 /// plain-text body, nothing about the panic itself (the panic hook has
-/// already printed it, and a [`ReportLayer`](crate::ReportLayer) reports it).
+/// already printed it, and a [`ReportLayer`](crate::ReportLayer) reports it);
+/// for a gRPC call, `grpc-status: 13` (`INTERNAL`).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct DefaultResponseForPanic;
 
@@ -151,16 +164,18 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let grpc = Grpc::of(&req);
         match catch_unwind(AssertUnwindSafe(|| self.inner.call(req))) {
             Ok(future) => ResponseFuture {
                 state: State::Running {
                     future,
                     handler: Some(self.handler.clone()),
+                    grpc,
                 },
             },
             Err(payload) => ResponseFuture {
                 state: State::Panicked {
-                    response: Some(answer_panic(self.handler.clone(), payload)),
+                    response: Some(answer_panic(self.handler.clone(), grpc, payload)),
                 },
             },
         }
@@ -168,15 +183,19 @@ where
 }
 
 /// An `Exit` continues unwinding with its own payload; anything else is
-/// answered by `handler`.
+/// answered by `handler` (in gRPC's form for a gRPC call).
 fn answer_panic<H: ResponseForPanic>(
     mut handler: H,
+    grpc: Option<Grpc>,
     payload: Box<dyn Any + Send>,
 ) -> Response<Bytes> {
     if Exit::from_panic(&*payload).is_some() {
         resume_unwind(payload);
     }
-    handler.response_for_panic(payload)
+    match grpc {
+        None => handler.response_for_panic(payload),
+        Some(grpc) => grpc.in_kind(handler.response_for_grpc_panic(payload)),
+    }
 }
 
 pin_project! {
@@ -190,7 +209,7 @@ pin_project! {
 pin_project! {
     #[project = StateProj]
     enum State<F, H> {
-        Running { #[pin] future: F, handler: Option<H> },
+        Running { #[pin] future: F, handler: Option<H>, grpc: Option<Grpc> },
         Panicked { response: Option<Response<Bytes>> },
     }
 }
@@ -204,12 +223,16 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().state.project() {
-            StateProj::Running { future, handler } => {
+            StateProj::Running {
+                future,
+                handler,
+                grpc,
+            } => {
                 let result = match catch_unwind(AssertUnwindSafe(|| future.poll(cx))) {
                     Ok(poll) => ready!(poll).map(|res| res.map(ResponseBody::inner)),
                     Err(payload) => {
                         let handler = handler.take().expect("polled after completion");
-                        Ok(answer_panic(handler, payload).map(ResponseBody::full))
+                        Ok(answer_panic(handler, *grpc, payload).map(ResponseBody::full))
                     }
                 };
                 Poll::Ready(result)

@@ -96,6 +96,7 @@ pub mod axum;
 mod body;
 mod builder;
 mod catch;
+mod grpc;
 mod hooks;
 
 pub mod boundary;
@@ -113,6 +114,8 @@ pub mod stack;
 mod supervisor;
 #[cfg(all(unix, any(feature = "fork", feature = "http", feature = "fastcgi")))]
 mod sys;
+#[cfg(feature = "tonic")]
+pub mod tonic;
 #[cfg(feature = "tower-http")]
 pub mod trace;
 pub mod tunnel;

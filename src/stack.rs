@@ -344,12 +344,13 @@ fn settle<H, R: Reporter, B, E: AsError<M> + 'static, M>(
         Ok(mut res) => match take_exit_response(&mut res) {
             None => {
                 let sink = Sink::Supervisor(shared.supervisor.clone());
-                Ok(res.map(|body| ResponseBody::supervised(body, sink)))
+                let grpc = request.grpc.is_some();
+                Ok(res.map(|body| ResponseBody::supervised(body, sink, grpc)))
             }
             // An exit returned as a response: recorded like a raised one.
             Some(exit) => {
                 caught(&shared.supervisor, &exit, request);
-                Ok(exit_response(request.version, exit))
+                Ok(exit_response(request, exit))
             }
         },
         Err(err) => {
@@ -358,7 +359,7 @@ fn settle<H, R: Reporter, B, E: AsError<M> + 'static, M>(
                 None => Err(err),
                 Some(exit) => {
                     caught(&shared.supervisor, exit, request);
-                    Ok(exit_response(request.version, exit.clone()))
+                    Ok(exit_response(request, exit.clone()))
                 }
             }
         }
@@ -381,7 +382,8 @@ fn caught_unwind<H, R: Reporter>(
 }
 
 /// The answer to a caught unwind: the boundary's `503` for an exit, `500`
-/// (or the custom answer) for a real panic.
+/// (or the custom answer) for a real panic; gRPC's `UNAVAILABLE` and
+/// `INTERNAL` for a gRPC call.
 #[cold]
 #[inline(never)]
 fn answer_unwind<H: ResponseForPanic, R, B>(
@@ -389,12 +391,16 @@ fn answer_unwind<H: ResponseForPanic, R, B>(
     request: &Requested,
     payload: Box<dyn std::any::Any + Send>,
 ) -> Response<ResponseBody<B>> {
-    match Exit::from_panic(&*payload) {
-        Some(exit) => exit_response(request.version, exit.clone()),
-        None => shared
+    let exit = Exit::from_panic(&*payload);
+    match (exit, request.grpc) {
+        (Some(exit), _) => exit_response(request, exit.clone()),
+        (None, None) => shared
             .handler
             .clone()
             .response_for_panic(payload)
+            .map(ResponseBody::full),
+        (None, Some(grpc)) => grpc
+            .in_kind(shared.handler.clone().response_for_grpc_panic(payload))
             .map(ResponseBody::full),
     }
 }
@@ -451,7 +457,10 @@ where
             // The happy path, kept small: the rest is out of line.
             Ok(Poll::Ready(Ok(res))) if res.extensions().is_empty() => {
                 let sink = Sink::Shared(this.shared.take().expect("taken once, here"));
-                Poll::Ready(Ok(res.map(|body| ResponseBody::supervised(body, sink))))
+                let grpc = this.request.grpc.is_some();
+                Poll::Ready(Ok(
+                    res.map(|body| ResponseBody::supervised(body, sink, grpc))
+                ))
             }
             Ok(Poll::Pending) => Poll::Pending,
             Ok(Poll::Ready(result)) => Poll::Ready(settle(shared, this.request, result)),

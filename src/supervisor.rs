@@ -38,6 +38,10 @@ struct Stop {
     hurry: AtomicBool,
     #[cfg(all(unix, any(feature = "http", feature = "fastcgi")))]
     hurried: Notify,
+    /// The drain's last call came (a moment before its grace period
+    /// ends): gRPC streams still open end with `UNAVAILABLE`.
+    last_call: AtomicBool,
+    last_called: Notify,
 }
 
 /// How many [`Hold`]s are alive, and who waits for none to be.
@@ -180,6 +184,37 @@ impl Supervisor {
             return;
         }
         hurried.await;
+    }
+
+    /// The drain's last call, a moment before its grace period ends (see
+    /// `serve::last_call_at`): every gRPC stream still open ends with
+    /// trailers `grpc-status: 14` (see `grpc::LastCall`).
+    #[cfg(all(unix, any(feature = "http", feature = "fastcgi")))] // the servers
+    pub(crate) fn call_last(&self) {
+        self.stop.last_call.store(true, Ordering::Release);
+        self.stop.last_called.notify_waiters();
+    }
+
+    /// Whether the drain's last call came.
+    #[inline]
+    pub(crate) fn last_called(&self) -> bool {
+        self.stop.last_call.load(Ordering::Acquire)
+    }
+
+    /// Resolves at the drain's last call (never, without a server).
+    pub(crate) fn last_call(&self) -> impl Future<Output = ()> + Send + Sync + 'static {
+        let stop = self.stop.clone();
+        async move {
+            let called = stop.last_called.notified();
+            tokio::pin!(called);
+            // Registered before the flag is read: a call between the two
+            // still wakes this wait.
+            called.as_mut().enable();
+            if stop.last_call.load(Ordering::Acquire) {
+                return;
+            }
+            called.await;
+        }
     }
 
     /// The first recorded exit, if any.

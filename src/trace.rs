@@ -28,13 +28,43 @@
 //!
 //! Put `TraceLayer` **outside** the boundary: inside it, an exit or a panic
 //! unwinds through `TraceLayer`, which then logs no completion at all.
+//!
+//! For gRPC, [`grpc_layer`] is `TraceLayer::new_for_grpc()` with the
+//! [`GrpcExitAwareClassifier`]: tower-http's [`GrpcErrorsAsFailures`]
+//! (which reads `grpc-status`), except that the exit's `UNAVAILABLE` is not
+//! a failure. A real `INTERNAL` (a panic), an application's error status,
+//! and a stream ended by the drain's last call (`UNAVAILABLE` in its
+//! trailers: the stream was cut) still are.
+//!
+//! ```
+//! use http::{Request, Response};
+//! use std::convert::Infallible;
+//! use tower::{service_fn, ServiceBuilder, ServiceExt};
+//! use tower_exit::Supervisor;
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let supervisor = Supervisor::new();
+//! // As `tonic::transport::Server::builder().layer(..)` takes them: trace
+//! // outermost, then the exit-aware stack.
+//! let grpc_service = service_fn(|_: Request<String>| async {
+//!     Ok::<_, Infallible>(Response::new(String::new()))
+//! });
+//! let svc = ServiceBuilder::new()
+//!     .layer(tower_exit::trace::grpc_layer())
+//!     .layer(supervisor.stack())
+//!     .service(grpc_service);
+//! let res = svc.oneshot(Request::new(String::new())).await.unwrap();
+//! assert!(res.status().is_success());
+//! # }
+//! ```
 
 use crate::Exit;
 use http::Response;
 use std::fmt;
 use tower_http::classify::{
-    ClassifiedResponse, ClassifyResponse, NeverClassifyEos, ServerErrorsAsFailures,
-    ServerErrorsFailureClass, SharedClassifier,
+    ClassifiedResponse, ClassifyResponse, GrpcEosErrorsAsFailures, GrpcErrorsAsFailures,
+    GrpcFailureClass, NeverClassifyEos, ServerErrorsAsFailures, ServerErrorsFailureClass,
+    SharedClassifier,
 };
 use tower_http::trace::TraceLayer;
 
@@ -82,4 +112,56 @@ impl ClassifyResponse for ExitAwareClassifier {
 /// `TraceLayer::new_for_http()` with the [`ExitAwareClassifier`].
 pub fn layer() -> TraceLayer<SharedClassifier<ExitAwareClassifier>> {
     TraceLayer::new(ExitAwareClassifier::make_classifier())
+}
+
+/// [`GrpcErrorsAsFailures`], except that a response carrying an [`Exit`]
+/// (the exit-aware layers' `UNAVAILABLE` for a gRPC call) is not a
+/// failure.
+#[derive(Clone, Debug, Default)]
+pub struct GrpcExitAwareClassifier {
+    inner: GrpcErrorsAsFailures,
+}
+
+impl GrpcExitAwareClassifier {
+    /// The classifier, over `GrpcErrorsAsFailures::new()`.
+    pub fn new() -> Self {
+        GrpcExitAwareClassifier::default()
+    }
+
+    /// Over a configured one (`GrpcErrorsAsFailures::new().with_success(..)`).
+    pub fn wrap(inner: GrpcErrorsAsFailures) -> Self {
+        GrpcExitAwareClassifier { inner }
+    }
+
+    /// As a `MakeClassifier`, for [`TraceLayer::new`].
+    pub fn make_classifier() -> SharedClassifier<Self> {
+        SharedClassifier::new(Self::new())
+    }
+}
+
+impl ClassifyResponse for GrpcExitAwareClassifier {
+    type FailureClass = GrpcFailureClass;
+    type ClassifyEos = GrpcEosErrorsAsFailures;
+
+    fn classify_response<B>(
+        self,
+        res: &Response<B>,
+    ) -> ClassifiedResponse<Self::FailureClass, Self::ClassifyEos> {
+        if res.extensions().get::<Exit>().is_some() {
+            return ClassifiedResponse::Ready(Ok(()));
+        }
+        self.inner.classify_response(res)
+    }
+
+    fn classify_error<E>(self, error: &E) -> Self::FailureClass
+    where
+        E: fmt::Display + 'static,
+    {
+        self.inner.classify_error(error)
+    }
+}
+
+/// `TraceLayer::new_for_grpc()` with the [`GrpcExitAwareClassifier`].
+pub fn grpc_layer() -> TraceLayer<SharedClassifier<GrpcExitAwareClassifier>> {
+    TraceLayer::new(GrpcExitAwareClassifier::make_classifier())
 }

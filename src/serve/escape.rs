@@ -5,14 +5,15 @@
 //! unwound (the client gets an empty reply, HTTP/2 a stream error) and the
 //! server would serve on, the exit gone. Here the exit is logged at ERROR,
 //! recorded in the supervisor (so the server drains and resolves to it) and
-//! the request is answered `503` with `connection: close`, as a boundary
-//! would.
+//! the request is answered `503` with `connection: close` (a gRPC call:
+//! `grpc-status: 14`), as a boundary would.
 //!
 //! The same wrapper counts the connection's requests in flight (see
 //! `in_flight`): one wrapper, one future and one body per request.
 
 use crate::catch::{catch_body, caught_in_body, classify, escaped, Polled};
 use crate::exit::{enter_catching, enter_catching_in_call, leave, leave_call};
+use crate::grpc::{Grpc, LastCall, SHUTTING_DOWN};
 use crate::{Exit, Supervisor};
 #[cfg(feature = "http")]
 use futures_util::future::Either;
@@ -139,10 +140,10 @@ where
             // in a queue (a semaphore's, `ConcurrencyLimit`), and a clone
             // would wait behind it forever.
             Ok(Poll::Pending | Poll::Ready(Err(_))) => {
-                let version = req.version();
-                let in_flight = match escapes.start(version) {
+                let asked = Asked::of(&req);
+                let in_flight = match escapes.start(asked.version) {
                     Ok(in_flight) => in_flight,
-                    Err(in_flight) => return EscapesFuture::refused(version, in_flight),
+                    Err(in_flight) => return EscapesFuture::refused(asked, in_flight),
                 };
                 let clone = escapes.inner.clone();
                 let pending = std::mem::replace(&mut escapes.inner, clone);
@@ -151,10 +152,10 @@ where
                     state: State::Running {
                         future: Either::Right(Oneshot::new(pending, req)),
                     },
-                    version,
+                    asked,
                 }
             }
-            Err(payload) => escapes.unwound(req.version(), payload),
+            Err(payload) => escapes.unwound(Asked::of(&req), payload),
         }
     }
 }
@@ -188,10 +189,10 @@ impl<S> Escapes<S> {
     where
         S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     {
-        let version = req.version();
-        let in_flight = match self.start(version) {
+        let asked = Asked::of(&req);
+        let in_flight = match self.start(asked.version) {
             Ok(in_flight) => in_flight,
-            Err(in_flight) => return EscapesFuture::refused(version, in_flight),
+            Err(in_flight) => return EscapesFuture::refused(asked, in_flight),
         };
         let inner = &mut self.inner;
         let outer = enter_catching_in_call();
@@ -202,28 +203,24 @@ impl<S> Escapes<S> {
                 state: State::Running {
                     future: wrap(future),
                 },
-                version,
+                asked,
                 in_flight: Some(in_flight),
             },
-            Err(payload) => self.unwound(version, payload),
+            Err(payload) => self.unwound(asked, payload),
         }
     }
 
     /// An unwind out of the inner service's `poll_ready` or `call`: an exit
     /// is answered (see [`escaped`]), a panic goes on.
     #[cold]
-    fn unwound<F>(
-        &self,
-        version: Version,
-        payload: Box<dyn std::any::Any + Send>,
-    ) -> EscapesFuture<F> {
+    fn unwound<F>(&self, asked: Asked, payload: Box<dyn std::any::Any + Send>) -> EscapesFuture<F> {
         match Exit::from_panic(&*payload) {
             Some(exit) => {
                 let in_flight = InFlight::unbudgeted(&self.conn);
                 escaped(in_flight.supervisor(), exit);
                 EscapesFuture {
-                    state: State::Exited,
-                    version,
+                    state: State::Exited { exit: exit.clone() },
+                    asked,
                     in_flight: Some(in_flight),
                 }
             }
@@ -232,11 +229,28 @@ impl<S> Escapes<S> {
     }
 }
 
+/// What the server keeps of a request, to answer it on its own.
+#[derive(Clone, Copy, Debug)]
+struct Asked {
+    version: Version,
+    grpc: Option<Grpc>,
+}
+
+impl Asked {
+    #[inline(always)]
+    fn of<B>(req: &Request<B>) -> Self {
+        Asked {
+            version: req.version(),
+            grpc: Grpc::of(req),
+        }
+    }
+}
+
 pin_project! {
     pub(crate) struct EscapesFuture<F> {
         #[pin]
         state: State<F>,
-        version: Version,
+        asked: Asked,
         // Taken into the response body; `None` once the future completed.
         in_flight: Option<InFlight>,
     }
@@ -247,10 +261,10 @@ impl<F> EscapesFuture<F> {
     /// an HTTP/2 stream is refused (`RST_STREAM REFUSED_STREAM`: never
     /// processed, which clients retry on another connection, as after
     /// GOAWAY), anything else gets `503` and its connection closed.
-    fn refused(version: Version, in_flight: InFlight) -> Self {
+    fn refused(asked: Asked, in_flight: InFlight) -> Self {
         EscapesFuture {
             state: State::Refused,
-            version,
+            asked,
             in_flight: Some(in_flight),
         }
     }
@@ -260,7 +274,7 @@ pin_project! {
     #[project = StateProj]
     enum State<F> {
         Running { #[pin] future: F },
-        Exited,
+        Exited { exit: Exit },
         Refused,
     }
 }
@@ -280,38 +294,49 @@ where
             .expect("EscapesFuture polled after completion")
             .supervisor();
         let state = this.state.project();
+        let asked = *this.asked;
         #[cfg(feature = "http")]
-        if matches!(state, StateProj::Refused) && *this.version == Version::HTTP_2 {
+        if matches!(state, StateProj::Refused) && asked.version == Version::HTTP_2 {
             this.in_flight.take();
             return Poll::Ready(Err(Box::new(h2::Error::from(h2::Reason::REFUSED_STREAM))));
         }
-        if let StateProj::Running { future } = state {
-            let outer = enter_catching();
-            let polled = catch_unwind(AssertUnwindSafe(|| {
-                future
-                    .poll(cx)
-                    .map(|result| result.map_err(Into::<BoxError>::into))
-            }));
-            leave(outer);
-            match ready!(classify(polled, |err| Exit::from_error(&**err))) {
-                Polled::Response(mut res) => {
-                    let in_flight = this.in_flight.take();
-                    if in_flight
-                        .as_ref()
-                        .is_some_and(|in_flight| in_flight.closes_after(*this.version))
-                    {
-                        close(&mut res);
+        let exit = match state {
+            StateProj::Running { future } => {
+                let outer = enter_catching();
+                let polled = catch_unwind(AssertUnwindSafe(|| {
+                    future
+                        .poll(cx)
+                        .map(|result| result.map_err(Into::<BoxError>::into))
+                }));
+                leave(outer);
+                match ready!(classify(polled, |err| Exit::from_error(&**err))) {
+                    Polled::Response(mut res) => {
+                        let in_flight = this.in_flight.take();
+                        if in_flight
+                            .as_ref()
+                            .is_some_and(|in_flight| in_flight.closes_after(asked.version))
+                        {
+                            close(&mut res);
+                        }
+                        return Poll::Ready(Ok(res.map(|body| EscapeBody {
+                            kind: Kind::Inner {
+                                body,
+                                last_call: asked.grpc.map(|_| LastCall::new()),
+                            },
+                            in_flight,
+                        })));
                     }
-                    return Poll::Ready(Ok(res.map(|body| EscapeBody {
-                        kind: Kind::Inner { body },
-                        in_flight,
-                    })));
+                    Polled::Error(err) => return Poll::Ready(Err(err)),
+                    Polled::Exit(exit) => {
+                        escaped(supervisor, &exit);
+                        Some(exit)
+                    }
                 }
-                Polled::Error(err) => return Poll::Ready(Err(err)),
-                Polled::Exit(exit) => escaped(supervisor, &exit),
             }
-        }
-        Poll::Ready(Ok(answer(*this.version, this.in_flight.take())))
+            StateProj::Exited { exit } => Some(exit.clone()),
+            StateProj::Refused => None,
+        };
+        Poll::Ready(Ok(answer(asked, exit, this.in_flight.take())))
     }
 }
 
@@ -320,14 +345,25 @@ fn close<B>(res: &mut Response<B>) {
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
 }
 
-/// `503`, and `connection: close` where HTTP/1 has it.
-fn answer<B>(version: Version, in_flight: Option<InFlight>) -> Response<EscapeBody<B>> {
-    let mut res = Response::new(EscapeBody {
+/// `503`, and `connection: close` where HTTP/1 has it; a gRPC call's
+/// `UNAVAILABLE` (naming the `exit`, or the server's going away for a
+/// request refused past its budget).
+fn answer<B>(
+    asked: Asked,
+    exit: Option<Exit>,
+    in_flight: Option<InFlight>,
+) -> Response<EscapeBody<B>> {
+    let body = EscapeBody {
         kind: Kind::Empty,
         in_flight,
-    });
+    };
+    if let Some(grpc) = asked.grpc {
+        let exit = exit.unwrap_or_else(|| Exit::success().with_message(SHUTTING_DOWN));
+        return grpc.exit(body, asked.version, exit);
+    }
+    let mut res = Response::new(body);
     *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-    if version <= Version::HTTP_11 {
+    if asked.version <= Version::HTTP_11 {
         close(&mut res);
     }
     res
@@ -355,7 +391,12 @@ pin_project! {
     #[project = KindProj]
     #[derive(Debug)]
     enum Kind<B> {
-        Inner { #[pin] body: B },
+        Inner {
+            #[pin]
+            body: B,
+            // A gRPC call's: ended at the drain's last call.
+            last_call: Option<LastCall>,
+        },
         Empty,
     }
 }
@@ -373,11 +414,24 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, BoxError>>> {
         let this = self.project();
-        let body = match this.kind.project() {
-            KindProj::Inner { body } => body,
+        let (body, last_call) = match this.kind.project() {
+            KindProj::Inner { body, last_call } => (body, last_call),
             KindProj::Empty => return Poll::Ready(None),
         };
+        let supervisor = this.in_flight.as_ref().map(InFlight::supervisor);
+        let mut last_call = last_call.as_mut().zip(supervisor);
+        if let Some((last_call, supervisor)) = &mut last_call {
+            if let Some(end) = last_call.before(supervisor) {
+                return Poll::Ready(end);
+            }
+        }
         let exit = match catch_body(|| body.poll_frame(cx)) {
+            Ok(Poll::Pending) => {
+                if let Some((last_call, supervisor)) = last_call {
+                    last_call.pending(supervisor, cx);
+                }
+                return Poll::Pending;
+            }
             Ok(Poll::Ready(Some(Err(err)))) => {
                 let err: BoxError = err.into();
                 match Exit::from_error(&*err) {
@@ -399,14 +453,18 @@ where
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
-            Kind::Inner { body } => body.is_end_stream(),
+            Kind::Inner {
+                last_call: Some(last_call),
+                ..
+            } if last_call.said() => true,
+            Kind::Inner { body, .. } => body.is_end_stream(),
             Kind::Empty => true,
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            Kind::Inner { body } => body.size_hint(),
+            Kind::Inner { body, .. } => body.size_hint(),
             Kind::Empty => SizeHint::with_exact(0),
         }
     }

@@ -112,7 +112,9 @@ where
             let delay_said = tokio::spawn(delay_started);
             let grace_over = async {
                 drain_now.await;
-                tokio::time::sleep(grace).await;
+                // gRPC streams of a server with the exit-aware layers end
+                // with `UNAVAILABLE` trailers a moment before the end.
+                let _ = tokio::time::timeout(grace, super::last_call(&supervisor, grace)).await;
             };
             tokio::pin!(grace_over);
             tokio::select! {

@@ -20,6 +20,14 @@ macro_rules! drain_options {
             /// How long in-flight work may run once draining starts
             /// (default [`DEFAULT_GRACE`](crate::serve::DEFAULT_GRACE));
             /// what still runs then is dropped, logged at WARN.
+            ///
+            /// gRPC streams get a goodbye a moment before the end (the
+            /// last tenth of the grace, at most its last second): a
+            /// response stream of a gRPC call still open then ends
+            /// between two messages with trailers `grpc-status: 14`
+            /// (`UNAVAILABLE`, "the server is shutting down"), which a
+            /// client reads as "call elsewhere", rather than a reset. The
+            /// drain never runs longer than `grace`.
             pub fn grace(mut self, grace: std::time::Duration) -> Self {
                 self.drain.grace = grace;
                 self
@@ -116,6 +124,22 @@ use crate::BoxError;
 
 /// Default time in-flight requests get to finish once a server drains.
 pub const DEFAULT_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// When, after the drain started, gRPC streams still open are ended with
+/// `UNAVAILABLE` trailers (the supervisor's last call): a tenth of the
+/// grace period before its end, at most one second before, so that
+/// their trailers are written while the connections are still there.
+fn last_call_at(grace: std::time::Duration) -> std::time::Duration {
+    grace - (grace / 10).min(std::time::Duration::from_secs(1))
+}
+
+/// Makes the supervisor's last call `last_call_at(grace)` from now;
+/// never resolves.
+async fn last_call(supervisor: &Supervisor, grace: std::time::Duration) {
+    tokio::time::sleep(last_call_at(grace)).await;
+    supervisor.call_last();
+    std::future::pending().await
+}
 
 /// How a server drains: its grace period, and whether SIGTERM and SIGINT
 /// start the drain. One type for every server here.
@@ -364,9 +388,15 @@ async fn drain(
         "draining"
     );
     let drained = tokio::time::timeout(grace, async {
-        while connections.join_next().await.is_some() {}
-        let _every_slot = slots.acquire_many(max).await;
-        supervisor.released().await;
+        let done = async {
+            while connections.join_next().await.is_some() {}
+            let _every_slot = slots.acquire_many(max).await;
+            supervisor.released().await;
+        };
+        tokio::select! {
+            () = done => {}
+            () = last_call(supervisor, grace) => {}
+        }
     })
     .await;
     if drained.is_err() {

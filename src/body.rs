@@ -41,8 +41,8 @@ pin_project! {
             #[pin]
             body: B,
             sink: Option<Sink>,
-            // A gRPC call's (under a supervised layer only).
-            last_call: Option<LastCall>,
+            // Off but for a gRPC call's, under a supervised layer.
+            last_call: LastCall,
         },
         Full { data: Option<Bytes> },
     }
@@ -61,7 +61,7 @@ impl<B> ResponseBody<B> {
             kind: Kind::Inner {
                 body,
                 sink: None,
-                last_call: None,
+                last_call: LastCall::new(false),
             },
         }
     }
@@ -74,7 +74,7 @@ impl<B> ResponseBody<B> {
             kind: Kind::Inner {
                 body,
                 sink: Some(sink),
-                last_call: grpc.then(LastCall::new),
+                last_call: LastCall::new(grpc),
             },
         }
     }
@@ -116,9 +116,6 @@ where
                 sink: Some(sink),
                 last_call,
             } => match catch_body(|| {
-                let Some(last_call) = last_call else {
-                    return body.poll_frame(cx);
-                };
                 let supervisor = sink.supervisor();
                 if let Some(end) = last_call.before(supervisor) {
                     return Poll::Ready(end);
@@ -143,10 +140,7 @@ where
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
-            Kind::Inner {
-                last_call: Some(last_call),
-                ..
-            } if last_call.said() => true,
+            Kind::Inner { last_call, .. } if last_call.said() => true,
             Kind::Inner { body, .. } => body.is_end_stream(),
             Kind::Full { data } => data.is_none(),
         }

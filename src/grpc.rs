@@ -23,6 +23,7 @@ use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
 use std::future::Future;
 use std::pin::Pin;
 use std::task::Context;
+use tokio::sync::futures::OwnedNotified;
 
 use crate::{Exit, Supervisor};
 
@@ -145,26 +146,39 @@ pub(crate) fn panic_response() -> Response<Bytes> {
 /// where a dropped connection would reset it. The client learns that the
 /// server went away, not that the call broke.
 ///
-/// Costs nothing until the body first waits (a unary call's body rarely
-/// does): then one allocation, the wait for the last call.
+/// In every response body (off for all but gRPC calls): 16 bytes, and no
+/// allocation until a gRPC body first waits (a unary call's body rarely
+/// does), then one, the wait for the last call.
 pub(crate) struct LastCall {
-    wait: Option<Pin<Box<dyn Future<Output = ()> + Send + Sync>>>,
-    said: bool,
+    wait: Option<Pin<Box<OwnedNotified>>>,
+    stage: Stage,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    /// Not a gRPC call.
+    Off,
+    /// A gRPC call, streaming.
+    On,
+    /// The trailers were given: the stream is over.
+    Said,
 }
 
 impl std::fmt::Debug for LastCall {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LastCall")
-            .field("said", &self.said)
+            .field("stage", &self.stage)
             .finish_non_exhaustive()
     }
 }
 
 impl LastCall {
-    pub(crate) fn new() -> Self {
+    /// For a gRPC call's body (`grpc`), or off.
+    #[inline(always)]
+    pub(crate) fn new(grpc: bool) -> Self {
         LastCall {
             wait: None,
-            said: false,
+            stage: if grpc { Stage::On } else { Stage::Off },
         }
     }
 
@@ -175,33 +189,38 @@ impl LastCall {
         &mut self,
         supervisor: &Supervisor,
     ) -> Option<Option<Result<Frame<D>, E>>> {
-        if self.said {
-            return Some(None);
+        match self.stage {
+            Stage::Off => None,
+            Stage::Said => Some(None),
+            Stage::On if !supervisor.last_called() => None,
+            Stage::On => {
+                self.stage = Stage::Said;
+                self.wait = None;
+                let mut trailers = HeaderMap::new();
+                put_status(&mut trailers, UNAVAILABLE, SHUTTING_DOWN);
+                Some(Some(Ok(Frame::trailers(trailers))))
+            }
         }
-        if !supervisor.last_called() {
-            return None;
-        }
-        self.said = true;
-        self.wait = None;
-        let mut trailers = HeaderMap::new();
-        put_status(&mut trailers, UNAVAILABLE, SHUTTING_DOWN);
-        Some(Some(Ok(Frame::trailers(trailers))))
     }
 
-    /// The inner body waits: be woken at the last call too.
+    /// The inner body waits: a gRPC call's is woken at the last call too.
+    #[inline]
     pub(crate) fn pending(&mut self, supervisor: &Supervisor, cx: &mut Context<'_>) {
+        if self.stage != Stage::On {
+            return;
+        }
         let wait = self
             .wait
             .get_or_insert_with(|| Box::pin(supervisor.last_call()));
         if wait.as_mut().poll(cx).is_ready() {
-            // Called between the check and now: poll again at once.
+            // Called since `before` looked: poll again at once.
             cx.waker().wake_by_ref();
         }
     }
 
     /// The stream ended here.
     pub(crate) fn said(&self) -> bool {
-        self.said
+        self.stage == Stage::Said
     }
 }
 

@@ -335,15 +335,15 @@ where
 /// that may be an exit's own (`IntoResponse for Exit`), or an error.
 #[cold]
 #[inline(never)]
-fn settle<H, R: Reporter, B, E: AsError<M> + 'static, M>(
-    shared: &Shared<H, R>,
+fn settle<H: Send + Sync + 'static, R: Reporter, B, E: AsError<M> + 'static, M>(
+    shared: Arc<Shared<H, R>>,
     request: &Requested,
     result: Result<Response<B>, E>,
 ) -> Result<Response<ResponseBody<B>>, E> {
     match result {
         Ok(mut res) => match take_exit_response(&mut res) {
             None => {
-                let sink = Sink::Supervisor(shared.supervisor.clone());
+                let sink = Sink::Shared(shared);
                 let grpc = request.grpc.is_some();
                 Ok(res.map(|body| ResponseBody::supervised(body, sink, grpc)))
             }
@@ -463,7 +463,10 @@ where
                 ))
             }
             Ok(Poll::Pending) => Poll::Pending,
-            Ok(Poll::Ready(result)) => Poll::Ready(settle(shared, this.request, result)),
+            Ok(Poll::Ready(result)) => {
+                let shared = this.shared.take().expect("taken once, here");
+                Poll::Ready(settle(shared, this.request, result))
+            }
             Err(payload) => {
                 caught_unwind(shared, this.request, &payload);
                 Poll::Ready(Ok(answer_unwind(shared, this.request, payload)))

@@ -19,11 +19,17 @@ use tokio::sync::{watch, Notify};
 /// Cheap to clone; all clones share one state.
 #[derive(Clone)]
 pub struct Supervisor {
+    // One pointer: the exit-aware layers clone it for every request (into
+    // the response's body), one reference count, and the body stays small.
+    shared: Arc<Shared>,
+}
+
+struct Shared {
     // `watch` keeps the value for late subscribers: a `shutdown_signal()`
     // taken after the exit was recorded resolves at once.
-    exit: Arc<watch::Sender<Option<Exit>>>,
-    holds: Arc<Holds>,
-    stop: Arc<Stop>,
+    exit: watch::Sender<Option<Exit>>,
+    holds: Holds,
+    stop: Stop,
 }
 
 /// How the first exit came, for the servers' shutdown delay.
@@ -41,7 +47,7 @@ struct Stop {
     /// The drain's last call came (a moment before its grace period
     /// ends): gRPC streams still open end with `UNAVAILABLE`.
     last_call: AtomicBool,
-    last_called: Notify,
+    last_called: Arc<Notify>,
 }
 
 /// How many [`Hold`]s are alive, and who waits for none to be.
@@ -55,7 +61,7 @@ struct Holds {
 /// see [`Supervisor::hold`].
 #[must_use = "the drain waits for a hold only while it is alive"]
 pub struct Hold {
-    holds: Arc<Holds>,
+    shared: Arc<Shared>,
 }
 
 impl fmt::Debug for Hold {
@@ -68,8 +74,9 @@ impl Drop for Hold {
     fn drop(&mut self) {
         // AcqRel: what the holder did happens before the drain that sees
         // the count reach zero goes on.
-        if self.holds.count.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.holds.released.notify_waiters();
+        let holds = &self.shared.holds;
+        if holds.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            holds.released.notify_waiters();
         }
     }
 }
@@ -98,9 +105,11 @@ impl Supervisor {
     /// A supervisor with no exit recorded.
     pub fn new() -> Self {
         Supervisor {
-            exit: Arc::new(watch::Sender::new(None)),
-            holds: Arc::default(),
-            stop: Arc::default(),
+            shared: Arc::new(Shared {
+                exit: watch::Sender::new(None),
+                holds: Holds::default(),
+                stop: Stop::default(),
+            }),
         }
     }
 
@@ -122,13 +131,13 @@ impl Supervisor {
     /// Records `exit` as [`trigger`](Self::trigger) does; `signaled`: it
     /// comes from SIGTERM or SIGINT (the servers' shutdown delay applies).
     pub(crate) fn record(&self, exit: Exit, signaled: bool) -> bool {
-        self.exit.send_if_modified(|slot| {
+        self.shared.exit.send_if_modified(|slot| {
             if slot.is_some() {
                 return false;
             }
             // Before the exit is published: whoever sees it sees these.
-            let _ = self.stop.at.set(Instant::now());
-            self.stop.signaled.store(signaled, Ordering::Relaxed);
+            let _ = self.shared.stop.at.set(Instant::now());
+            self.shared.stop.signaled.store(signaled, Ordering::Relaxed);
             *slot = Some(exit);
             true
         })
@@ -139,7 +148,7 @@ impl Supervisor {
     /// records one), false from then on, through a shutdown delay and the
     /// drain. What [`readiness`](Self::readiness) answers.
     pub fn ready(&self) -> bool {
-        self.exit.borrow().is_none()
+        self.shared.exit.borrow().is_none()
     }
 
     /// A readiness check, as a tower service (axum:
@@ -162,25 +171,25 @@ impl Supervisor {
     /// When the first exit was recorded, and whether it came from a signal.
     #[cfg(all(unix, any(feature = "http", feature = "fastcgi")))] // the servers
     pub(crate) fn stopped_at(&self) -> Option<(Instant, bool)> {
-        let at = *self.stop.at.get()?;
-        Some((at, self.stop.signaled.load(Ordering::Relaxed)))
+        let at = *self.shared.stop.at.get()?;
+        Some((at, self.shared.stop.signaled.load(Ordering::Relaxed)))
     }
 
     /// Cuts the shutdown delay short (a second signal): every server
     /// drains now.
     #[cfg(all(unix, any(feature = "http", feature = "fastcgi")))] // the servers
     pub(crate) fn hurry(&self) {
-        self.stop.hurry.store(true, Ordering::Release);
-        self.stop.hurried.notify_waiters();
+        self.shared.stop.hurry.store(true, Ordering::Release);
+        self.shared.stop.hurried.notify_waiters();
     }
 
     /// Resolves once the delay is cut short by [`hurry`](Self::hurry).
     #[cfg(all(unix, any(feature = "http", feature = "fastcgi")))] // the servers
     pub(crate) async fn hurried(&self) {
-        let hurried = self.stop.hurried.notified();
+        let hurried = self.shared.stop.hurried.notified();
         tokio::pin!(hurried);
         hurried.as_mut().enable();
-        if self.stop.hurry.load(Ordering::Acquire) {
+        if self.shared.stop.hurry.load(Ordering::Acquire) {
             return;
         }
         hurried.await;
@@ -191,42 +200,32 @@ impl Supervisor {
     /// trailers `grpc-status: 14` (see `grpc::LastCall`).
     #[cfg(all(unix, any(feature = "http", feature = "fastcgi")))] // the servers
     pub(crate) fn call_last(&self) {
-        self.stop.last_call.store(true, Ordering::Release);
-        self.stop.last_called.notify_waiters();
+        self.shared.stop.last_call.store(true, Ordering::Release);
+        self.shared.stop.last_called.notify_waiters();
     }
 
     /// Whether the drain's last call came.
     #[inline]
     pub(crate) fn last_called(&self) -> bool {
-        self.stop.last_call.load(Ordering::Acquire)
+        self.shared.stop.last_call.load(Ordering::Acquire)
     }
 
-    /// Resolves at the drain's last call (never, without a server).
-    pub(crate) fn last_call(&self) -> impl Future<Output = ()> + Send + Sync + 'static {
-        let stop = self.stop.clone();
-        async move {
-            let called = stop.last_called.notified();
-            tokio::pin!(called);
-            // Registered before the flag is read: a call between the two
-            // still wakes this wait.
-            called.as_mut().enable();
-            if stop.last_call.load(Ordering::Acquire) {
-                return;
-            }
-            called.await;
-        }
+    /// A wait for the drain's last call (never over, without a server):
+    /// woken by a call made after it was created, polled or not.
+    pub(crate) fn last_call(&self) -> tokio::sync::futures::OwnedNotified {
+        self.shared.stop.last_called.clone().notified_owned()
     }
 
     /// The first recorded exit, if any.
     pub fn exit(&self) -> Option<Exit> {
-        self.exit.borrow().clone()
+        self.shared.exit.borrow().clone()
     }
 
     /// Resolves to the first exit (at once if one is recorded already).
     pub fn wait(&self) -> impl Future<Output = Exit> + Send + 'static {
         let supervisor = self.clone();
         async move {
-            let mut rx = supervisor.exit.subscribe();
+            let mut rx = supervisor.shared.exit.subscribe();
             // The sender lives in `supervisor`, held by this future, so the
             // channel cannot close while we wait.
             let exit = rx
@@ -274,23 +273,23 @@ impl Supervisor {
     ///
     /// Upgraded connections of `serve::http` are waited for without one.
     pub fn hold(&self) -> Hold {
-        self.holds.count.fetch_add(1, Ordering::Relaxed);
+        self.shared.holds.count.fetch_add(1, Ordering::Relaxed);
         Hold {
-            holds: self.holds.clone(),
+            shared: self.shared.clone(),
         }
     }
 
     /// How many [`Hold`]s are alive.
     #[cfg(all(unix, any(feature = "http", feature = "fastcgi")))] // the servers
     pub(crate) fn holds(&self) -> usize {
-        self.holds.count.load(Ordering::Acquire)
+        self.shared.holds.count.load(Ordering::Acquire)
     }
 
     /// Resolves once no [`Hold`] is alive.
     #[cfg(all(unix, any(feature = "http", feature = "fastcgi")))] // the servers
     pub(crate) async fn released(&self) {
         loop {
-            let released = self.holds.released.notified();
+            let released = self.shared.holds.released.notified();
             tokio::pin!(released);
             // Registered before the count is read: a release between the
             // two still wakes this wait.

@@ -321,7 +321,7 @@ where
                         return Poll::Ready(Ok(res.map(|body| EscapeBody {
                             kind: Kind::Inner {
                                 body,
-                                last_call: asked.grpc.map(|_| LastCall::new()),
+                                last_call: LastCall::new(asked.grpc.is_some()),
                             },
                             in_flight,
                         })));
@@ -394,8 +394,8 @@ pin_project! {
         Inner {
             #[pin]
             body: B,
-            // A gRPC call's: ended at the drain's last call.
-            last_call: Option<LastCall>,
+            // Off but for a gRPC call's: ended at the drain's last call.
+            last_call: LastCall,
         },
         Empty,
     }
@@ -419,15 +419,14 @@ where
             KindProj::Empty => return Poll::Ready(None),
         };
         let supervisor = this.in_flight.as_ref().map(InFlight::supervisor);
-        let mut last_call = last_call.as_mut().zip(supervisor);
-        if let Some((last_call, supervisor)) = &mut last_call {
+        if let Some(supervisor) = supervisor {
             if let Some(end) = last_call.before(supervisor) {
                 return Poll::Ready(end);
             }
         }
         let exit = match catch_body(|| body.poll_frame(cx)) {
             Ok(Poll::Pending) => {
-                if let Some((last_call, supervisor)) = last_call {
+                if let Some(supervisor) = supervisor {
                     last_call.pending(supervisor, cx);
                 }
                 return Poll::Pending;
@@ -453,10 +452,7 @@ where
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
-            Kind::Inner {
-                last_call: Some(last_call),
-                ..
-            } if last_call.said() => true,
+            Kind::Inner { last_call, .. } if last_call.said() => true,
             Kind::Inner { body, .. } => body.is_end_stream(),
             Kind::Empty => true,
         }

@@ -62,23 +62,33 @@ use crate::Exit;
 use http::Response;
 use std::fmt;
 use tower_http::classify::{
-    ClassifiedResponse, ClassifyResponse, GrpcEosErrorsAsFailures, GrpcErrorsAsFailures,
-    GrpcFailureClass, NeverClassifyEos, ServerErrorsAsFailures, ServerErrorsFailureClass,
+    ClassifiedResponse, ClassifyResponse, GrpcErrorsAsFailures, ServerErrorsAsFailures,
     SharedClassifier,
 };
 use tower_http::trace::TraceLayer;
 
-/// [`ServerErrorsAsFailures`], except that a response carrying an [`Exit`]
-/// (the boundary's `503`) is not a failure.
+/// A tower-http classifier `C`, except that a response carrying an
+/// [`Exit`] (the exit-aware layers' answer to an exit: `503`, or a gRPC
+/// call's `UNAVAILABLE`) is not a failure. Everything else, end of stream
+/// included, is `C`'s to classify.
 #[derive(Clone, Debug, Default)]
-pub struct ExitAwareClassifier {
-    inner: ServerErrorsAsFailures,
+pub struct ExitAware<C> {
+    inner: C,
 }
 
-impl ExitAwareClassifier {
-    /// The classifier.
+/// [`ServerErrorsAsFailures`], except that the boundary's `503` for an
+/// exit is not a failure.
+pub type ExitAwareClassifier = ExitAware<ServerErrorsAsFailures>;
+
+/// [`GrpcErrorsAsFailures`], except that the `UNAVAILABLE` the exit-aware
+/// layers answer a gRPC call's exit with is not a failure (a stream ended
+/// by the drain still is: it was cut).
+pub type GrpcExitAwareClassifier = ExitAware<GrpcErrorsAsFailures>;
+
+impl<C: ClassifyResponse + Clone + Default + Send + 'static> ExitAware<C> {
+    /// The classifier, over `C`'s default.
     pub fn new() -> Self {
-        ExitAwareClassifier::default()
+        ExitAware::default()
     }
 
     /// As a `MakeClassifier`, for [`TraceLayer::new`].
@@ -87,9 +97,17 @@ impl ExitAwareClassifier {
     }
 }
 
-impl ClassifyResponse for ExitAwareClassifier {
-    type FailureClass = ServerErrorsFailureClass;
-    type ClassifyEos = NeverClassifyEos<ServerErrorsFailureClass>;
+impl<C> ExitAware<C> {
+    /// Over a configured classifier
+    /// (`GrpcErrorsAsFailures::new().with_success(..)`).
+    pub fn wrap(inner: C) -> Self {
+        ExitAware { inner }
+    }
+}
+
+impl<C: ClassifyResponse> ClassifyResponse for ExitAware<C> {
+    type FailureClass = C::FailureClass;
+    type ClassifyEos = C::ClassifyEos;
 
     fn classify_response<B>(
         self,
@@ -112,53 +130,6 @@ impl ClassifyResponse for ExitAwareClassifier {
 /// `TraceLayer::new_for_http()` with the [`ExitAwareClassifier`].
 pub fn layer() -> TraceLayer<SharedClassifier<ExitAwareClassifier>> {
     TraceLayer::new(ExitAwareClassifier::make_classifier())
-}
-
-/// [`GrpcErrorsAsFailures`], except that a response carrying an [`Exit`]
-/// (the exit-aware layers' `UNAVAILABLE` for a gRPC call) is not a
-/// failure.
-#[derive(Clone, Debug, Default)]
-pub struct GrpcExitAwareClassifier {
-    inner: GrpcErrorsAsFailures,
-}
-
-impl GrpcExitAwareClassifier {
-    /// The classifier, over `GrpcErrorsAsFailures::new()`.
-    pub fn new() -> Self {
-        GrpcExitAwareClassifier::default()
-    }
-
-    /// Over a configured one (`GrpcErrorsAsFailures::new().with_success(..)`).
-    pub fn wrap(inner: GrpcErrorsAsFailures) -> Self {
-        GrpcExitAwareClassifier { inner }
-    }
-
-    /// As a `MakeClassifier`, for [`TraceLayer::new`].
-    pub fn make_classifier() -> SharedClassifier<Self> {
-        SharedClassifier::new(Self::new())
-    }
-}
-
-impl ClassifyResponse for GrpcExitAwareClassifier {
-    type FailureClass = GrpcFailureClass;
-    type ClassifyEos = GrpcEosErrorsAsFailures;
-
-    fn classify_response<B>(
-        self,
-        res: &Response<B>,
-    ) -> ClassifiedResponse<Self::FailureClass, Self::ClassifyEos> {
-        if res.extensions().get::<Exit>().is_some() {
-            return ClassifiedResponse::Ready(Ok(()));
-        }
-        self.inner.classify_response(res)
-    }
-
-    fn classify_error<E>(self, error: &E) -> Self::FailureClass
-    where
-        E: fmt::Display + 'static,
-    {
-        self.inner.classify_error(error)
-    }
 }
 
 /// `TraceLayer::new_for_grpc()` with the [`GrpcExitAwareClassifier`].

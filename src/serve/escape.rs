@@ -13,7 +13,7 @@
 
 use crate::catch::{catch_body, caught_in_body, classify, escaped, Polled};
 use crate::exit::{enter_catching, enter_catching_in_call, leave, leave_call};
-use crate::grpc::{Grpc, LastCall, SHUTTING_DOWN};
+use crate::grpc::{Grpc, LastCall, SHUTTING_DOWN, UNAVAILABLE};
 use crate::{Exit, Supervisor};
 #[cfg(feature = "http")]
 use futures_util::future::Either;
@@ -357,12 +357,16 @@ fn answer<B>(
         kind: Kind::Empty,
         in_flight,
     };
-    if let Some(grpc) = asked.grpc {
-        let exit = exit.unwrap_or_else(|| Exit::success().with_message(SHUTTING_DOWN));
-        return grpc.exit(body, asked.version, exit);
-    }
-    let mut res = Response::new(body);
-    *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    let mut res = match (asked.grpc, exit) {
+        (Some(grpc), Some(exit)) => return grpc.exit(body, asked.version, exit),
+        // Refused past the budget: no exit happened, none is carried.
+        (Some(grpc), None) => grpc.status(body, UNAVAILABLE, SHUTTING_DOWN),
+        (None, _) => {
+            let mut res = Response::new(body);
+            *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            res
+        }
+    };
     if asked.version <= Version::HTTP_11 {
         close(&mut res);
     }

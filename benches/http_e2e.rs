@@ -21,9 +21,10 @@ use std::net::SocketAddr;
 use std::process::Command;
 use tower::ServiceBuilder;
 use tower_exit::report::TracingReporter;
+use tower_exit::serve::http::RequestBody;
 use tower_exit::{Exit, ServiceBuilderExt, Supervisor};
 
-async fn hello(_: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn hello<B>(_: Request<B>) -> Result<Response<Full<Bytes>>, Infallible> {
     Ok(Response::new(Full::from("hello\n")))
 }
 
@@ -54,7 +55,12 @@ fn start(setup: Setup) -> (SocketAddr, Box<dyn FnOnce()>) {
     let supervisor = Supervisor::new();
     if setup == Setup::ServeOnly {
         runtime.spawn(
-            tower_exit::serve::http(listener, tower::service_fn(hello), &supervisor).into_future(),
+            tower_exit::serve::http(
+                listener,
+                tower::service_fn(hello::<RequestBody>),
+                &supervisor,
+            )
+            .into_future(),
         );
     } else if setup == Setup::Full {
         let svc = ServiceBuilder::new()
@@ -62,7 +68,7 @@ fn start(setup: Setup) -> (SocketAddr, Box<dyn FnOnce()>) {
             .catch_panic()
             .report(TracingReporter)
             .fork_guard()
-            .service_fn(hello);
+            .service_fn(hello::<RequestBody>);
         runtime.spawn(tower_exit::serve::http(listener, svc, &supervisor).into_future());
     } else if setup == Setup::OneLayer {
         let svc = ServiceBuilder::new()
@@ -72,7 +78,7 @@ fn start(setup: Setup) -> (SocketAddr, Box<dyn FnOnce()>) {
                     .report(TracingReporter)
                     .fork_guard(tower_exit::ForkGuardLayer::new()),
             )
-            .service_fn(hello);
+            .service_fn(hello::<RequestBody>);
         runtime.spawn(tower_exit::serve::http(listener, svc, &supervisor).into_future());
     } else {
         runtime.spawn(async move {
@@ -82,7 +88,10 @@ fn start(setup: Setup) -> (SocketAddr, Box<dyn FnOnce()>) {
                     continue;
                 };
                 let conn = builder
-                    .serve_connection(TokioIo::new(stream), hyper::service::service_fn(hello))
+                    .serve_connection(
+                        TokioIo::new(stream),
+                        hyper::service::service_fn(hello::<Incoming>),
+                    )
                     .into_owned();
                 tokio::spawn(conn);
             }

@@ -3,10 +3,12 @@
 //! Routes: `/` hello; `/fail` a handler error (reported once, 500);
 //! `/panic` (reported once, 500); `/exit/N` (503, not reported, the server
 //! drains and the process exits with status N); `/fork` (the child writes a
-//! line and exits, the parent answers once); `/slow` (answers after 1 s).
-//! SIGTERM or SIGINT drain the server too, status 0. `--header-timeout SECS`
-//! and `--max-connections N` set those limits (defaults 30 s, half of
-//! `ulimit -n`).
+//! line and exits, the parent answers once); `/slow` (answers after 1 s);
+//! `POST /upload` (reads the body, answers its length; `400` when the
+//! client sends slower than the minimum request body rate).
+//! SIGTERM or SIGINT drain the server too, status 0. `--header-timeout SECS`,
+//! `--max-connections N` and `--min-request-body-rate B/SECS` set those
+//! limits (defaults 30 s, half of `ulimit -n`, 240/5).
 
 mod demo;
 
@@ -38,6 +40,9 @@ async fn run() -> std::io::Result<Exit> {
     }
     if let Some((bytes_per_sec, grace)) = args.min_response_rate {
         serve = serve.min_response_rate(bytes_per_sec, grace);
+    }
+    if let Some((bytes_per_sec, grace)) = args.min_request_body_rate {
+        serve = serve.min_request_body_rate(bytes_per_sec, grace);
     }
     serve.await
 }

@@ -78,6 +78,9 @@ fn main() -> ExitCode {
     if let Some((bytes_per_sec, grace)) = args.min_response_rate {
         prefork = prefork.min_response_rate(bytes_per_sec, grace);
     }
+    if let Some((bytes_per_sec, grace)) = args.min_request_body_rate {
+        prefork = prefork.min_request_body_rate(bytes_per_sec, grace);
+    }
     if args.fastcgi {
         // Behind nginx (`fastcgi_pass`), php-fpm's place.
         return demo::finish(prefork.run_fastcgi(demo::service::<RequestBody>));

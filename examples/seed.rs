@@ -141,13 +141,15 @@ async fn part_two(original: u32) {
     let guarded = ServiceBuilder::new()
         .layer(naive_catch_all(reports.clone()))
         .fork_guard()
-        .service_fn(|req: Request<hyper::body::Incoming>| async move {
-            if req.uri().path() == "/fork" {
-                forking(req).await
-            } else {
-                Ok(Response::new(Full::from(std::process::id().to_string())))
-            }
-        });
+        .service_fn(
+            |req: Request<tower_exit::serve::http::RequestBody>| async move {
+                if req.uri().path() == "/fork" {
+                    forking(req).await
+                } else {
+                    Ok(Response::new(Full::from(std::process::id().to_string())))
+                }
+            },
+        );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");

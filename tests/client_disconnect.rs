@@ -35,7 +35,7 @@ async fn a_client_gone_mid_request_drops_its_future_and_the_server_serves_on() {
         .report(move |_: &Failure<'_>| {
             r.fetch_add(1, Ordering::SeqCst);
         })
-        .service_fn(move |req: Request<hyper::body::Incoming>| {
+        .service_fn(move |req: Request<tower_exit::serve::http::RequestBody>| {
             let d = d.clone();
             async move {
                 if req.uri().path() == "/slow" {

@@ -37,7 +37,7 @@ async fn read_head(conn: &mut tokio::net::TcpStream) -> (String, Vec<u8>) {
 /// The service of [`one_buffer_server`], boxed so that its options can be
 /// set by the caller.
 type OneBuffer = tower::util::BoxCloneService<
-    http::Request<hyper::body::Incoming>,
+    http::Request<tower_exit::serve::http::RequestBody>,
     http::Response<Full<Bytes>>,
     std::convert::Infallible,
 >;
@@ -199,22 +199,24 @@ async fn at_the_cap_idle_keep_alive_connections_make_room_for_new_clients() {
 
     // `/events`: server-sent events, one every 100 ms for 2 s; any other
     // path: a short answer.
-    let svc = tower::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
-        let body = if req.uri().path() == "/events" {
-            StreamBody::new(stream::unfold(0, |i| async move {
-                if i == 20 {
-                    return None;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                let event = Frame::data(Bytes::from_static(b"data: tick\n\n"));
-                Some((Ok::<_, std::convert::Infallible>(event), i + 1))
-            }))
-            .boxed()
-        } else {
-            Full::new(Bytes::from_static(b"hello\n")).boxed()
-        };
-        Ok::<_, std::convert::Infallible>(http::Response::new(body))
-    });
+    let svc = tower::service_fn(
+        |req: http::Request<tower_exit::serve::http::RequestBody>| async move {
+            let body = if req.uri().path() == "/events" {
+                StreamBody::new(stream::unfold(0, |i| async move {
+                    if i == 20 {
+                        return None;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    let event = Frame::data(Bytes::from_static(b"data: tick\n\n"));
+                    Some((Ok::<_, std::convert::Infallible>(event), i + 1))
+                }))
+                .boxed()
+            } else {
+                Full::new(Bytes::from_static(b"hello\n")).boxed()
+            };
+            Ok::<_, std::convert::Infallible>(http::Response::new(body))
+        },
+    );
     let supervisor = Supervisor::new();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -368,4 +370,229 @@ async fn a_client_reading_below_the_minimum_response_rate_is_closed_and_one_abov
     );
     supervisor.trigger(tower_exit::Exit::success());
     assert_eq!(server.await.unwrap().unwrap().code(), 0);
+}
+
+/// An axum app whose `POST /upload` reads the whole body (axum's `Bytes`
+/// extractor: `400` when the read fails) and answers its length; `?wait=N`
+/// sleeps N ms before reading. Served by `serve::http`, `configure`d.
+async fn upload_server(
+    configure: impl FnOnce(
+        tower_exit::serve::ServeHttp<axum::Router>,
+    ) -> tower_exit::serve::ServeHttp<axum::Router>,
+) -> (std::net::SocketAddr, Supervisor, Server) {
+    use axum::extract::RawQuery;
+    let app = axum::Router::new().route(
+        "/upload",
+        axum::routing::post(
+            |RawQuery(query): RawQuery, body: axum::body::Body| async move {
+                if let Some(ms) = query.and_then(|q| q.strip_prefix("wait=")?.parse().ok()) {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                }
+                match axum::body::to_bytes(body, usize::MAX).await {
+                    Ok(bytes) => (http::StatusCode::OK, format!("{}\n", bytes.len())),
+                    Err(err) => (http::StatusCode::BAD_REQUEST, format!("{err}\n")),
+                }
+            },
+        ),
+    );
+    let supervisor = Supervisor::new();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = configure(tower_exit::serve::http(listener, app, &supervisor));
+    (addr, supervisor, tokio::spawn(server.into_future()))
+}
+
+/// POSTs `count` chunks of `chunk` bytes, one every `every`, with hyper's
+/// client (HTTP/1, or HTTP/2 with prior knowledge); the status (or the
+/// client's error) and when the exchange ended.
+async fn post_trickle(
+    addr: std::net::SocketAddr,
+    http2: bool,
+    path: &str,
+    chunk: usize,
+    every: Duration,
+    count: usize,
+) -> (Result<(http::StatusCode, String), String>, Duration) {
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let started = Instant::now();
+    let body = StreamBody::new(Box::pin(futures_util::stream::unfold(
+        0,
+        move |i| async move {
+            if i == count {
+                return None;
+            }
+            if i > 0 {
+                tokio::time::sleep(every).await;
+            }
+            let frame = hyper::body::Frame::data(Bytes::from(vec![b'x'; chunk]));
+            Some((Ok::<_, std::convert::Infallible>(frame), i + 1))
+        },
+    )));
+    let io = TokioIo::new(tokio::net::TcpStream::connect(addr).await.unwrap());
+    let req = http::Request::post(path)
+        .header("host", "x")
+        .body(body)
+        .unwrap();
+    let res = if http2 {
+        let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        send.send_request(req).await
+    } else {
+        let (mut send, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+        tokio::spawn(conn);
+        send.send_request(req).await
+    };
+    let outcome = match res {
+        Ok(res) => {
+            let status = res.status();
+            match res.into_body().collect().await {
+                Ok(body) => Ok((
+                    status,
+                    String::from_utf8_lossy(&body.to_bytes()).into_owned(),
+                )),
+                Err(err) => Err(format!("{status}, then {err}")),
+            }
+        }
+        Err(err) => Err(err.to_string()),
+    };
+    (outcome, started.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_body_trickling_below_the_minimum_rate_is_cut_and_one_at_the_rate_is_not() {
+    // 240 bytes a second after 1 s (the default grace is 5 s).
+    let (addr, supervisor, server) =
+        upload_server(|s| s.min_request_body_rate(240, Duration::from_secs(1))).await;
+    let (off_addr, off_supervisor, off_server) =
+        upload_server(|s| s.min_request_body_rate(0, Duration::from_secs(1))).await;
+    for http2 in [false, true] {
+        let version = if http2 { "HTTP/2" } else { "HTTP/1.1" };
+        // A byte every 300 ms for 6 s: cut once its allowance (1 s, plus
+        // 1/240 s a byte) is spent.
+        let (outcome, took) =
+            post_trickle(addr, http2, "/upload", 1, Duration::from_millis(300), 20).await;
+        assert!(
+            took < Duration::from_secs(3),
+            "{version}: a trickling body ran {took:?}: {outcome:?}"
+        );
+        if let Ok((status, body)) = &outcome {
+            assert_eq!(*status, http::StatusCode::BAD_REQUEST, "{version}: {body}");
+            assert!(body.contains("slower than 240 bytes a second"), "{body}");
+        }
+        // The control: with the rule off, the same client is served.
+        let (outcome, took) = post_trickle(
+            off_addr,
+            http2,
+            "/upload",
+            1,
+            Duration::from_millis(300),
+            20,
+        )
+        .await;
+        assert_eq!(
+            outcome,
+            Ok((http::StatusCode::OK, "20\n".to_owned())),
+            "{version}"
+        );
+        assert!(took > Duration::from_secs(5), "{version}: {took:?}");
+        // 200 bytes every 500 ms (400 B/s) for 4 s: above the rate.
+        let (outcome, _) =
+            post_trickle(addr, http2, "/upload", 200, Duration::from_millis(500), 8).await;
+        assert_eq!(
+            outcome,
+            Ok((http::StatusCode::OK, "1600\n".to_owned())),
+            "{version}"
+        );
+        // The application reads only after 2 s (more than the grace): the
+        // time it does not read is not the client's.
+        let (outcome, _) =
+            post_trickle(addr, http2, "/upload?wait=2000", 1000, Duration::ZERO, 1).await;
+        assert_eq!(
+            outcome,
+            Ok((http::StatusCode::OK, "1000\n".to_owned())),
+            "{version}"
+        );
+    }
+    for (supervisor, server) in [(supervisor, server), (off_supervisor, off_server)] {
+        supervisor.trigger(tower_exit::Exit::success());
+        assert_eq!(server.await.unwrap().unwrap().code(), 0);
+    }
+}
+
+/// Opens `n` connections to `addr` that each POST to `/upload` a body
+/// declared 1 MB long, then send it a byte every 500 ms until dropped.
+fn trickling_uploads(addr: &str, n: usize) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..n)
+        .map(|_| {
+            let addr = addr.to_owned();
+            tokio::spawn(async move {
+                let Ok(mut conn) = tokio::net::TcpStream::connect(&addr).await else {
+                    return;
+                };
+                let head = "POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: 1000000\r\n\r\n";
+                if conn.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                while conn.write_all(b"x").await.is_ok() {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            })
+        })
+        .collect()
+}
+
+/// How long a `GET /` on a new connection to `addr` takes, up to `within`.
+async fn hello_within(addr: &str, within: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    tokio::time::timeout(within, async {
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        conn.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let (head, _) = read_head(&mut conn).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    })
+    .await
+    .ok()
+    .map(|()| started.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trickling_uploads_at_the_connection_cap_do_not_lock_a_client_out() {
+    // The HTTP demo, 32 connections at most: 40 uploads trickling a byte
+    // every 500 ms take every slot, then a client says hello.
+    for (rate, served) in [("240/1", true), ("0/1", false)] {
+        let mut command = std::process::Command::new(common::demo::example("http"));
+        command.args([
+            "--listen",
+            "127.0.0.1:0",
+            "--max-connections",
+            "32",
+            "--min-request-body-rate",
+            rate,
+        ]);
+        let proc = common::demo::Proc::spawn(command);
+        let addr = proc.wait_for_line("listening on");
+        let uploads = trickling_uploads(&addr, 40);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let took = hello_within(&addr, Duration::from_secs(4)).await;
+        if served {
+            // Each upload is cut once its 1 s allowance is spent: the
+            // slots come free and the client gets in.
+            let took = took.expect("the client was locked out");
+            assert!(took < Duration::from_secs(3), "{took:?}");
+            let cut =
+                proc.stderr_count_once("slower than the minimum rate", 32, Duration::from_secs(5));
+            assert!(cut >= 32, "{cut} uploads cut");
+        } else {
+            // The control, without the rule: locked out.
+            assert_eq!(took, None, "the rule is off: the slots stay taken");
+        }
+        for upload in uploads {
+            upload.abort();
+        }
+    }
 }

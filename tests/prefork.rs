@@ -145,7 +145,9 @@ fn a_stop_all_code_that_cannot_be_told_from_recycling_is_refused() {
     for code in [0, 256, -1] {
         let run = Prefork::new("127.0.0.1:0".parse().unwrap())
             .stop_all_code(code)
-            .run_http(|_| tower::service_fn(common::handler::<hyper::body::Incoming>));
+            .run_http(|_| {
+                tower::service_fn(common::handler::<tower_exit::serve::http::RequestBody>)
+            });
         let err = run.expect_err("refused");
         assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput, "{code}");
         assert!(err.to_string().contains("1 to 255"), "{err}");

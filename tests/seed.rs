@@ -22,7 +22,7 @@ use tower_exit::{Exit, ServiceBuilderExt, Supervisor};
 
 async fn handler(
     log: PathBuf,
-    req: Request<hyper::body::Incoming>,
+    req: Request<tower_exit::serve::http::RequestBody>,
 ) -> Result<Response<Full<Bytes>>, BoxError> {
     let me = std::process::id().to_string();
     if req.uri().path() != "/fork" {

@@ -70,7 +70,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tower_exit::serve::{ListenAddr, Listener};
 
 type Svc = tower::util::BoxCloneService<
-    http::Request<hyper::body::Incoming>,
+    http::Request<tower_exit::serve::http::RequestBody>,
     http::Response<http_body_util::Full<bytes::Bytes>>,
     tower::BoxError,
 >;
@@ -176,26 +176,28 @@ impl http_body::Body for Trickle {
 async fn slow_handlers_and_slow_bodies_outlive_the_header_timeout() {
     let timeout = Duration::from_millis(100);
     let supervisor = Supervisor::new();
-    let svc = tower::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
-        let path = req.uri().path().to_owned();
-        let body = if path == "/stream" {
-            // 6 chunks, 100 ms apart: 600 ms of body, six periods.
-            Trickle {
-                frames: 6,
-                every: Duration::from_millis(100),
-                sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
-            }
-        } else {
-            // 500 ms in the handler before any byte of the answer.
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            Trickle {
-                frames: 1,
-                every: Duration::ZERO,
-                sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
-            }
-        };
-        Ok::<_, std::convert::Infallible>(http::Response::new(body))
-    });
+    let svc = tower::service_fn(
+        |req: http::Request<tower_exit::serve::http::RequestBody>| async move {
+            let path = req.uri().path().to_owned();
+            let body = if path == "/stream" {
+                // 6 chunks, 100 ms apart: 600 ms of body, six periods.
+                Trickle {
+                    frames: 6,
+                    every: Duration::from_millis(100),
+                    sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
+                }
+            } else {
+                // 500 ms in the handler before any byte of the answer.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                Trickle {
+                    frames: 1,
+                    every: Duration::ZERO,
+                    sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
+                }
+            };
+            Ok::<_, std::convert::Infallible>(http::Response::new(body))
+        },
+    );
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(
@@ -365,7 +367,7 @@ async fn services_not_ready_at_once_are_waited_for_and_an_exit_in_poll_ready_is_
     // `poll_ready` raises exit(6) on the second request.
     #[derive(Clone)]
     struct ExitsWhenReady(Arc<std::sync::atomic::AtomicU32>);
-    impl tower::Service<http::Request<hyper::body::Incoming>> for ExitsWhenReady {
+    impl tower::Service<http::Request<tower_exit::serve::http::RequestBody>> for ExitsWhenReady {
         type Response = http::Response<String>;
         type Error = std::convert::Infallible;
         type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
@@ -378,7 +380,7 @@ async fn services_not_ready_at_once_are_waited_for_and_an_exit_in_poll_ready_is_
             }
             std::task::Poll::Ready(Ok(()))
         }
-        fn call(&mut self, _: http::Request<hyper::body::Incoming>) -> Self::Future {
+        fn call(&mut self, _: http::Request<tower_exit::serve::http::RequestBody>) -> Self::Future {
             std::future::ready(Ok(http::Response::new("ok".to_owned())))
         }
     }
@@ -432,7 +434,7 @@ async fn extended_connect_over_http2_opens_a_tunnel() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let supervisor = Supervisor::new();
     let svc = ServiceBuilder::new().layer(supervisor.stack()).service_fn(
-        |mut req: http::Request<hyper::body::Incoming>| async move {
+        |mut req: http::Request<tower_exit::serve::http::RequestBody>| async move {
             let protocol = req.extensions().get::<hyper::ext::Protocol>().cloned();
             assert_eq!(req.method(), http::Method::CONNECT);
             assert_eq!(protocol.as_ref().map(|p| p.as_str()), Some("echo"));

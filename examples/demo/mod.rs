@@ -48,6 +48,9 @@ pub struct Args {
     /// `--min-response-rate BYTES/SECS` (HTTP): the slowest a client may
     /// read, after a grace.
     pub min_response_rate: Option<(u64, Duration)>,
+    /// `--min-request-body-rate BYTES/SECS` (HTTP): the slowest a client
+    /// may send a request body, after a grace.
+    pub min_request_body_rate: Option<(u64, Duration)>,
     /// `--fastcgi` (prefork): workers serve FastCGI, not HTTP.
     pub fastcgi: bool,
 }
@@ -86,6 +89,7 @@ pub fn parse_args(default_listen: &str, prefork: bool) -> Args {
         socket_group: None,
         shutdown_delay: Duration::ZERO,
         min_response_rate: None,
+        min_request_body_rate: None,
         fastcgi: false,
     };
     let number = |flag: &str, value: Option<String>| -> u64 {
@@ -143,6 +147,10 @@ pub fn parse_args(default_listen: &str, prefork: bool) -> Args {
                 parsed.min_response_rate = per_seconds(args.next())
                     .or_else(|| usage("--min-response-rate takes BYTES/SECONDS", prefork));
             }
+            "--min-request-body-rate" => {
+                parsed.min_request_body_rate = per_seconds(args.next())
+                    .or_else(|| usage("--min-request-body-rate takes BYTES/SECONDS", prefork));
+            }
             "--shutdown-delay" => {
                 let secs = args.next().and_then(|v| v.parse::<f64>().ok());
                 parsed.shutdown_delay = secs
@@ -171,8 +179,8 @@ pub fn parse_args(default_listen: &str, prefork: bool) -> Args {
     parsed
 }
 
-/// `N/SECS` (`--restart-intensity`, `--min-response-rate`): a number and
-/// a whole number of seconds.
+/// `N/SECS` (`--restart-intensity`, `--min-response-rate`,
+/// `--min-request-body-rate`): a number and a whole number of seconds.
 fn per_seconds<N: std::str::FromStr>(value: Option<String>) -> Option<(N, Duration)> {
     let value = value?;
     let (n, secs) = value.split_once('/')?;
@@ -216,7 +224,7 @@ fn usage(problem: &str, prefork: bool) -> ! {
     eprintln!(
         "{problem}\nusage: {} [--listen HOST:PORT|unix:PATH] [--socket-mode OCTAL] \
          [--socket-group NAME|GID] [--shutdown-delay SECS] \
-         [--min-response-rate BYTES/SECS]{extra}",
+         [--min-response-rate BYTES/SECS] [--min-request-body-rate BYTES/SECS]{extra}",
         std::env::args().next().unwrap_or_default()
     );
     std::process::exit(2)
@@ -237,11 +245,30 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     res
 }
 
+/// The bodies the demo reads: `serve::http`'s and `serve::fastcgi`'s.
+pub trait ReqBody:
+    http_body::Body<Data = Bytes, Error: std::fmt::Display> + Send + 'static
+{
+}
+
+impl<B> ReqBody for B where
+    B: http_body::Body<Data = Bytes, Error: std::fmt::Display> + Send + 'static
+{
+}
+
 /// The routes.
-pub async fn handler<B>(req: Request<B>) -> Reply {
+pub async fn handler<B: ReqBody>(req: Request<B>) -> Reply {
     let path = req.uri().path().to_owned();
     match path.as_str() {
         "/" => Ok(text(StatusCode::OK, "hello\n")),
+        // Reads the whole body: `N bytes`, or `400` with why the read
+        // failed (a client slower than the minimum request body rate).
+        "/upload" => Ok(
+            match http_body_util::BodyExt::collect(req.into_body()).await {
+                Ok(body) => text(StatusCode::OK, format!("{} bytes\n", body.to_bytes().len())),
+                Err(err) => text(StatusCode::BAD_REQUEST, format!("{err}\n")),
+            },
+        ),
         "/pid" => Ok(text(StatusCode::OK, std::process::id().to_string())),
         "/fail" => Err("the handler failed".into()),
         "/panic" => panic!("the handler panicked"),
@@ -349,7 +376,7 @@ pub type Body = ResponseBody<Full<Bytes>>;
 
 /// The routes behind the exit-aware stack (boundary, catch-panic, reporter,
 /// fork guard as one layer), real errors turned into `500` above it.
-pub fn service<B: Send + 'static>(
+pub fn service<B: ReqBody>(
     supervisor: &Supervisor,
 ) -> impl Service<
     Request<B>,
@@ -372,7 +399,7 @@ pub fn service<B: Send + 'static>(
 
 /// `/ready` and `/live` (the supervisor's readiness and liveness services),
 /// then the routes.
-fn probes_or_routes<B: Send + 'static>(
+fn probes_or_routes<B: ReqBody>(
     supervisor: &Supervisor,
 ) -> impl Fn(Request<B>) -> std::pin::Pin<Box<dyn Future<Output = Reply> + Send>> + Clone {
     let readiness = supervisor.readiness();

@@ -35,10 +35,16 @@ use tower::util::Oneshot;
 use tower_service::Service;
 
 use super::budget::Budget;
+#[cfg(feature = "http")]
+use super::conn_io::MinRate;
 use super::in_flight::{Conn, InFlight};
 #[cfg(feature = "http")]
 use super::listen::Peer;
+#[cfg(feature = "http")]
+use super::request_body::RequestBody;
 use super::BoxError;
+#[cfg(feature = "http")]
+use hyper::body::Incoming;
 
 /// Wraps the service a server runs; see [the module docs](self).
 ///
@@ -95,29 +101,32 @@ impl<S> Escapes<S> {
 pub(crate) struct ForHyper<S> {
     escapes: RefCell<Escapes<S>>,
     peer: Peer,
+    body_rate: Option<MinRate>,
 }
 
 #[cfg(feature = "http")]
 impl<S> ForHyper<S> {
-    pub(crate) fn new(escapes: Escapes<S>, peer: Peer) -> Self {
+    pub(crate) fn new(escapes: Escapes<S>, peer: Peer, body_rate: Option<MinRate>) -> Self {
         ForHyper {
             escapes: RefCell::new(escapes),
             peer,
+            body_rate,
         }
     }
 }
 
 #[cfg(feature = "http")]
-impl<S, ReqBody, ResBody> hyper::service::Service<Request<ReqBody>> for ForHyper<S>
+impl<S, ResBody> hyper::service::Service<Request<Incoming>> for ForHyper<S>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+    S: Service<Request<RequestBody>, Response = Response<ResBody>> + Clone,
     S::Error: Into<BoxError>,
 {
     type Response = Response<EscapeBody<ResBody>>;
     type Error = BoxError;
-    type Future = EscapesFuture<Either<S::Future, Oneshot<S, Request<ReqBody>>>>;
+    type Future = EscapesFuture<Either<S::Future, Oneshot<S, Request<RequestBody>>>>;
 
-    fn call(&self, mut req: Request<ReqBody>) -> Self::Future {
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let mut req = req.map(|body| RequestBody::new(body, self.body_rate, self.peer));
         self.peer.insert_into(req.extensions_mut());
         // Never fails: hyper does not call again before `call` returns.
         let Ok(mut escapes) = self.escapes.try_borrow_mut() else {

@@ -6,7 +6,7 @@
 //! use tower::ServiceBuilder;
 //! use tower_exit::{Supervisor, TracingReporter};
 //!
-//! # async fn handler(_: http::Request<hyper::body::Incoming>) -> Result<http::Response<String>, std::convert::Infallible> { todo!() }
+//! # async fn handler(_: http::Request<tower_exit::serve::http::RequestBody>) -> Result<http::Response<String>, std::convert::Infallible> { todo!() }
 //! #[tokio::main]
 //! async fn main() -> std::io::Result<ExitCode> {
 //!     let supervisor = Supervisor::new();
@@ -30,7 +30,6 @@ use super::watch::{Event, Watch};
 use super::DrainOptions;
 use super::ServeService;
 use crate::{Exit, Supervisor};
-use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use std::future::Future;
@@ -42,6 +41,7 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
+pub use super::request_body::{BodyError, RequestBody};
 pub use super::DEFAULT_GRACE;
 
 const DEFAULT_MIN_RATE: MinRate = MinRate {
@@ -61,12 +61,22 @@ pub fn http<S>(listener: impl Into<Listener>, service: S, supervisor: &Superviso
         max_connections: None,
         budget: None,
         min_response_rate: Some(DEFAULT_MIN_RATE),
+        min_request_body_rate: Some(DEFAULT_MIN_BODY_RATE),
     }
 }
 
 /// Default minimum response rate: 240 bytes a second after a 5 s grace,
 /// Kestrel's. See [`ServeHttp::min_response_rate`].
 pub const DEFAULT_MIN_RESPONSE_RATE: (u64, Duration) = (240, Duration::from_secs(5));
+
+/// Default minimum request body rate: 240 bytes a second after a 5 s
+/// grace, Kestrel's. See [`ServeHttp::min_request_body_rate`].
+pub const DEFAULT_MIN_REQUEST_BODY_RATE: (u64, Duration) = (240, Duration::from_secs(5));
+
+const DEFAULT_MIN_BODY_RATE: MinRate = MinRate {
+    bytes_per_sec: DEFAULT_MIN_REQUEST_BODY_RATE.0,
+    grace: DEFAULT_MIN_REQUEST_BODY_RATE.1,
+};
 
 /// Default time a connection may go without starting or finishing a
 /// request: 30 s, hyper's header read timeout. See
@@ -100,6 +110,7 @@ pub struct ServeHttp<S> {
     max_connections: Option<usize>,
     budget: Option<Arc<Budget>>,
     min_response_rate: Option<MinRate>,
+    min_request_body_rate: Option<MinRate>,
 }
 
 impl<S> ServeHttp<S> {
@@ -153,6 +164,29 @@ impl<S> ServeHttp<S> {
         self
     }
 
+    /// The slowest a client may send a request body the application is
+    /// reading (default [`DEFAULT_MIN_REQUEST_BODY_RATE`]: 240 bytes a
+    /// second after a 5 s grace, Kestrel's), so that clients that trickle
+    /// an upload a byte at a time cannot hold connections for ever. While
+    /// the application waits for the body ([`RequestBody`]), the client
+    /// spends an allowance that starts at `grace`; every byte it sends
+    /// earns `1 / bytes_per_sec` seconds back, up to `grace` plus what
+    /// 64 KiB are worth. Spent, the request ends: the application's read
+    /// fails with [`BodyError::TooSlow`] (axum answers `400`), logged at
+    /// INFO, and the connection closes after the response (an HTTP/2
+    /// stream is reset). A client sending at the rate or faster is never
+    /// cut; one that stops is cut within `grace` (after a body of 64 KiB
+    /// or more, within `grace + 64 KiB / bytes_per_sec`, 4.6 min at the
+    /// default). Time the application spends not reading the body does
+    /// not count. `bytes_per_sec` 0 turns it off.
+    pub fn min_request_body_rate(mut self, bytes_per_sec: u64, grace: Duration) -> Self {
+        self.min_request_body_rate = Some(MinRate {
+            bytes_per_sec,
+            grace,
+        });
+        self
+    }
+
     /// Connections served at once (default [`default_max_connections`]);
     /// more wait in the listen backlog until one ends. An upgraded
     /// connection (a WebSocket) counts until its handler closes it. At the
@@ -170,12 +204,12 @@ impl<S> ServeHttp<S> {
     }
 }
 
-drain_options!(ServeHttp<S>, Incoming);
+drain_options!(ServeHttp<S>, RequestBody);
 
 impl<S> ServeHttp<S> {
     async fn run(self) -> io::Result<Exit>
     where
-        S: ServeService<Incoming>,
+        S: ServeService<RequestBody>,
     {
         let ServeHttp {
             listener,
@@ -186,6 +220,7 @@ impl<S> ServeHttp<S> {
             max_connections,
             budget,
             min_response_rate,
+            min_request_body_rate,
         } = self;
         drain.start(&supervisor)?;
         let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -255,7 +290,10 @@ impl<S> ServeHttp<S> {
             // it, in its handler, until closed.
             let io = ConnIo::new(stream, conn_state.clone(), slot, peer, min_response_rate);
             let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(io), ForHyper::new(svc, peer))
+                .serve_connection_with_upgrades(
+                    TokioIo::new(io),
+                    ForHyper::new(svc, peer, min_request_body_rate),
+                )
                 .into_owned();
             let drain_now = drain.drain_signal(&supervisor);
             let entry = open.add(&conn_state);
@@ -282,7 +320,7 @@ async fn handle_connection<S>(
     peer: Peer,
     header_read_timeout: Duration,
 ) where
-    S: ServeService<Incoming>,
+    S: ServeService<RequestBody>,
 {
     // Serve. Once draining starts, an HTTP/1 connection is left
     // to end by itself: its next response carries `connection:

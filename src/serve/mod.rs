@@ -106,6 +106,8 @@ mod listen;
 #[cfg(feature = "prefork")]
 pub mod prefork;
 #[cfg(feature = "http")]
+mod request_body;
+#[cfg(feature = "http")]
 mod watch;
 
 #[cfg(feature = "fastcgi")]

@@ -8,7 +8,7 @@
 //! use tower_exit::serve::prefork::Prefork;
 //! use tower_exit::TracingReporter;
 //!
-//! # async fn handler(_: http::Request<hyper::body::Incoming>) -> Result<http::Response<String>, std::convert::Infallible> { todo!() }
+//! # async fn handler(_: http::Request<tower_exit::serve::http::RequestBody>) -> Result<http::Response<String>, std::convert::Infallible> { todo!() }
 //! fn main() -> std::io::Result<ExitCode> {
 //!     let exit = Prefork::new("127.0.0.1:8080".parse().unwrap())
 //!         .workers(4)
@@ -96,6 +96,8 @@ pub struct Prefork {
     shutdown_delay: Duration,
     #[cfg(feature = "http")]
     min_response_rate: Option<(u64, Duration)>,
+    #[cfg(feature = "http")]
+    min_request_body_rate: Option<(u64, Duration)>,
     on_bound: Option<OnBound>,
     restart_intensity: Option<(u32, Duration)>,
     timeout: Option<Duration>,
@@ -142,6 +144,8 @@ impl Prefork {
             shutdown_delay: Duration::ZERO,
             #[cfg(feature = "http")]
             min_response_rate: None,
+            #[cfg(feature = "http")]
+            min_request_body_rate: None,
             on_bound: None,
             restart_intensity: None,
             timeout: None,
@@ -339,6 +343,15 @@ impl Prefork {
         self
     }
 
+    /// HTTP workers: the slowest a client may send a request body; see
+    /// [`ServeHttp::min_request_body_rate`](crate::serve::ServeHttp::min_request_body_rate)
+    /// (default 240 bytes a second after 5 s).
+    #[cfg(feature = "http")]
+    pub fn min_request_body_rate(mut self, bytes_per_sec: u64, grace: Duration) -> Self {
+        self.min_request_body_rate = Some((bytes_per_sec, grace));
+        self
+    }
+
     #[cfg(feature = "http")]
     /// Runs the master, serving HTTP in each worker. Returns when the server
     /// stops: [`Exit::success`] after SIGTERM/SIGINT/SIGQUIT, or the
@@ -346,16 +359,20 @@ impl Prefork {
     pub fn run_http<F, S>(self, factory: F) -> io::Result<Exit>
     where
         F: Fn(&Supervisor) -> S,
-        S: ServeService<hyper::body::Incoming>,
+        S: ServeService<super::http::RequestBody>,
     {
-        let (grace, delay, rate) = (self.grace, self.shutdown_delay, self.min_response_rate);
+        let (grace, delay) = (self.grace, self.shutdown_delay);
+        let (response_rate, body_rate) = (self.min_response_rate, self.min_request_body_rate);
         self.run(move |listener, supervisor, limit| {
             let mut serve = crate::serve::http(listener, factory(supervisor), supervisor)
                 .grace(grace)
                 .shutdown_delay(delay)
                 .with_signals();
-            if let Some((bytes_per_sec, grace)) = rate {
+            if let Some((bytes_per_sec, grace)) = response_rate {
                 serve = serve.min_response_rate(bytes_per_sec, grace);
+            }
+            if let Some((bytes_per_sec, grace)) = body_rate {
+                serve = serve.min_request_body_rate(bytes_per_sec, grace);
             }
             if let Some(limit) = limit {
                 serve = serve.max_requests(limit);

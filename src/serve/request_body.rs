@@ -1,0 +1,146 @@
+//! The request body under `serve::http`: hyper's `Incoming`, held to a
+//! minimum rate while the application waits for it.
+
+use super::conn_io::{MinRate, EARNED_CAP};
+use super::listen::Peer;
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use pin_project_lite::pin_project;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::time::{Instant, Sleep};
+
+pin_project! {
+    /// The body of a request served by [`serve::http`](crate::serve::http()):
+    /// hyper's [`Incoming`], with the minimum request body rate of
+    /// [`ServeHttp::min_request_body_rate`](crate::serve::ServeHttp::min_request_body_rate)
+    /// applied while the application waits for it.
+    ///
+    /// A client that sends slower than the rate gets its request ended: the
+    /// application's next read fails with [`BodyError::TooSlow`] (axum's
+    /// extractors answer `400`), logged at INFO, and the connection closes
+    /// after the response (HTTP/1; HTTP/2: that stream). Time the
+    /// application spends not reading does not count against the client.
+    /// [`into_incoming`](Self::into_incoming) gives hyper's body back,
+    /// without the rule.
+    #[derive(Debug)]
+    pub struct RequestBody {
+        #[pin]
+        inner: Incoming,
+        rate: Option<MinRate>,
+        // What the client may still wait, spent while the application
+        // waits for it, earned back at the rate by each byte it sends.
+        allowance: Duration,
+        // While the application waits for bytes: since when, and the
+        // deadline the allowance sets (allocated at the first wait only).
+        waiting_since: Option<Instant>,
+        deadline: Option<Pin<Box<Sleep>>>,
+        peer: Peer,
+    }
+}
+
+/// Why a [`RequestBody`] ended early.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BodyError {
+    /// hyper's error: the client closed the connection, a protocol error.
+    #[error(transparent)]
+    Hyper(#[from] hyper::Error),
+    /// The client sends the body slower than the minimum request body rate.
+    #[error("the client sends the request body slower than {bytes_per_sec} bytes a second")]
+    TooSlow {
+        /// The minimum rate.
+        bytes_per_sec: u64,
+    },
+}
+
+impl RequestBody {
+    pub(crate) fn new(inner: Incoming, rate: Option<MinRate>, peer: Peer) -> Self {
+        let rate = rate.filter(|rate| rate.bytes_per_sec > 0);
+        RequestBody {
+            inner,
+            allowance: rate.map_or(Duration::ZERO, |rate| rate.grace),
+            rate,
+            waiting_since: None,
+            deadline: None,
+            peer,
+        }
+    }
+
+    /// hyper's body, without the minimum rate.
+    pub fn into_incoming(self) -> Incoming {
+        self.inner
+    }
+}
+
+/// The most a client's allowance grows to: the grace, and what
+/// [`EARNED_CAP`] bytes are worth at the rate. A client that stops sending
+/// altogether is cut within that much (4.6 min at the default, after a
+/// body of 64 KiB or more; `grace` after less).
+fn cap(rate: MinRate) -> Duration {
+    rate.grace + Duration::from_secs_f64(EARNED_CAP as f64 / rate.bytes_per_sec as f64)
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        let Some(rate) = *this.rate else {
+            return polled.map(|frame| frame.map(|frame| frame.map_err(BodyError::from)));
+        };
+        if let Poll::Ready(frame) = polled {
+            // The wait, if any, is over: spent from the allowance; the
+            // bytes earn theirs back.
+            if let Some(since) = this.waiting_since.take() {
+                *this.allowance = this.allowance.saturating_sub(since.elapsed());
+            }
+            if let Some(Ok(data)) = frame.as_ref().map(|f| f.as_ref().map(Frame::data_ref)) {
+                let earned = data.map_or(0, Bytes::len) as f64 / rate.bytes_per_sec as f64;
+                *this.allowance =
+                    (*this.allowance + Duration::from_secs_f64(earned)).min(cap(rate));
+            }
+            return Poll::Ready(frame.map(|frame| frame.map_err(BodyError::from)));
+        }
+        // The application waits for the client: for as long as the
+        // allowance lasts.
+        let now = Instant::now();
+        let since = *this.waiting_since.get_or_insert(now);
+        let at = since + *this.allowance;
+        let deadline = this
+            .deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+        if deadline.deadline() != at {
+            deadline.as_mut().reset(at);
+        }
+        if deadline.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        *this.rate = None;
+        tracing::info!(
+            peer = %this.peer,
+            min_bytes_per_sec = rate.bytes_per_sec,
+            grace = ?rate.grace,
+            "the client sends the request body slower than the minimum rate: request ended"
+        );
+        Poll::Ready(Some(Err(BodyError::TooSlow {
+            bytes_per_sec: rate.bytes_per_sec,
+        })))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

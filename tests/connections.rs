@@ -403,8 +403,9 @@ async fn upload_server(
 }
 
 /// POSTs `count` chunks of `chunk` bytes, one every `every`, with hyper's
-/// client (HTTP/1, or HTTP/2 with prior knowledge); the status (or the
-/// client's error) and when the exchange ended.
+/// client (HTTP/1, or HTTP/2 with prior knowledge); a `chunk` of 0 sends
+/// nothing, ever. The status (or the client's error) and when the exchange
+/// ended.
 async fn post_trickle(
     addr: std::net::SocketAddr,
     http2: bool,
@@ -421,6 +422,10 @@ async fn post_trickle(
         move |i| async move {
             if i == count {
                 return None;
+            }
+            if chunk == 0 {
+                // A silent body: nothing, ever.
+                std::future::pending::<()>().await;
             }
             if i > 0 {
                 tokio::time::sleep(every).await;
@@ -595,4 +600,49 @@ async fn trickling_uploads_at_the_connection_cap_do_not_lock_a_client_out() {
             upload.abort();
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_default_rate_a_trickling_and_a_silent_body_are_cut_and_100_kb_a_second_is_not() {
+    // The defaults: 240 bytes a second after 5 s.
+    let (addr, supervisor, server) = upload_server(|s| s).await;
+    for http2 in [false, true] {
+        let version = if http2 { "HTTP/2" } else { "HTTP/1.1" };
+        let trickle = post_trickle(addr, http2, "/upload", 1, Duration::from_secs(2), 30);
+        let silent = post_trickle(addr, http2, "/upload", 0, Duration::ZERO, 1);
+        // 10 KB every 100 ms (100 KB/s), 1 MB.
+        let steady = post_trickle(
+            addr,
+            http2,
+            "/upload",
+            10_000,
+            Duration::from_millis(100),
+            100,
+        );
+        let ((trickle, trickle_took), (silent, silent_took), (steady, _)) =
+            tokio::join!(trickle, silent, steady);
+        for (what, outcome, took) in [
+            ("a byte every 2 s", trickle, trickle_took),
+            ("a silent body", silent, silent_took),
+        ] {
+            assert!(
+                took >= Duration::from_secs(5) && took < Duration::from_secs(8),
+                "{version}, {what}: ended after {took:?}: {outcome:?}"
+            );
+            if let Ok((status, body)) = &outcome {
+                assert_eq!(
+                    *status,
+                    http::StatusCode::BAD_REQUEST,
+                    "{version}, {what}: {body}"
+                );
+            }
+        }
+        assert_eq!(
+            steady,
+            Ok((http::StatusCode::OK, "1000000\n".to_owned())),
+            "{version}"
+        );
+    }
+    supervisor.trigger(tower_exit::Exit::success());
+    assert_eq!(server.await.unwrap().unwrap().code(), 0);
 }

@@ -1,6 +1,7 @@
 //! The demo routes on a prefork server, with `/pid` (the worker's pid),
-//! `/hang` (blocks its worker's thread, never answers) and `/grow/MIB`
-//! (allocates and keeps MIB MiB):
+//! `/hang` (blocks its worker's thread, never answers), `/grow/MIB`
+//! (allocates and keeps MIB MiB) and `/big/MIB` (a body of MIB MiB, at
+//! most 8, from one shared buffer):
 //!
 //! `cargo run --example prefork -- --listen 127.0.0.1:8080 --workers 4 --max-requests 1000 --timeout 30 --max-rss 512`
 //!

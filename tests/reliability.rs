@@ -21,7 +21,10 @@
 //! - `FCGI_ABORT_REQUEST` mid-body under load: the request ends at once, its
 //!   connection serves on;
 //! - the seed scenario 1,000 times in a row under load: every answer from
-//!   the parent, each child seen once, no child left.
+//!   the parent, each child seen once, no child left;
+//! - 1,100 trickling uploads and 100 slow readers of 8 MiB against a
+//!   2-worker prefork at `ulimit -n 1024`: every legitimate request
+//!   answered right within 10 s.
 
 mod common;
 
@@ -817,4 +820,184 @@ async fn fastcgi_prefork_behind_nginx_keep_conn_recycling_and_sighup_answers_no_
         hups >= 2 && recycled > 100,
         "{hups} SIGHUPs, {recycled} recycles"
     );
+}
+
+/// Raises this process's soft limit on open files to its hard limit (the
+/// attack below opens more than 1,024 sockets).
+fn raise_nofile() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        limit.rlim_cur = limit.rlim_max.min(65_536);
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+    }
+}
+
+/// Issue 24: a 2-worker prefork HTTP server at `ulimit -n 1024` and its
+/// default limits, while 1,100 uploads trickle a byte every 5 s (each
+/// reconnecting when cut) and 100 clients read `/big/8` (8 MiB) at a byte a
+/// second; 8 legitimate clients meanwhile, a new connection per request,
+/// `GET /` and `POST /upload` for 20 s. Every legitimate request answered
+/// right within 10 s; their latency (p50, p99, max) and the workers' RSS
+/// are printed. `BODY_RATE=0/1` runs the same with the request body rate
+/// off (the code before it), for the comparison in BENCHMARKS.md.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "load: run with --ignored"]
+async fn trickling_uploads_and_slow_readers_beside_legitimate_load_on_prefork() {
+    const TRICKLING: usize = 1_100;
+    const READERS: usize = 100;
+    const LOAD_FOR: Duration = Duration::from_secs(20);
+    raise_nofile();
+    let mut command = Command::new("sh");
+    command.args([
+        "-c",
+        "ulimit -n 1024 && exec \"$0\" --listen 127.0.0.1:0 --workers 2 \"$@\"",
+        example("prefork").to_str().unwrap(),
+    ]);
+    if let Ok(rate) = std::env::var("BODY_RATE") {
+        command.args(["--min-request-body-rate", &rate]);
+    }
+    let mut app = Proc::spawn(command);
+    let addr = app.wait_for_line("listening on ");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss = |app: &Proc| -> u64 {
+        children_of(app.pid())
+            .iter()
+            .map(|(pid, _)| resident_kib(*pid))
+            .sum()
+    };
+    let rss_before = rss(&app);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut attackers = tokio::task::JoinSet::new();
+    for _ in 0..TRICKLING {
+        let (addr, stop) = (addr.clone(), stop.clone());
+        attackers.spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            while !stop.load(Ordering::Relaxed) {
+                let Ok(mut conn) = tokio::net::TcpStream::connect(&addr).await else {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                };
+                let head = "POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: 1000000\r\n\r\n";
+                if conn.write_all(head.as_bytes()).await.is_err() {
+                    continue;
+                }
+                while !stop.load(Ordering::Relaxed) && conn.write_all(b"x").await.is_ok() {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+            }
+        });
+    }
+    for _ in 0..READERS {
+        let (addr, stop) = (addr.clone(), stop.clone());
+        attackers.spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            while !stop.load(Ordering::Relaxed) {
+                let Ok(mut conn) = tokio::net::TcpStream::connect(&addr).await else {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                };
+                if conn
+                    .write_all(b"GET /big/8 HTTP/1.1\r\nhost: x\r\n\r\n")
+                    .await
+                    .is_err()
+                {
+                    continue;
+                }
+                let mut byte = [0u8; 1];
+                while !stop.load(Ordering::Relaxed) && matches!(conn.read(&mut byte).await, Ok(1)) {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        });
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let client: Client<_, String> = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build_http();
+    let latencies = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let wrong = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut legit = tokio::task::JoinSet::new();
+    for c in 0..8 {
+        let (client, addr, latencies, wrong) = (
+            client.clone(),
+            addr.clone(),
+            latencies.clone(),
+            wrong.clone(),
+        );
+        legit.spawn(async move {
+            let mut i = 0;
+            while started.elapsed() < LOAD_FOR {
+                i += 1;
+                let upload = (c + i) % 2 == 0;
+                let req = if upload {
+                    http::Request::post(format!("http://{addr}/upload")).body("x".repeat(100))
+                } else {
+                    http::Request::get(format!("http://{addr}/")).body(String::new())
+                }
+                .unwrap();
+                let sent = Instant::now();
+                let exchange = async {
+                    let res = client.request(req).await?;
+                    let status = res.status();
+                    let body = res.into_body().collect().await?.to_bytes();
+                    Ok::<_, Box<dyn std::error::Error + Send + Sync>>((status, Some(body)))
+                };
+                let answer = match tokio::time::timeout(Duration::from_secs(10), exchange).await {
+                    Ok(Ok(answer)) => answer,
+                    Ok(Err(err)) => {
+                        eprintln!("legitimate request not answered: {err}");
+                        (StatusCode::BAD_GATEWAY, None)
+                    }
+                    Err(_) => {
+                        eprintln!("legitimate request not answered within 10 s");
+                        (StatusCode::GATEWAY_TIMEOUT, None)
+                    }
+                };
+                let expected: &[u8] = if upload { b"100 bytes\n" } else { b"hello\n" };
+                if answer.0 != StatusCode::OK || answer.1.as_deref() != Some(expected) {
+                    wrong.fetch_add(1, Ordering::Relaxed);
+                }
+                latencies.lock().unwrap().push(sent.elapsed());
+            }
+        });
+    }
+    let mut rss_peak = rss(&app);
+    while !legit.is_empty() {
+        tokio::select! {
+            joined = legit.join_next() => joined.unwrap().unwrap(),
+            () = tokio::time::sleep(Duration::from_millis(500)) => rss_peak = rss_peak.max(rss(&app)),
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    attackers.abort_all();
+    let mut latencies = std::mem::take(&mut *latencies.lock().unwrap());
+    latencies.sort();
+    let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize];
+    let cut = app.stderr_count("slower than the minimum rate");
+    println!(
+        "prefork, 2 workers, ulimit -n 1024, request body rate {}; {TRICKLING} uploads trickling a byte \
+         every 5 s and {READERS} readers of /big/8 at a byte a second: {} legitimate requests in \
+         {:.0} s, {} wrong; latency p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; {cut} slow \
+         clients cut; workers' RSS {rss_before} KiB before, peak {rss_peak} KiB",
+        std::env::var("BODY_RATE").unwrap_or_else(|_| "default (240/5)".to_owned()),
+        latencies.len(),
+        LOAD_FOR.as_secs_f64(),
+        wrong.load(Ordering::Relaxed),
+        at(0.5).as_secs_f64() * 1e3,
+        at(0.99).as_secs_f64() * 1e3,
+        latencies.last().unwrap().as_secs_f64() * 1e3,
+    );
+    assert_eq!(
+        wrong.load(Ordering::Relaxed),
+        0,
+        "legitimate requests went wrong"
+    );
+    signal_term(&mut app);
 }

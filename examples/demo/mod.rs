@@ -311,6 +311,9 @@ pub async fn handler<B: ReqBody>(req: Request<B>) -> Reply {
             if let Some(Ok(mib)) = path.strip_prefix("/grow/").map(str::parse::<usize>) {
                 return Ok(text(StatusCode::OK, grow(mib)));
             }
+            if let Some(Ok(mib)) = path.strip_prefix("/big/").map(str::parse::<usize>) {
+                return Ok(text(StatusCode::OK, big(mib)));
+            }
             // An exit raised in a plain background task, 100 ms after the
             // answer: the server (a prefork worker) drains with it.
             if let Some(Ok(code)) = path
@@ -336,6 +339,14 @@ pub async fn handler<B: ReqBody>(req: Request<B>) -> Reply {
 /// `/grow/MIB`: allocates `mib` MiB, touches every page (so it is
 /// resident) and keeps it for the life of the process: memory growth, for
 /// the prefork demo's `--max-rss` (capped at 4 GiB a request).
+/// `mib` MiB (at most 8) in one buffer, shared by every response: for
+/// clients that read a large body slowly.
+fn big(mib: usize) -> Bytes {
+    static BIG: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
+    let big = BIG.get_or_init(|| Bytes::from(vec![b'x'; 8 << 20]));
+    big.slice(..mib.min(8) << 20)
+}
+
 fn grow(mib: usize) -> String {
     static KEPT: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
     let mib = mib.min(4096);

@@ -20,7 +20,7 @@
 use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, Path, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{any, get};
 use axum::Router;
 use http::StatusCode;
 use std::net::SocketAddr;
@@ -124,7 +124,8 @@ fn app(supervisor: &Supervisor) -> Router {
             "/peer",
             get(|ConnectInfo(peer): ConnectInfo<SocketAddr>| async move { format!("{peer}\n") }),
         )
-        .route("/ws", get(ws_echo))
+        // `any`: GET for HTTP/1.1, CONNECT for HTTP/2 (RFC 8441).
+        .route("/ws", any(ws_echo))
         // Probes: 503 from the first moment of a shutdown delay or drain;
         // liveness 200 throughout.
         .route_service("/ready", supervisor.readiness())

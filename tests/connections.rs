@@ -646,3 +646,37 @@ async fn at_the_default_rate_a_trickling_and_a_silent_body_are_cut_and_100_kb_a_
     supervisor.trigger(tower_exit::Exit::success());
     assert_eq!(server.await.unwrap().unwrap().code(), 0);
 }
+
+#[test]
+fn a_websocket_over_http2_echoes_and_gets_close_1001_in_a_drain_under_both_servers() {
+    // A real HTTP/2 client (Python's h2, with wsproto's frames: installed
+    // by .ci/test) opens the WebSocket with an extended CONNECT (RFC 8441).
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/ws_h2_client.py"
+    );
+    for server in ["http", "axum"] {
+        let (mut proc, addr) = axum_example(server, &[]);
+        let out = std::process::Command::new("python3")
+            .args([script, &addr, "/ws", &format!("http://{addr}/exit/3")])
+            .output()
+            .expect("python3 runs (h2 and wsproto installed by .ci/test)");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{server}: {}\n{stdout}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let got: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+        assert_eq!(got["enable_connect_protocol"], true, "{server}: {got}");
+        assert_eq!(got["status"], "200", "{server}: {got}");
+        assert_eq!(got["echo"], "hello h2", "{server}: {got}");
+        assert_eq!(got["close_code"], 1001, "{server}: {got}");
+        assert_eq!(
+            proc.wait_exit(Duration::from_secs(15)).code(),
+            Some(3),
+            "{server}"
+        );
+    }
+}

@@ -24,6 +24,7 @@ use tower_exit::Supervisor;
 mod common;
 use common::fcgi::{
     begin, pairs, partial_post, read_until_end, record, request, response_of, rest_of_partial,
+    take_record,
 };
 
 // ---------------------------------------------------------------------------
@@ -75,6 +76,7 @@ async fn app(
             unreachable!()
         }
         "/big" => text("x".repeat(200_000)),
+        "/huge" => text("x".repeat(32 << 20)),
         _ => text("hello".into()),
     }
 }
@@ -516,4 +518,127 @@ async fn an_ipv4_peer_of_a_dual_stack_listener_matches_its_ipv4_entry() {
     still_serves(SocketAddr::from(([127, 0, 0, 1], port))).await;
     supervisor.trigger(tower_exit::Exit::success());
     assert_eq!(server.await.unwrap().unwrap().code(), 0);
+}
+
+/// Sends a POST to `/echo` whose stdin comes as `count` records of `chunk`
+/// bytes, one every `every`; what came back (the response's stdout, or
+/// `None` when the server closed the connection first) and when.
+async fn post_trickle(
+    addr: SocketAddr,
+    chunk: usize,
+    every: Duration,
+    count: usize,
+) -> (Option<String>, Duration) {
+    let started = std::time::Instant::now();
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut reader, mut writer) = stream.into_split();
+    let mut head = begin(1, 1, false);
+    let length = (chunk * count).to_string();
+    head.extend(record(
+        4,
+        1,
+        &pairs(&[
+            ("REQUEST_METHOD", "POST"),
+            ("REQUEST_URI", "/echo"),
+            ("CONTENT_LENGTH", &length),
+        ]),
+    ));
+    head.extend(record(4, 1, b""));
+    writer.write_all(&head).await.unwrap();
+    let trickle = async move {
+        for i in 0..count {
+            if i > 0 {
+                tokio::time::sleep(every).await;
+            }
+            if writer
+                .write_all(&record(5, 1, &vec![b'x'; chunk]))
+                .await
+                .is_err()
+            {
+                return std::future::pending().await;
+            }
+        }
+        let _ = writer.write_all(&record(5, 1, b"")).await;
+        std::future::pending::<()>().await
+    };
+    let read = async move {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match reader.read(&mut buf).await {
+                Ok(0) | Err(_) => return got,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    let got = tokio::select! {
+        got = read => got,
+        () = trickle => unreachable!(),
+    };
+    let mut got = got;
+    let mut stdout = String::new();
+    while let Some(rec) = take_record(&mut got) {
+        if rec.kind == 6 {
+            stdout.push_str(&String::from_utf8_lossy(&rec.content));
+        }
+    }
+    ((!stdout.is_empty()).then_some(stdout), started.elapsed())
+}
+
+#[tokio::test]
+async fn stdin_below_the_minimum_rate_ends_the_connection_and_at_the_rate_does_not() {
+    let limits = Limits::default().min_request_body_rate(240, Duration::from_secs(1));
+    let limited = server(limits, None).await;
+    // A byte every 300 ms: closed once the 1 s allowance is spent.
+    let (got, took) = post_trickle(limited.addr, 1, Duration::from_millis(300), 20).await;
+    assert_eq!(got, None, "answered instead of closed");
+    assert!(took < Duration::from_secs(3), "closed after {took:?}");
+    assert!(log_contains("request input at the minimum rate"));
+    // 200 bytes every 500 ms (400 B/s): served.
+    let (got, _) = post_trickle(limited.addr, 200, Duration::from_millis(500), 8).await;
+    assert!(got.unwrap().ends_with("1600 bytes"));
+    // The control: with the rule off, the trickle is served too.
+    let off = server(
+        Limits::default().min_request_body_rate(0, Duration::ZERO),
+        None,
+    )
+    .await;
+    let (got, took) = post_trickle(off.addr, 1, Duration::from_millis(300), 20).await;
+    assert!(got.unwrap().ends_with("20 bytes"));
+    assert!(took > Duration::from_secs(5), "{took:?}");
+}
+
+/// Asks for `/huge` (32 MiB), reads nothing for 3 s, then reads what
+/// comes; how many bytes came before the connection closed.
+async fn huge_read_late(addr: SocketAddr) -> usize {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(&request(1, false, "/huge", b""))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut total = 0;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return total,
+            Ok(Ok(n)) => total += n,
+            Err(_) => panic!("neither closed nor sending after {total} bytes"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_web_server_that_stops_reading_a_response_is_cut_at_the_minimum_rate() {
+    // 1 MB/s after 1 s: a peer that takes nothing is cut once the socket's
+    // buffers are full and 1 s (plus 64 KiB at the rate) has passed.
+    let limits = Limits::default().min_response_rate(1_000_000, Duration::from_secs(1));
+    let limited = server(limits, None).await;
+    let got = huge_read_late(limited.addr).await;
+    assert!(got < 32 << 20, "the whole response came: {got} bytes");
+    assert!(log_contains("slower than the minimum rate"));
+    // The control: with the rule off, the response comes whole.
+    let off = server(Limits::default().min_response_rate(0, Duration::ZERO), None).await;
+    let got = huge_read_late(off.addr).await;
+    assert!(got > 32 << 20, "{got} bytes");
 }

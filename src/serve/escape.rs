@@ -35,11 +35,11 @@ use tower::util::Oneshot;
 use tower_service::Service;
 
 use super::budget::Budget;
-#[cfg(feature = "http")]
-use super::conn_io::MinRate;
 use super::in_flight::{Conn, InFlight};
 #[cfg(feature = "http")]
 use super::listen::Peer;
+#[cfg(feature = "http")]
+use super::min_rate::MinRate;
 #[cfg(feature = "http")]
 use super::request_body::RequestBody;
 use super::BoxError;

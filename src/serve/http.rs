@@ -22,10 +22,11 @@
 //! ```
 
 use super::budget::Budget;
-use super::conn_io::{ConnIo, MinRate};
+use super::conn_io::ConnIo;
 use super::escape::{Escapes, ForHyper};
 use super::in_flight::{Activity, Conn, Open};
 use super::listen::{Listener, Peer};
+use super::min_rate::MinRate;
 use super::watch::{Event, Watch};
 use super::DrainOptions;
 use super::ServeService;

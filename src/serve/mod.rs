@@ -103,6 +103,7 @@ pub mod graceful;
 pub mod http;
 mod in_flight;
 mod listen;
+mod min_rate;
 #[cfg(feature = "prefork")]
 pub mod prefork;
 #[cfg(feature = "http")]

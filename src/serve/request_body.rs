@@ -1,8 +1,8 @@
 //! The request body under `serve::http`: hyper's `Incoming`, held to a
 //! minimum rate while the application waits for it.
 
-use super::conn_io::{MinRate, EARNED_CAP};
 use super::listen::Peer;
+use super::min_rate::{MinRate, EARNED_CAP};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;

@@ -10,12 +10,14 @@ use super::request::{
     body_channel, cgi_head, content_length, request_from_params, BodyError, RequestBody,
 };
 use super::Limits;
+use crate::serve::min_rate::{MinRate, RateWriter, EARNED_CAP};
 use crate::serve::{Peer, ServeService};
 use bytes::{Bytes, BytesMut};
 use http::{Request, Response, StatusCode};
 use http_body::Body;
 use std::collections::HashMap;
 use std::future::Future;
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
@@ -81,6 +83,12 @@ where
 {
     let (mut reader, writer) = tokio::io::split(io);
     let (out, out_rx) = mpsc::channel::<Bytes>(64);
+    let (bytes_per_sec, grace) = limits.min_response_rate;
+    let rate = MinRate {
+        bytes_per_sec,
+        grace,
+    };
+    let writer = RateWriter::new(writer, Some(rate), peer);
     let writing = tokio::spawn(write_all(writer, out_rx));
     let (done_tx, mut done_rx) = mpsc::channel::<Done>(limits.max_requests_per_conn.max(1));
     tokio::pin!(drain);
@@ -106,6 +114,7 @@ where
     // The last time the peer sent something or a request ended: the idle
     // and read timeouts count from here.
     let mut last_activity = connected;
+    let mut input = InputRate::new(conn.limits.min_request_body_rate);
 
     let ended = loop {
         // Handle every whole record read so far; `buf` then holds less
@@ -156,6 +165,20 @@ where
                 connected + limit
             }
         });
+        // The minimum input rate: a wait for input spends the allowance.
+        let input_deadline = if conn.awaits_input() {
+            input.wait_deadline()
+        } else {
+            input.reset();
+            None
+        };
+        let (deadline, waiting) = match input_deadline {
+            Some(at) if deadline.is_none_or(|deadline| at < deadline) => {
+                let what = "request input at the minimum rate";
+                (Some(at), Some((what, Duration::ZERO)))
+            }
+            _ => (deadline, waiting),
+        };
         // Draining, with nothing active: the web server may already have
         // sent its next request on this kept connection; closing now would
         // fail it (nginx retries a GET on a new connection, not a POST).
@@ -174,7 +197,10 @@ where
                     Ok(()) => break Ended::Closed,
                     Err(err) => break Ended::Protocol(err),
                 },
-                Ok(_) => last_activity = tokio::time::Instant::now(),
+                Ok(n) => {
+                    last_activity = tokio::time::Instant::now();
+                    input.received(n);
+                }
                 Err(err) => break Ended::Io(err),
             },
             () = sleep_until(wake) => {
@@ -230,6 +256,57 @@ async fn write_all<W: AsyncWrite + Unpin>(
         writer.flush().await?;
     }
     writer.shutdown().await
+}
+
+/// The minimum rate of a request's input (see
+/// [`Limits::min_request_body_rate`](super::Limits::min_request_body_rate)):
+/// an allowance spent while the connection waits for input, earned back by
+/// the bytes that come.
+struct InputRate {
+    bytes_per_sec: u64,
+    grace: Duration,
+    allowance: Duration,
+    /// Since when the connection waits for input, if it does.
+    waiting_since: Option<tokio::time::Instant>,
+}
+
+impl InputRate {
+    fn new((bytes_per_sec, grace): (u64, Duration)) -> Self {
+        InputRate {
+            bytes_per_sec,
+            grace,
+            allowance: grace,
+            waiting_since: None,
+        }
+    }
+
+    /// No request waits for input: the next one starts afresh.
+    fn reset(&mut self) {
+        self.allowance = self.grace;
+        self.waiting_since = None;
+    }
+
+    /// The connection waits for input: when the allowance runs out.
+    fn wait_deadline(&mut self) -> Option<tokio::time::Instant> {
+        if self.bytes_per_sec == 0 {
+            return None;
+        }
+        let since = *self
+            .waiting_since
+            .get_or_insert_with(tokio::time::Instant::now);
+        Some(since + self.allowance)
+    }
+
+    /// `n` bytes came: the wait is spent, the bytes earn theirs back.
+    fn received(&mut self, n: usize) {
+        let Some(since) = self.waiting_since.take() else {
+            return;
+        };
+        let rate = self.bytes_per_sec as f64;
+        let cap = self.grace + Duration::from_secs_f64(EARNED_CAP as f64 / rate);
+        let earned = Duration::from_secs_f64(n as f64 / rate);
+        self.allowance = (self.allowance.saturating_sub(since.elapsed()) + earned).min(cap);
+    }
 }
 
 /// Sleeps until `deadline`, or forever when there is none.

@@ -103,6 +103,26 @@ pub struct Limits {
     /// (nothing running, nothing received); then it is closed. Default
     /// 60 s.
     pub idle_timeout: Duration,
+    /// The slowest the web server may send a request's input (`PARAMS`
+    /// and `STDIN`), in bytes a second, after a grace: while a request's
+    /// input is incomplete, the connection spends an allowance that
+    /// starts at the grace and that each byte earns back at the rate (up
+    /// to the grace plus what 64 KiB are worth); spent, the connection is
+    /// closed and its requests ended (the handler's body read fails).
+    /// Time the handler spends not reading its body does not count (the
+    /// connection reads no further meanwhile). nginx buffers request
+    /// bodies by default and sends them at once; with
+    /// `fastcgi_request_buffering off` it relays a client's trickle, which
+    /// this cuts. Default 240 bytes a second after 5 s (Kestrel's); a rate
+    /// of 0 turns it off. Set with [`min_request_body_rate`](Self::min_request_body_rate).
+    pub min_request_body_rate: (u64, Duration),
+    /// The slowest the web server may take a response, in bytes a second,
+    /// after a grace: a write that waits on it may wait the grace plus
+    /// what the bytes it took since its previous wait are worth at the
+    /// rate (at most 64 KiB of them); longer, and the connection is
+    /// closed, logged at INFO. Default 240 bytes a second after 5 s; 0
+    /// turns it off. Set with [`min_response_rate`](Self::min_response_rate).
+    pub min_response_rate: (u64, Duration),
 }
 
 impl Default for Limits {
@@ -115,7 +135,27 @@ impl Default for Limits {
             begin_timeout: Duration::from_secs(5),
             read_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(60),
+            min_request_body_rate: (240, Duration::from_secs(5)),
+            min_response_rate: (240, Duration::from_secs(5)),
         }
+    }
+}
+
+impl Limits {
+    /// Sets [`min_request_body_rate`](Self::min_request_body_rate):
+    /// `bytes_per_sec` (0: off) after `grace`.
+    #[must_use]
+    pub fn min_request_body_rate(mut self, bytes_per_sec: u64, grace: Duration) -> Self {
+        self.min_request_body_rate = (bytes_per_sec, grace);
+        self
+    }
+
+    /// Sets [`min_response_rate`](Self::min_response_rate):
+    /// `bytes_per_sec` (0: off) after `grace`.
+    #[must_use]
+    pub fn min_response_rate(mut self, bytes_per_sec: u64, grace: Duration) -> Self {
+        self.min_response_rate = (bytes_per_sec, grace);
+        self
     }
 }
 

@@ -1,0 +1,164 @@
+//! Minimum data rates: the slowest a peer may take a response, or send a
+//! request's body, after a grace. One rule for both servers' writes
+//! ([`WriteRate`]); the request side is `request_body` (HTTP) and the
+//! FastCGI connection's input rate.
+
+use std::fmt::Display;
+use std::future::Future;
+use std::io;
+#[cfg(feature = "fastcgi")]
+use std::io::IoSlice;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+#[cfg(feature = "fastcgi")]
+use tokio::io::AsyncWrite;
+use tokio::time::Sleep;
+
+/// A minimum rate: `bytes_per_sec` after `grace` (0: off).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct MinRate {
+    pub(crate) bytes_per_sec: u64,
+    pub(crate) grace: Duration,
+}
+
+/// The most bytes a peer's progress earns toward its next wait: the
+/// kernel frees a socket's send buffer in steps of up to about this size
+/// (half the buffer), so a client reading at the rate waits that long
+/// between two steps.
+pub(crate) const EARNED_CAP: u64 = 64 << 10;
+
+/// The minimum rate at which a peer must take what is written to it: a
+/// write that waits on the peer (the socket's buffer is full) may wait
+/// `grace`, plus the time the bytes the peer took since its previous wait
+/// are worth at `bytes_per_sec` (at most [`EARNED_CAP`] of them); longer,
+/// and the write fails (`TimedOut`), which closes the connection. A peer
+/// that reads steadily at the rate or faster is never cut; one that stops
+/// reading is cut within `grace + EARNED_CAP / bytes_per_sec`. Time the
+/// application spends producing what is written does not count: only
+/// waits on the socket do.
+#[derive(Debug)]
+pub(crate) struct WriteRate {
+    rate: Option<MinRate>,
+    /// Bytes the socket took since the last wait on the peer began.
+    earned: u64,
+    /// While a write waits on the peer: when the wait ends the connection.
+    wait: Option<Pin<Box<Sleep>>>,
+}
+
+impl WriteRate {
+    pub(crate) fn new(rate: Option<MinRate>) -> Self {
+        WriteRate {
+            rate: rate.filter(|rate| rate.bytes_per_sec > 0),
+            earned: 0,
+            wait: None,
+        }
+    }
+
+    /// What a write's poll came to, under the rule (`peer` names the peer
+    /// in the log line when it is cut).
+    #[inline]
+    pub(crate) fn polled(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<usize>>,
+        peer: &dyn Display,
+    ) -> Poll<io::Result<usize>> {
+        match polled {
+            Poll::Ready(Ok(n)) => {
+                self.wait = None;
+                self.earned = self.earned.saturating_add(n as u64);
+                polled
+            }
+            Poll::Pending => match self.rate {
+                Some(rate) => self.waits(cx, rate, peer),
+                None => Poll::Pending,
+            },
+            Poll::Ready(Err(_)) => polled,
+        }
+    }
+
+    /// A write waits on the peer: pending within its allowance, an error
+    /// once the allowance is spent.
+    #[cold]
+    fn waits(
+        &mut self,
+        cx: &mut Context<'_>,
+        rate: MinRate,
+        peer: &dyn Display,
+    ) -> Poll<io::Result<usize>> {
+        if self.wait.is_none() {
+            let earned = self.earned.min(EARNED_CAP) as f64 / rate.bytes_per_sec as f64;
+            self.earned = 0;
+            let allowed = rate.grace + Duration::from_secs_f64(earned);
+            self.wait = Some(Box::pin(tokio::time::sleep(allowed)));
+        }
+        let wait = self.wait.as_mut().expect("set above");
+        ready!(wait.as_mut().poll(cx));
+        self.wait = None;
+        tracing::info!(
+            %peer,
+            min_bytes_per_sec = rate.bytes_per_sec,
+            grace = ?rate.grace,
+            "the peer reads the response slower than the minimum rate: connection closed"
+        );
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the peer reads slower than the minimum response rate",
+        )))
+    }
+}
+
+/// A writer held to a [`WriteRate`] (the FastCGI connection's).
+#[cfg(feature = "fastcgi")]
+pub(crate) struct RateWriter<W> {
+    inner: W,
+    rate: WriteRate,
+    peer: super::Peer,
+}
+
+#[cfg(feature = "fastcgi")]
+impl<W> RateWriter<W> {
+    pub(crate) fn new(inner: W, rate: Option<MinRate>, peer: super::Peer) -> Self {
+        RateWriter {
+            inner,
+            rate: WriteRate::new(rate),
+            peer,
+        }
+    }
+}
+
+#[cfg(feature = "fastcgi")]
+impl<W: AsyncWrite + Unpin> AsyncWrite for RateWriter<W> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.rate.polled(cx, polled, &this.peer)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.rate.polled(cx, polled, &this.peer)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

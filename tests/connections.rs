@@ -117,24 +117,30 @@ fn axum_example(server: &str, args: &[&str]) -> (common::demo::Proc, String) {
     (proc, addr)
 }
 
-/// Runs the WebSocket client of `tests/fixtures/ws_client.py` (Python's
-/// `websockets`, installed by `.ci/test`); its JSON line.
-fn ws_client(args: &[&str]) -> serde_json::Value {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/ws_client.py");
+/// Runs `tests/fixtures/SCRIPT` with `args` (Python clients: `websockets`,
+/// `h2` and `wsproto`, installed by `.ci/test`); its last stdout line, as
+/// JSON.
+fn python_client(script: &str, args: &[&str]) -> serde_json::Value {
+    let script = format!("{}/tests/fixtures/{script}", env!("CARGO_MANIFEST_DIR"));
     let out = std::process::Command::new("python3")
-        .arg(script)
+        .arg(&script)
         .args(args)
         .output()
-        .expect("python3 runs (installed by .ci/test)");
+        .expect("python3 runs (its packages installed by .ci/test)");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
-        "ws_client {args:?}: {}\n{stdout}\n{}",
+        "{script} {args:?}: {}\n{stdout}\n{}",
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
     let last = stdout.lines().last().unwrap_or_default();
     serde_json::from_str(last).unwrap_or_else(|err| panic!("{err}: {stdout}"))
+}
+
+/// The WebSocket client of `tests/fixtures/ws_client.py`.
+fn ws_client(args: &[&str]) -> serde_json::Value {
+    python_client("ws_client.py", args)
 }
 
 #[test]
@@ -651,24 +657,10 @@ async fn at_the_default_rate_a_trickling_and_a_silent_body_are_cut_and_100_kb_a_
 fn a_websocket_over_http2_echoes_and_gets_close_1001_in_a_drain_under_both_servers() {
     // A real HTTP/2 client (Python's h2, with wsproto's frames: installed
     // by .ci/test) opens the WebSocket with an extended CONNECT (RFC 8441).
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/ws_h2_client.py"
-    );
     for server in ["http", "axum"] {
         let (mut proc, addr) = axum_example(server, &[]);
-        let out = std::process::Command::new("python3")
-            .args([script, &addr, "/ws", &format!("http://{addr}/exit/3")])
-            .output()
-            .expect("python3 runs (h2 and wsproto installed by .ci/test)");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{server}: {}\n{stdout}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let got: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+        let exit = format!("http://{addr}/exit/3");
+        let got = python_client("ws_h2_client.py", &[&addr, "/ws", &exit]);
         assert_eq!(got["enable_connect_protocol"], true, "{server}: {got}");
         assert_eq!(got["status"], "200", "{server}: {got}");
         assert_eq!(got["echo"], "hello h2", "{server}: {got}");

@@ -873,47 +873,39 @@ async fn trickling_uploads_and_slow_readers_beside_legitimate_load_on_prefork() 
     let rss_before = rss(&app);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut attackers = tokio::task::JoinSet::new();
-    for _ in 0..TRICKLING {
-        let (addr, stop) = (addr.clone(), stop.clone());
-        attackers.spawn(async move {
-            use tokio::io::AsyncWriteExt;
-            while !stop.load(Ordering::Relaxed) {
-                let Ok(mut conn) = tokio::net::TcpStream::connect(&addr).await else {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                };
-                let head = "POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: 1000000\r\n\r\n";
-                if conn.write_all(head.as_bytes()).await.is_err() {
-                    continue;
+    // Each attacker sends `head`, then a byte every 5 s (an upload) or
+    // reads a byte a second (a reader), reconnecting when cut.
+    let upload = "POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: 1000000\r\n\r\n";
+    let reader = "GET /big/8 HTTP/1.1\r\nhost: x\r\n\r\n";
+    for (head, count) in [(upload, TRICKLING), (reader, READERS)] {
+        for _ in 0..count {
+            let (addr, stop) = (addr.clone(), stop.clone());
+            attackers.spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok(mut conn) = tokio::net::TcpStream::connect(&addr).await else {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    };
+                    if conn.write_all(head.as_bytes()).await.is_err() {
+                        continue;
+                    }
+                    let mut byte = [0u8; 1];
+                    while !stop.load(Ordering::Relaxed) {
+                        let alive = if head == upload {
+                            conn.write_all(b"x").await.is_ok()
+                        } else {
+                            matches!(conn.read(&mut byte).await, Ok(1))
+                        };
+                        if !alive {
+                            break;
+                        }
+                        let pause = if head == upload { 5 } else { 1 };
+                        tokio::time::sleep(Duration::from_secs(pause)).await;
+                    }
                 }
-                while !stop.load(Ordering::Relaxed) && conn.write_all(b"x").await.is_ok() {
-                    tokio::time::sleep(Duration::from_secs(5)).await;
-                }
-            }
-        });
-    }
-    for _ in 0..READERS {
-        let (addr, stop) = (addr.clone(), stop.clone());
-        attackers.spawn(async move {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            while !stop.load(Ordering::Relaxed) {
-                let Ok(mut conn) = tokio::net::TcpStream::connect(&addr).await else {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                };
-                if conn
-                    .write_all(b"GET /big/8 HTTP/1.1\r\nhost: x\r\n\r\n")
-                    .await
-                    .is_err()
-                {
-                    continue;
-                }
-                let mut byte = [0u8; 1];
-                while !stop.load(Ordering::Relaxed) && matches!(conn.read(&mut byte).await, Ok(1)) {
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-            }
-        });
+            });
+        }
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
 

@@ -116,15 +116,7 @@ where
                 sink: Some(sink),
                 last_call,
             } => match catch_body(|| {
-                let supervisor = sink.supervisor();
-                if let Some(end) = last_call.before(supervisor) {
-                    return Poll::Ready(end);
-                }
-                let polled = body.poll_frame(cx);
-                if polled.is_pending() {
-                    last_call.pending(supervisor, cx);
-                }
-                polled
+                last_call.poll_frame(sink.supervisor(), cx, |cx| body.poll_frame(cx))
             }) {
                 Ok(poll) => poll,
                 Err(payload) => {

@@ -22,7 +22,7 @@ use http_body::Frame;
 use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
 use std::future::Future;
 use std::pin::Pin;
-use std::task::Context;
+use std::task::{Context, Poll};
 use tokio::sync::futures::OwnedNotified;
 
 use crate::{Exit, Supervisor};
@@ -182,13 +182,30 @@ impl LastCall {
         }
     }
 
+    /// Polls a response body's next frame (`poll`) under the last call:
+    /// the trailers once it came (then the end), else the body's frame,
+    /// waiting for the call too while the body waits.
+    #[inline]
+    pub(crate) fn poll_frame<D, E>(
+        &mut self,
+        supervisor: &Supervisor,
+        cx: &mut Context<'_>,
+        poll: impl FnOnce(&mut Context<'_>) -> Poll<Option<Result<Frame<D>, E>>>,
+    ) -> Poll<Option<Result<Frame<D>, E>>> {
+        if let Some(end) = self.before(supervisor) {
+            return Poll::Ready(end);
+        }
+        let polled = poll(cx);
+        if polled.is_pending() {
+            self.pending(supervisor, cx);
+        }
+        polled
+    }
+
     /// Before the inner body is polled: `Some` when the stream ends now
     /// (the trailers, then the end), `None` to poll the inner body.
     #[inline]
-    pub(crate) fn before<D, E>(
-        &mut self,
-        supervisor: &Supervisor,
-    ) -> Option<Option<Result<Frame<D>, E>>> {
+    fn before<D, E>(&mut self, supervisor: &Supervisor) -> Option<Option<Result<Frame<D>, E>>> {
         match self.stage {
             Stage::Off => None,
             Stage::Said => Some(None),
@@ -205,7 +222,7 @@ impl LastCall {
 
     /// The inner body waits: a gRPC call's is woken at the last call too.
     #[inline]
-    pub(crate) fn pending(&mut self, supervisor: &Supervisor, cx: &mut Context<'_>) {
+    fn pending(&mut self, supervisor: &Supervisor, cx: &mut Context<'_>) {
         if self.stage != Stage::On {
             return;
         }

@@ -14,6 +14,17 @@ use tower_exit::Supervisor;
 
 type Server = tokio::task::JoinHandle<std::io::Result<tower_exit::Exit>>;
 
+/// Sends `GET path` on `conn` and reads the response's head, which must
+/// say `200`; the head's text and the bytes of the body read with it.
+async fn get_ok(conn: &mut tokio::net::TcpStream, path: &str) -> (String, Vec<u8>) {
+    conn.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let (head, rest) = read_head(conn).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    (head, rest)
+}
+
 /// Reads the head of an HTTP/1 response from `conn`; the head's text and
 /// the bytes of the body read with it.
 async fn read_head(conn: &mut tokio::net::TcpStream) -> (String, Vec<u8>) {
@@ -73,11 +84,7 @@ async fn a_large_body_in_one_buffer_read_at_5_mb_a_second_arrives_whole_under_a_
     let (addr, supervisor, server) =
         one_buffer_server(SIZE, |s| s.header_read_timeout(Duration::from_secs(1))).await;
     let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
-    conn.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let (head, first) = read_head(&mut conn).await;
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let (head, first) = get_ok(&mut conn, "/").await;
     assert!(head.contains(&format!("content-length: {SIZE}")), "{head}");
     // 256 KiB every 50 ms: about 5 MB/s.
     let started = Instant::now();
@@ -236,11 +243,7 @@ async fn at_the_cap_idle_keep_alive_connections_make_room_for_new_clients() {
     let mut idle = Vec::new();
     for _ in 0..4 {
         let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
-        conn.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let (head, _) = read_head(&mut conn).await;
-        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        get_ok(&mut conn, "/").await;
         idle.push(conn);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -248,12 +251,7 @@ async fn at_the_cap_idle_keep_alive_connections_make_room_for_new_clients() {
     // idle the longest (and at least 1 s), the first, makes room; the
     // others stay.
     let mut fifth = tokio::net::TcpStream::connect(addr).await.unwrap();
-    fifth
-        .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let (head, _) = read_head(&mut fifth).await;
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    get_ok(&mut fifth, "/").await;
     let mut buf = [0u8; 64];
     let first = idle.remove(0);
     assert_eq!(
@@ -278,11 +276,7 @@ async fn at_the_cap_idle_keep_alive_connections_make_room_for_new_clients() {
     let events = (0..4).map(|_| {
         tokio::spawn(async move {
             let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
-            conn.write_all(b"GET /events HTTP/1.1\r\nhost: x\r\n\r\n")
-                .await
-                .unwrap();
-            let (head, _) = read_head(&mut conn).await;
-            assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+            get_ok(&mut conn, "/events").await;
             // Kept open (its stream goes on): it holds its slot.
             (started.elapsed(), conn)
         })
@@ -323,11 +317,7 @@ async fn a_client_reading_below_the_minimum_response_rate_is_closed_and_one_abov
     })
     .await;
     let request = |mut conn: tokio::net::TcpStream| async move {
-        conn.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let (head, first) = read_head(&mut conn).await;
-        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        let (_, first) = get_ok(&mut conn, "/").await;
         (conn, first.len())
     };
     // A byte a second for 12 s; then it reads all it can, fast: what the
@@ -560,11 +550,7 @@ async fn hello_within(addr: &str, within: Duration) -> Option<Duration> {
     let started = Instant::now();
     tokio::time::timeout(within, async {
         let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
-        conn.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let (head, _) = read_head(&mut conn).await;
-        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        get_ok(&mut conn, "/").await;
     })
     .await
     .ok()

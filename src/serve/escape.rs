@@ -432,18 +432,10 @@ where
             KindProj::Empty => return Poll::Ready(None),
         };
         let supervisor = this.in_flight.as_ref().map(InFlight::supervisor);
-        if let Some(supervisor) = supervisor {
-            if let Some(end) = last_call.before(supervisor) {
-                return Poll::Ready(end);
-            }
-        }
-        let exit = match catch_body(|| body.poll_frame(cx)) {
-            Ok(Poll::Pending) => {
-                if let Some(supervisor) = supervisor {
-                    last_call.pending(supervisor, cx);
-                }
-                return Poll::Pending;
-            }
+        let exit = match catch_body(|| match supervisor {
+            Some(supervisor) => last_call.poll_frame(supervisor, cx, |cx| body.poll_frame(cx)),
+            None => body.poll_frame(cx),
+        }) {
             Ok(Poll::Ready(Some(Err(err)))) => {
                 let err: BoxError = err.into();
                 match Exit::from_error(&*err) {

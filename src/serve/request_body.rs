@@ -112,8 +112,7 @@ impl Body for RequestBody {
         }
         // The application waits for the client: for as long as the
         // allowance lasts.
-        let now = Instant::now();
-        let since = *this.waiting_since.get_or_insert(now);
+        let since = *this.waiting_since.get_or_insert_with(Instant::now);
         let at = since + *this.allowance;
         let deadline = this
             .deadline

@@ -75,6 +75,10 @@ async fn app(
             std::future::pending::<()>().await;
             unreachable!()
         }
+        "/sleep" => {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            text("slept".into())
+        }
         "/big" => text("x".repeat(200_000)),
         "/huge" => text("x".repeat(32 << 20)),
         _ => text("hello".into()),
@@ -210,6 +214,89 @@ async fn keep_conn_and_multiplexed_requests_on_one_connection() {
         third.ends_with("hello"),
         "keep-conn: the connection serves on"
     );
+}
+
+/// Every record the server sends until it closes the connection (or 5 s
+/// pass: then `None`).
+async fn records_until_closed(stream: &mut TcpStream) -> Option<Vec<common::fcgi::Rec>> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 65536];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Err(_) => return None,
+        }
+    }
+    let mut recs = Vec::new();
+    while let Some(rec) = take_record(&mut buf) {
+        recs.push(rec);
+    }
+    assert!(buf.is_empty(), "a partial record before the close");
+    Some(recs)
+}
+
+/// A server that closes a kept connection (here: it drains) writes a
+/// close notice (an empty `FCGI_GET_VALUES_RESULT`) right after the last
+/// `FCGI_END_REQUEST`: nginx then drops the connection from its pool
+/// instead of sending a next request on it as it closes (a POST sent there
+/// would fail 502). A connection the web server did not ask to keep gets
+/// no such record.
+#[tokio::test]
+async fn a_kept_connection_the_server_closes_ends_with_a_close_notice() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let supervisor = Supervisor::new();
+    let seen = Arc::new(Seen::default());
+    let svc = tower::service_fn(move |req| app(seen.clone(), req));
+    let serving =
+        tokio::spawn(tower_exit::serve::fastcgi(listener, svc, &supervisor).into_future());
+
+    let mut kept = TcpStream::connect(addr).await.unwrap();
+    kept.write_all(&request(1, true, "/sleep", b""))
+        .await
+        .unwrap();
+    let mut once = TcpStream::connect(addr).await.unwrap();
+    once.write_all(&request(2, false, "/sleep", b""))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    supervisor.trigger(tower_exit::Exit::success());
+
+    let recs = records_until_closed(&mut kept)
+        .await
+        .expect("the kept connection closed");
+    let (stdout, end) = response_of(&recs, 1);
+    assert!(stdout.ends_with("slept"), "{stdout:?}");
+    assert_eq!(end, Some(0));
+    let last_two: Vec<_> = recs
+        .iter()
+        .rev()
+        .take(2)
+        .map(|r| (r.kind, r.id, r.content.len()))
+        .collect();
+    assert_eq!(
+        last_two,
+        [(10, 0, 0), (3, 1, 8)],
+        "END_REQUEST, then the notice, then the close: {recs:?}"
+    );
+
+    let recs = records_until_closed(&mut once)
+        .await
+        .expect("the connection closed");
+    assert_eq!(response_of(&recs, 2).1, Some(0));
+    assert_eq!(
+        recs.last().map(|r| (r.kind, r.id)),
+        Some((3, 2)),
+        "{recs:?}"
+    );
+
+    let exit = tokio::time::timeout(Duration::from_secs(5), serving)
+        .await
+        .expect("drained")
+        .unwrap()
+        .unwrap();
+    assert_eq!(exit.code(), 0);
 }
 
 #[tokio::test]

@@ -103,6 +103,7 @@ where
         aborting: 0,
         next_seq: 0,
         close_when_idle: false,
+        kept: true,
     };
     let mut buf = BytesMut::with_capacity(8 * 1024);
     let mut decoder = Decoder;
@@ -210,8 +211,6 @@ where
                 break Ended::TimedOut(waiting.map_or("", |(what, _)| what));
             }
             Some(done) = done_rx.recv() => {
-                conn.finish(done).await;
-                last_activity = tokio::time::Instant::now();
                 // Draining: closed after this END_REQUEST (see above).
                 conn.close_when_idle |= draining.is_some();
                 // The worker's budget has no unit left for this
@@ -221,6 +220,10 @@ where
                 // request on a new connection, to another worker, instead
                 // of getting a 503 here.
                 conn.close_when_idle |= requests.closing();
+                // Decided before the END_REQUEST is written: a kept
+                // connection's last one carries the close notice.
+                conn.finish(done).await;
+                last_activity = tokio::time::Instant::now();
             }
             () = &mut drain, if draining.is_none() => draining = Some(tokio::time::Instant::now()),
         }
@@ -332,6 +335,10 @@ struct Conn<S> {
     aborting: usize,
     next_seq: u64,
     close_when_idle: bool,
+    /// Every request so far asked to keep the connection
+    /// (`FCGI_KEEP_CONN`): the web server may reuse it, so a close must be
+    /// announced (see [`record::put_close_notice`]).
+    kept: bool,
 }
 
 impl<S> Conn<S>
@@ -434,6 +441,7 @@ where
         }
         if !begin.keep_conn() {
             self.close_when_idle = true;
+            self.kept = false;
         }
         if begin.role != record::ROLE_RESPONDER {
             tracing::warn!(peer = %self.peer, id, role = begin.role, "FastCGI role not supported (only Responder): request rejected");
@@ -556,8 +564,18 @@ where
         let current = self.active.get(&done.id).map(|a| a.seq);
         if current == Some(done.seq) {
             self.active.remove(&done.id);
-            self.end_request(done.id, ProtocolStatus::RequestComplete)
-                .await;
+            let mut records = BytesMut::new();
+            record::put_end_request(&mut records, done.id, 0, ProtocolStatus::RequestComplete);
+            if self.close_when_idle && self.kept && self.active.is_empty() {
+                // The connection closes after this END_REQUEST. nginx would
+                // put it back in its pool and may send the next request on
+                // it before our FIN arrives: a POST it sent there fails
+                // (502), as it does not retry one. Bytes after END_REQUEST,
+                // in the same write, make nginx drop the connection instead
+                // of keeping it.
+                record::put_close_notice(&mut records);
+            }
+            self.send(records).await;
         } else {
             // An aborted task, ending late: its END_REQUEST was sent at the
             // abort, and the id may now belong to a newer request.

@@ -30,7 +30,12 @@
 //! - Keep-alive connections (`FCGI_KEEP_CONN`) and multiplexed request ids;
 //!   `FCGI_GET_VALUES` is answered (`FCGI_MAX_CONNS`, `FCGI_MAX_REQS`,
 //!   `FCGI_MPXS_CONNS`); `FCGI_ABORT_REQUEST` drops that request's future;
-//!   unknown management records get `FCGI_UNKNOWN_TYPE`.
+//!   unknown management records get `FCGI_UNKNOWN_TYPE`. When the server
+//!   closes a kept connection (it drains, or a prefork worker's budget has
+//!   no request left for it), the last `FCGI_END_REQUEST` is followed, in
+//!   the same write, by an empty `FCGI_GET_VALUES_RESULT`: nginx drops a
+//!   pooled connection with bytes after its END_REQUEST, so it never sends
+//!   a next request on one that is closing (a POST there would fail 502).
 //! - Params become an `http::Request`: method, `REQUEST_URI` (or
 //!   `SCRIPT_NAME` + `PATH_INFO` + `QUERY_STRING`), `HTTP_*` headers,
 //!   `CONTENT_TYPE`, `CONTENT_LENGTH`; the client's address is the

@@ -244,6 +244,21 @@ pub(crate) fn put_end_request(
     put_record(out, END_REQUEST, request_id, &body);
 }
 
+/// Appends the notice a server sends on a kept connection right after its
+/// last `FCGI_END_REQUEST`, in the same write, before it closes: an empty
+/// `FCGI_GET_VALUES_RESULT` (a management record, request id 0: "no
+/// values"). The protocol has no record that means "closing"; what matters
+/// is that bytes follow the END_REQUEST. nginx keeps an upstream FastCGI
+/// connection only when its END_REQUEST is the last byte it read, and drops
+/// a pooled connection that has anything to read, so it never sends a next
+/// request on a connection that is about to close (its own check, in
+/// `ngx_http_fastcgi_input_filter` and the keepalive module's close
+/// handler). A client that reads on gets a well-formed record it may
+/// ignore, then the end of the connection.
+pub(crate) fn put_close_notice(out: &mut BytesMut) {
+    put_record(out, GET_VALUES_RESULT, 0, b"");
+}
+
 /// Appends `FCGI_UNKNOWN_TYPE` for a management record of type `kind`.
 pub(crate) fn put_unknown_type(out: &mut BytesMut, kind: u8) {
     let mut body = [0u8; 8];

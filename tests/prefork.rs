@@ -728,3 +728,80 @@ async fn max_rss_holds_under_clients_growing_memory_fast() {
     assert!(peak_mib < 160, "a worker reached {peak_mib} MiB");
     assert!(recycled >= 3, "{recycled} recycles in 3 s");
 }
+
+/// Connections that hold a worker's budget but send nothing do not keep
+/// real clients out: with `--max-requests 10`, 20 silent connections hold
+/// every unit (each accepted connection holds one for its first request),
+/// yet a real request is answered within 1 s; the worker closes the
+/// silent connections, the oldest first, to make room. The same for a
+/// keep-alive connection idle after its request, holding the last unit
+/// (the new client waited 60 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_send_nothing_do_not_hold_the_budget_against_real_clients() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_app, addr) = prefork(&["--workers", "1", "--max-requests", "10"]);
+    let mut silent = Vec::new();
+    for _ in 0..20 {
+        silent.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let reply = tokio::time::timeout(Duration::from_secs(10), get(addr, "/pid")).await;
+    let waited = started.elapsed();
+    assert!(
+        matches!(&reply, Ok(Ok(reply)) if reply.status == StatusCode::OK),
+        "{reply:?}"
+    );
+    eprintln!("a real request behind 20 silent connections: {waited:?}");
+    assert!(
+        waited < Duration::from_secs(1),
+        "a real request waited {waited:?} behind 20 silent connections"
+    );
+    // Silent connections were closed for it, the oldest first.
+    let mut closed = Vec::new();
+    for (i, conn) in silent.iter_mut().enumerate() {
+        let mut byte = [0u8; 1];
+        if let Ok(Ok(0)) =
+            tokio::time::timeout(Duration::from_millis(10), conn.read(&mut byte)).await
+        {
+            closed.push(i);
+        }
+    }
+    assert!(!closed.is_empty() && closed[0] == 0, "closed: {closed:?}");
+    drop(silent);
+
+    // A fresh worker's budget of 3: a keep-alive client's connection,
+    // idle after its request, holds a unit; a second client's request
+    // spends the last one. A third client gets in (within the idle
+    // minimum and a little), not after the idle timeout.
+    let (_app, addr) = prefork(&["--workers", "1", "--max-requests", "3"]);
+    let mut kept = tokio::net::TcpStream::connect(addr).await.unwrap();
+    kept.write_all(b"GET /pid HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = [0u8; 512];
+    let n = kept.read(&mut answer).await.unwrap();
+    let head = String::from_utf8_lossy(&answer[..n]).to_lowercase();
+    assert!(
+        head.starts_with("http/1.1 200") && !head.contains("connection: close"),
+        "{head}"
+    );
+    assert_eq!(get(addr, "/pid").await.unwrap().status, StatusCode::OK);
+    let started = Instant::now();
+    let reply = tokio::time::timeout(Duration::from_secs(10), get(addr, "/pid")).await;
+    let waited = started.elapsed();
+    assert!(
+        matches!(&reply, Ok(Ok(reply)) if reply.status == StatusCode::OK),
+        "{reply:?}"
+    );
+    eprintln!("a client behind an idle keep-alive connection holding the last unit: {waited:?}");
+    assert!(
+        waited < Duration::from_secs(2),
+        "the third client waited {waited:?}"
+    );
+    assert_eq!(
+        kept.read(&mut answer).await.unwrap(),
+        0,
+        "the idle connection was closed"
+    );
+}

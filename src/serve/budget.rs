@@ -92,19 +92,32 @@ impl Budget {
 /// Before a server accepts a connection: `true` to go on (a unit of the
 /// budget, if there is one, is now the connection's credit), `false` to
 /// stop accepting, because the server drains or because the budget is
-/// spent (then the recycling exit is recorded here).
+/// spent (then the recycling exit is recorded here). While every unit is
+/// held by open connections, `make_room` is called every `every` (it
+/// closes one that holds a unit and sends nothing, if a client waits).
 pub(crate) async fn admit<F: std::future::Future>(
     budget: Option<&Budget>,
     supervisor: &crate::Supervisor,
-    shutdown: std::pin::Pin<&mut F>,
+    mut shutdown: std::pin::Pin<&mut F>,
+    make_room: Option<&(dyn Fn() + Sync)>,
+    every: std::time::Duration,
 ) -> bool {
     let Some(budget) = budget else {
         return true;
     };
-    let unit = tokio::select! {
-        biased;
-        _ = shutdown => return false,
-        unit = budget.next() => unit,
+    let next = budget.next();
+    tokio::pin!(next);
+    let unit = loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.as_mut() => return false,
+            unit = next.as_mut() => break unit,
+            () = tokio::time::sleep(every), if make_room.is_some() => {
+                if let Some(make_room) = make_room {
+                    make_room();
+                }
+            }
+        }
     };
     if !unit {
         tracing::info!(
@@ -132,6 +145,12 @@ impl Credit {
             held: AtomicBool::new(true),
             budget: budget.clone(),
         }
+    }
+
+    /// Whether the credit is held, unused.
+    #[cfg(feature = "http")]
+    pub(crate) fn held(&self) -> bool {
+        self.held.load(Ordering::Acquire)
     }
 
     /// A request starts: it uses the connection's credit, or takes a unit

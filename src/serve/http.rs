@@ -28,8 +28,8 @@ use super::in_flight::{Activity, Conn, Open};
 use super::listen::{Listener, Peer};
 use super::min_rate::MinRate;
 use super::watch::{Event, Watch};
-use super::DrainOptions;
 use super::ServeService;
+use super::{DrainOptions, Room};
 use crate::{Exit, Supervisor};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -263,11 +263,29 @@ impl<S> ServeHttp<S> {
                 &slots,
                 budget.as_deref(),
                 &supervisor,
-                Some(&|| {
-                    if open.reclaim_idlest() {
-                        tracing::debug!(
-                            "at the connection cap: closing the connection idle the longest"
-                        );
+                Some(&|room| match room {
+                    Room::Slot => {
+                        if open.reclaim_idlest(false) {
+                            tracing::debug!(
+                                "at the connection cap: closing the connection idle the longest"
+                            );
+                        }
+                    }
+                    // Connections that never sent a request first (likely
+                    // never will), then the one idle the longest after
+                    // its requests.
+                    Room::Budget => {
+                        let silent = open.reclaim_silent();
+                        if silent > 0 {
+                            tracing::debug!(
+                                silent,
+                                "budget held by open connections: closing the silent ones"
+                            );
+                        } else if open.reclaim_idlest(true) {
+                            tracing::debug!(
+                                "budget held by open connections: closing the one idle the longest"
+                            );
+                        }
                     }
                 }),
                 &mut waiting_since,

@@ -95,6 +95,13 @@ impl Conn {
         }
     }
 
+    /// Whether the connection holds a unit of the budget for its next
+    /// request (its first, or one renewed after a response).
+    #[cfg(feature = "http")]
+    fn holds_credit(&self) -> bool {
+        self.credit.as_ref().is_some_and(Credit::held)
+    }
+
     /// Whether this is a `serve::http` connection (the one server with a
     /// `draining` flag), not a FastCGI one.
     fn serves_http(&self) -> bool {
@@ -264,6 +271,14 @@ impl Drop for InFlight {
 #[cfg(feature = "http")]
 const RECLAIM_MIN_IDLE: Duration = Duration::from_secs(1);
 
+/// How long a connection must have been silent since it was accepted
+/// (no request) before it is closed to free its unit of the budget for a
+/// client waiting in the backlog. A real client sends its request as soon
+/// as it connected: its request arrives half a round trip after the
+/// accept, so this leaves room for round trips up to 500 ms.
+#[cfg(feature = "http")]
+const SILENT_MIN: Duration = Duration::from_millis(250);
+
 /// A server's open connections (HTTP), for making room at the cap: the
 /// one idle the longest is asked to close, as nginx reuses its idle
 /// keep-alive connections first when it runs short.
@@ -293,8 +308,10 @@ impl Open {
     /// Asks the keep-alive connection (a request done, none in flight, for
     /// at least [`RECLAIM_MIN_IDLE`]) idle the longest to close (its task
     /// shuts it down gracefully: a request its client sent meanwhile is
-    /// still answered). False if there is none.
-    pub(crate) fn reclaim_idlest(&self) -> bool {
+    /// still answered). False if there is none. With `holding_credit`,
+    /// only a connection that holds a unit of the budget for its next
+    /// request.
+    pub(crate) fn reclaim_idlest(&self, holding_credit: bool) -> bool {
         let conns = self.lock();
         let now = Instant::now();
         let idlest = conns
@@ -307,6 +324,7 @@ impl Open {
                 activity.started > 0
                     && activity.no_request()
                     && !conn.reclaimed.load(Ordering::Relaxed)
+                    && (!holding_credit || conn.holds_credit())
             })
             .map(|conn| {
                 let idle_since =
@@ -327,6 +345,26 @@ impl Open {
             }
             None => false,
         }
+    }
+
+    /// Asks every connection that has sent no request since it was
+    /// accepted at least [`SILENT_MIN`] ago to close: each holds a unit of
+    /// the budget for its first request while clients wait for one. All at
+    /// once: the backlog is served in order, so a real client may wait
+    /// behind as many silent ones as there are units. How many were asked.
+    pub(crate) fn reclaim_silent(&self) -> usize {
+        let conns = self.lock();
+        let mut asked = 0;
+        for conn in conns.values().filter(|conn| {
+            conn.activity().started == 0
+                && conn.accepted.elapsed() >= SILENT_MIN
+                && !conn.reclaimed.load(Ordering::Relaxed)
+                && conn.holds_credit()
+        }) {
+            conn.close_gracefully();
+            asked += 1;
+        }
+        asked
     }
 
     /// Tells every HTTP/2 connection GOAWAY (a shutdown delay starts); the

@@ -249,9 +249,20 @@ where
     type ResBody = B;
 }
 
-/// What a server does at its connection cap for a client waiting in the
-/// backlog: HTTP closes the connection idle the longest.
-type MakeRoom<'a> = Option<&'a (dyn Fn() + Sync)>;
+/// What a server does, for a client waiting in the backlog, when it is
+/// short of a connection slot ([`Room::Slot`]) or of a unit of its request
+/// budget ([`Room::Budget`]): HTTP closes a connection that sends nothing.
+type MakeRoom<'a> = Option<&'a (dyn Fn(Room) + Sync)>;
+
+/// What a server is short of, for a client waiting in its backlog.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(feature = "http"), allow(dead_code))]
+enum Room {
+    /// A connection slot: the cap is reached.
+    Slot,
+    /// A unit of the request budget: open connections hold them all.
+    Budget,
+}
 
 /// How often a server at its connection cap looks for a client waiting in
 /// its backlog, to close an idle connection for it. At most one idle
@@ -298,7 +309,7 @@ async fn next_connection<F: std::future::Future<Output = ()>>(
                         // that waited RECLAIM_AFTER.
                         let since = *waiting_since.get_or_insert_with(tokio::time::Instant::now);
                         if since.elapsed() >= RECLAIM_AFTER {
-                            make_room();
+                            make_room(Room::Slot);
                         }
                     } else {
                         *waiting_since = None;
@@ -313,7 +324,29 @@ async fn next_connection<F: std::future::Future<Output = ()>>(
             }
         }
     };
-    if !budget::admit(budget, supervisor, shutdown.as_mut()).await {
+    // Every unit of the budget held by open connections: one that sends
+    // nothing makes room, as soon as a client waits.
+    #[cfg(feature = "http")]
+    let budget_room = make_room.map(|make_room| {
+        move || {
+            if listener.has_waiting() {
+                make_room(Room::Budget);
+            }
+        }
+    });
+    #[cfg(feature = "http")]
+    let budget_room = budget_room.as_ref().map(|room| room as &(dyn Fn() + Sync));
+    #[cfg(not(feature = "http"))]
+    let budget_room = None;
+    if !budget::admit(
+        budget,
+        supervisor,
+        shutdown.as_mut(),
+        budget_room,
+        RECLAIM_EVERY,
+    )
+    .await
+    {
         return None;
     }
     let (stream, peer) = accept_until(listener, shutdown).await?;

@@ -260,8 +260,15 @@ impl Prefork {
     /// accepts no more connections than its remaining budget and closes a
     /// keep-alive connection when the budget is spent (see
     /// `serve::budget`), so it never serves one more (gunicorn's sync
-    /// worker). For FastCGI, exact with one request per connection (nginx's
-    /// default); on a kept connection a request past it gets `503`.
+    /// worker). Each open connection holds a unit for its next request;
+    /// under HTTP, while connections hold every unit and a client waits in
+    /// the backlog, those silent since they were accepted (250 ms or more)
+    /// are closed at once, then, every 50 ms, the keep-alive connection
+    /// idle the longest (1 s or more). For FastCGI, a kept connection is
+    /// closed after the END_REQUEST of the last request the budget allows
+    /// (and a close notice, see [`serve::fastcgi`](mod@crate::serve::fastcgi));
+    /// only a request multiplexed past the budget on one connection gets
+    /// `503`.
     pub fn max_requests(mut self, max_requests: u64) -> Self {
         self.max_requests = Some(max_requests.max(1));
         self

@@ -73,6 +73,9 @@ fn main() -> ExitCode {
     if let Some(mib) = args.max_rss_mib {
         prefork = prefork.max_rss(mib << 20);
     }
+    if let Some(window) = args.rollback_window {
+        prefork = prefork.rollback_window(window);
+    }
     if let Some(mode) = args.socket_mode {
         prefork = prefork.socket_mode(mode);
     }

@@ -366,13 +366,32 @@ mod process {
         /// The next of the blocked signals, or `None` after `timeout` (or
         /// on `EINTR`).
         pub(crate) fn wait(&self, timeout: std::time::Duration) -> Option<libc::c_int> {
+            self.wait_from(timeout).map(|(signal, _)| signal)
+        }
+
+        /// [`wait`](Self::wait), with the pid of the process that sent the
+        /// signal (0 when the kernel sent it, e.g. SIGCHLD's own child, or
+        /// a terminal's SIGINT).
+        pub(crate) fn wait_from(
+            &self,
+            timeout: std::time::Duration,
+        ) -> Option<(libc::c_int, libc::pid_t)> {
             let timeout = libc::timespec {
                 tv_sec: timeout.as_secs() as libc::time_t,
                 tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
             };
-            // SAFETY: `set` is initialised; a null siginfo is allowed.
-            let signal = unsafe { libc::sigtimedwait(&self.set.0, std::ptr::null_mut(), &timeout) };
-            (signal > 0).then_some(signal)
+            let mut info = std::mem::MaybeUninit::<libc::siginfo_t>::zeroed();
+            // SAFETY: `set` is initialised; `info` is a valid place for the
+            // kernel to write one siginfo_t.
+            let signal = unsafe { libc::sigtimedwait(&self.set.0, info.as_mut_ptr(), &timeout) };
+            if signal <= 0 {
+                return None;
+            }
+            // SAFETY: sigtimedwait filled `info` for the signal it returned;
+            // for a signal sent by kill(2) (SI_USER) `si_pid` is the sender,
+            // for others the zeroed field or the kernel's value.
+            let from = unsafe { info.assume_init_ref().si_pid() };
+            Some((signal, from))
         }
 
         /// Restores the mask of before [`block`](Self::block) (in a forked

@@ -53,6 +53,9 @@ pub struct Args {
     pub min_request_body_rate: Option<(u64, Duration)>,
     /// `--fastcgi` (prefork): workers serve FastCGI, not HTTP.
     pub fastcgi: bool,
+    /// `--rollback-window SECS` (prefork): how long an old master stays
+    /// after an upgrade's hand-over.
+    pub rollback_window: Option<Duration>,
 }
 
 /// Ends `main`: the exit's code, or a startup error in plain words and
@@ -91,6 +94,7 @@ pub fn parse_args(default_listen: &str, prefork: bool) -> Args {
         min_response_rate: None,
         min_request_body_rate: None,
         fastcgi: false,
+        rollback_window: None,
     };
     let number = |flag: &str, value: Option<String>| -> u64 {
         value
@@ -152,10 +156,14 @@ pub fn parse_args(default_listen: &str, prefork: bool) -> Args {
                     .or_else(|| usage("--min-request-body-rate takes BYTES/SECONDS", prefork));
             }
             "--shutdown-delay" => {
-                let secs = args.next().and_then(|v| v.parse::<f64>().ok());
-                parsed.shutdown_delay = secs
-                    .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
+                parsed.shutdown_delay = seconds(args.next())
                     .unwrap_or_else(|| usage("--shutdown-delay takes seconds", prefork));
+            }
+            "--rollback-window" if prefork => {
+                parsed.rollback_window = Some(
+                    seconds(args.next())
+                        .unwrap_or_else(|| usage("--rollback-window takes seconds", prefork)),
+                );
             }
             "--socket-mode" => {
                 let mode = args.next().and_then(|v| u32::from_str_radix(&v, 8).ok());
@@ -177,6 +185,12 @@ pub fn parse_args(default_listen: &str, prefork: bool) -> Args {
         .parse()
         .unwrap_or_else(|err| usage(&format!("{err}"), prefork));
     parsed
+}
+
+/// Seconds, with a fraction (`--shutdown-delay 0.5`).
+fn seconds(value: Option<String>) -> Option<Duration> {
+    let secs = value?.parse::<f64>().ok()?;
+    Duration::try_from_secs_f64(secs).ok()
 }
 
 /// `N/SECS` (`--restart-intensity`, `--min-response-rate`,
@@ -217,7 +231,8 @@ pub async fn bind(args: &Args) -> std::io::Result<tower_exit::serve::Listener> {
 fn usage(problem: &str, prefork: bool) -> ! {
     let extra = if prefork {
         " [--fastcgi] [--workers N] [--max-requests M] [--max-requests-jitter J] \
-         [--stop-all-code C] [--restart-intensity N/SECS] [--timeout SECS] [--max-rss MIB]"
+         [--stop-all-code C] [--restart-intensity N/SECS] [--timeout SECS] [--max-rss MIB] \
+         [--rollback-window SECS]"
     } else {
         " [--header-timeout SECS] [--max-connections N]"
     };

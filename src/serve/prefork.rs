@@ -47,8 +47,10 @@
 //!   worker, SIGTTOU removes one. SIGUSR2 upgrades: the command the master
 //!   was started with starts again (so a deploy by rename or by symlink
 //!   runs the new binary; see [`Prefork::upgrade_command`]) as a new master
-//!   on the inherited listening socket (fd 3), and the old master drains
-//!   once the new one's workers accept.
+//!   on the inherited listening socket (fd 3), and the old master's
+//!   workers drain once the new one's workers accept. The old master stays
+//!   for a [rollback window](Prefork::rollback_window): SIGTERM to the new
+//!   master within it rolls back without a failed request.
 //! - **Hung workers and memory**: [`Prefork::timeout`] kills a worker whose
 //!   runtime stopped beating; [`Prefork::max_rss`] recycles a worker past a
 //!   resident-memory limit.
@@ -107,6 +109,9 @@ pub struct Prefork {
     inherited: Option<Arc<std::os::fd::OwnedFd>>,
     /// What SIGUSR2 starts, when set by the caller.
     upgrade_command: Option<std::path::PathBuf>,
+    /// How long an old master stays after an upgrade's hand-over, to serve
+    /// again if the new master ends.
+    rollback_window: Duration,
     /// A unix socket's mode, owner and group, set after binding it.
     socket_mode: Option<u32>,
     socket_owner: (Option<u32>, Option<u32>),
@@ -114,6 +119,10 @@ pub struct Prefork {
 
 /// The most workers one master runs (`workers` and SIGTTIN stop there).
 pub const MAX_WORKERS: usize = 1024;
+
+/// How long an old master stays after an upgrade's hand-over, by default;
+/// see [`Prefork::rollback_window`].
+pub const DEFAULT_ROLLBACK_WINDOW: Duration = Duration::from_secs(30);
 
 impl std::fmt::Debug for Prefork {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -127,6 +136,7 @@ impl std::fmt::Debug for Prefork {
             .field("restart_intensity", &self.restart_intensity)
             .field("timeout", &self.timeout)
             .field("max_rss", &self.max_rss)
+            .field("rollback_window", &self.rollback_window)
             .finish_non_exhaustive()
     }
 }
@@ -151,6 +161,7 @@ impl Prefork {
             timeout: None,
             max_rss: None,
             upgrade_command: None,
+            rollback_window: DEFAULT_ROLLBACK_WINDOW,
             socket_mode: None,
             socket_owner: (None, None),
             hooks: Hooks::default(),
@@ -322,6 +333,26 @@ impl Prefork {
         self
     }
 
+    /// How long the old master stays after an upgrade's hand-over (default
+    /// [`DEFAULT_ROLLBACK_WINDOW`], 30 s): its workers drain, it keeps the
+    /// listening socket, and if the new master ends within the window (it
+    /// crashed, or an operator stopped it: a rollback) the old master forks
+    /// workers again and serves, as unicorn's old master does until told to
+    /// quit. `Duration::ZERO`: the old master ends with its workers.
+    ///
+    /// Signals during an upgrade, told apart by their sender's pid (the
+    /// new master's hand-over SIGTERM is not an operator's):
+    ///
+    /// | signal, to | before the new master accepts | within the rollback window |
+    /// |---|---|---|
+    /// | SIGTERM, old master | stops both masters (the upgrade is abandoned) | the upgrade is kept: the old master ends now |
+    /// | SIGTERM, new master | the new master stops; the old one serves on | rollback: the old master forks workers; once they accept, the new master drains (no request fails) |
+    /// | SIGKILL, new master | the old master serves on | the old master forks workers again (requests in flight on the new master's workers are lost) |
+    pub fn rollback_window(mut self, window: Duration) -> Self {
+        self.rollback_window = window;
+        self
+    }
+
     /// How long draining workers get on a graceful stop (default 30 s);
     /// after it, they are killed.
     pub fn grace(mut self, grace: Duration) -> Self {
@@ -467,6 +498,8 @@ impl Prefork {
             upgrading: None,
             started_as: self.upgrade_command.clone().or_else(started_as),
             upgraded_from,
+            old_master: upgraded_from,
+            giving_back: None,
             handed_over: false,
             told_ready: false,
             watchdog: watchdog_period().map(|every| (every, Instant::now())),
@@ -508,6 +541,43 @@ enum Role {
     Draining,
 }
 
+/// An upgrade a master started (SIGUSR2), seen from that (old) master.
+enum Upgrade {
+    /// The new master starts; this one serves on.
+    Starting(std::process::Child),
+    /// The new master accepts and told this one so (SIGTERM): this one's
+    /// workers drain; it keeps the socket until `until` (the rollback
+    /// window), to serve again if the new master ends.
+    HandedOver {
+        child: std::process::Child,
+        until: Instant,
+    },
+    /// The new master hands back (an operator stopped it): this one serves
+    /// again, and tells it to drain (`told`) once its workers accept.
+    TakingBack {
+        child: std::process::Child,
+        told: bool,
+    },
+}
+
+impl Upgrade {
+    fn child(&mut self) -> &mut std::process::Child {
+        match self {
+            Upgrade::Starting(child)
+            | Upgrade::HandedOver { child, .. }
+            | Upgrade::TakingBack { child, .. } => child,
+        }
+    }
+
+    fn pid(&self) -> libc::pid_t {
+        match self {
+            Upgrade::Starting(child)
+            | Upgrade::HandedOver { child, .. }
+            | Upgrade::TakingBack { child, .. } => child.id() as libc::pid_t,
+        }
+    }
+}
+
 struct Worker {
     child: Child,
     role: Role,
@@ -529,13 +599,20 @@ struct Master<'a, W> {
     free_slots: Vec<usize>,
     /// When a SIGHUP started replacing the workers.
     reloading: Option<Instant>,
-    /// The new master a SIGUSR2 started, until it takes over.
-    upgrading: Option<std::process::Child>,
+    /// The upgrade this master started (SIGUSR2), until it ends.
+    upgrading: Option<Upgrade>,
     /// What SIGUSR2 starts (see `Prefork::upgrade_command`).
     started_as: Option<std::path::PathBuf>,
     /// The old master that started this one (SIGUSR2), told to drain once
-    /// this one's workers accept.
+    /// this one's workers accept (taken then).
     upgraded_from: Option<u32>,
+    /// The same old master, for a rollback: while it is still this
+    /// master's parent (in its rollback window), an operator's SIGTERM
+    /// hands back to it before this master drains.
+    old_master: Option<u32>,
+    /// Since when this (new) master waits for its old master to serve
+    /// again (see `old_master`).
+    giving_back: Option<Instant>,
     /// A new master took over: the socket stays.
     handed_over: bool,
     /// `READY=1` was sent.
@@ -566,23 +643,30 @@ where
             if let Some(exit) = self.stop_requested_by_worker() {
                 return Ok(exit);
             }
-            self.spawn_missing()?;
+            // Handed over: the workers drained, none is forked until a
+            // rollback.
+            if !matches!(self.upgrading, Some(Upgrade::HandedOver { .. })) {
+                self.spawn_missing()?;
+            }
             self.check_heartbeats();
             self.finish_reload();
             self.tell_systemd();
-            self.check_upgrade();
-            match self.signals.wait(Duration::from_millis(100)) {
-                Some(libc::SIGTERM) if self.upgrading.is_some() => {
-                    tracing::info!("SIGTERM during an upgrade: the new master took over, draining");
-                    self.handed_over = true;
-                    return self.stop_all(Exit::success().with_message("upgraded"), true);
-                }
+            if let Some(exit) = self.check_upgrade() {
+                return exit;
+            }
+            if let Some(exit) = self.check_giving_back() {
+                return exit;
+            }
+            let Some((signal, from)) = self.signals.wait_from(Duration::from_millis(100)) else {
+                continue;
+            };
+            match Some(signal) {
                 Some(libc::SIGTERM) => {
-                    tracing::info!("SIGTERM: graceful stop");
-                    let delay = self.config.shutdown_delay;
-                    return self.stop_all_after(Exit::success().with_message("SIGTERM"), delay);
+                    if let Some(exit) = self.sigterm(from) {
+                        return exit;
+                    }
                 }
-                Some(libc::SIGUSR2) => self.upgrade(),
+                Some(libc::SIGUSR2) => self.sigusr2(from),
                 Some(sig @ (libc::SIGINT | libc::SIGQUIT)) => {
                     tracing::info!(signal = sig, "fast stop");
                     return self.stop_all(Exit::success().with_message("fast stop"), false);
@@ -618,16 +702,153 @@ where
         }
     }
 
+    /// SIGTERM, from `from`: the new master's hand-over, an old master
+    /// serving again, or an operator's stop (see
+    /// [`Prefork::rollback_window`]). `Some` when this master is done.
+    fn sigterm(&mut self, from: libc::pid_t) -> Option<io::Result<Exit>> {
+        let new_master = self.upgrading.as_ref().map(Upgrade::pid);
+        match &mut self.upgrading {
+            Some(Upgrade::Starting(child)) if Some(from) == new_master => {
+                self.handed_over = true;
+                if self.config.rollback_window.is_zero() {
+                    tracing::info!("the new master took over: draining");
+                    return Some(self.stop_all(Exit::success().with_message("upgraded"), true));
+                }
+                let until = Instant::now() + self.config.rollback_window;
+                tracing::info!(
+                    new_master = child.id(),
+                    rollback_window = ?self.config.rollback_window,
+                    "the new master took over: workers drain; this master stays for the rollback window"
+                );
+                let child = match self.upgrading.take() {
+                    Some(Upgrade::Starting(child)) => child,
+                    _ => unreachable!("matched above"),
+                };
+                self.upgrading = Some(Upgrade::HandedOver { child, until });
+                for worker in &mut self.workers {
+                    if worker.role != Role::Retiring {
+                        worker.role = Role::Retiring;
+                        let _ = worker.child.kill(libc::SIGTERM);
+                    }
+                }
+                return None;
+            }
+            // A hand-over after the new master asked to hand back: the
+            // rollback stands.
+            Some(Upgrade::HandedOver { .. } | Upgrade::TakingBack { .. })
+                if Some(from) == new_master =>
+            {
+                tracing::debug!("a late hand-over from the new master: ignored");
+                return None;
+            }
+            Some(Upgrade::HandedOver { .. }) => {
+                tracing::info!(
+                    "SIGTERM within the rollback window: the upgrade stays; this master ends"
+                );
+                return Some(self.stop_all(Exit::success().with_message("upgraded"), true));
+            }
+            Some(Upgrade::Starting(child) | Upgrade::TakingBack { child, .. }) => {
+                tracing::info!(
+                    new_master = child.id(),
+                    "SIGTERM during an upgrade: stopping this master and the new one"
+                );
+                let _ = sys::kill(child.id() as libc::pid_t, libc::SIGTERM);
+                let delay = self.config.shutdown_delay;
+                let exit = self.stop_all_after(Exit::success().with_message("SIGTERM"), delay);
+                self.reap_new_master();
+                return Some(exit);
+            }
+            None => {}
+        }
+        if self.giving_back.is_some() && self.old_master.map(|pid| pid as libc::pid_t) == Some(from)
+        {
+            tracing::info!("the old master serves again: draining");
+            self.handed_over = true;
+            return Some(self.stop_all(Exit::success().with_message("rolled back"), true));
+        }
+        if self.giving_back.is_none() && self.told_ready && self.old_master_waits() {
+            let old = self.old_master.unwrap_or_default();
+            tracing::info!(
+                old_master = old,
+                "SIGTERM within the old master's rollback window: handing back to it, then draining"
+            );
+            match sys::kill(old as libc::pid_t, libc::SIGUSR2) {
+                Ok(()) => {
+                    self.giving_back = Some(Instant::now());
+                    return None;
+                }
+                Err(err) => tracing::warn!(%err, old_master = old, "cannot hand back"),
+            }
+        }
+        tracing::info!("SIGTERM: graceful stop");
+        let delay = self.config.shutdown_delay;
+        Some(self.stop_all_after(Exit::success().with_message("SIGTERM"), delay))
+    }
+
+    /// Whether the old master that started this one still waits in its
+    /// rollback window: it is still this master's parent (once it ended,
+    /// this master was adopted by another process).
+    fn old_master_waits(&self) -> bool {
+        let parent = std::os::unix::process::parent_id();
+        self.old_master.is_some_and(|old| old == parent)
+    }
+
+    /// This (new) master handed back: once the old master serves again it
+    /// says so (SIGTERM, see `sigterm`). If it ended meanwhile, or does not
+    /// answer within the grace period, this master stops anyway.
+    fn check_giving_back(&mut self) -> Option<io::Result<Exit>> {
+        let since = self.giving_back?;
+        if self.old_master_waits() && since.elapsed() < self.config.grace {
+            return None;
+        }
+        tracing::warn!("the old master did not take back: draining anyway");
+        let delay = self.config.shutdown_delay;
+        Some(self.stop_all_after(Exit::success().with_message("SIGTERM"), delay))
+    }
+
+    /// SIGUSR2, from `from`: the new master handing back (its operator's
+    /// SIGTERM), or an operator's upgrade.
+    fn sigusr2(&mut self, from: libc::pid_t) {
+        let Some(upgrade) = self.upgrading.take() else {
+            self.upgrade();
+            return;
+        };
+        if from != upgrade.pid() {
+            tracing::warn!("SIGUSR2: an upgrade is already under way");
+            self.upgrading = Some(upgrade);
+            return;
+        }
+        self.upgrading = Some(match upgrade {
+            Upgrade::Starting(child) => {
+                // This master's workers still serve: the new one may drain
+                // at once.
+                tracing::info!(
+                    new_master = child.id(),
+                    "the new master hands back before taking over: it drains"
+                );
+                let _ = sys::kill(child.id() as libc::pid_t, libc::SIGTERM);
+                Upgrade::TakingBack { child, told: true }
+            }
+            Upgrade::HandedOver { child, .. } => {
+                tracing::info!(
+                    new_master = child.id(),
+                    "rollback: the new master hands back; forking workers again"
+                );
+                self.handed_over = false;
+                self.told_ready = false;
+                Upgrade::TakingBack { child, told: false }
+            }
+            taking_back @ Upgrade::TakingBack { .. } => taking_back,
+        });
+    }
+
     /// SIGUSR2: starts a new master from the command this one was started
     /// with (the binary on disk now: new code), with the same arguments and
     /// the listening socket as its descriptor 3.
     /// This one serves on until the new one's workers accept; then the new
-    /// one sends it SIGTERM and it drains.
+    /// one sends it SIGTERM and its workers drain (see
+    /// [`Prefork::rollback_window`] for what follows).
     fn upgrade(&mut self) {
-        if self.upgrading.is_some() {
-            tracing::warn!("SIGUSR2: an upgrade is already under way");
-            return;
-        }
         let Some(exe) = self.started_as.as_ref() else {
             tracing::error!("SIGUSR2: no command to start (argv[0] is empty): not upgrading");
             return;
@@ -643,21 +864,90 @@ where
                     pid = child.id(),
                     "SIGUSR2: new master started; serving on until it accepts"
                 );
-                self.upgrading = Some(child);
+                self.upgrading = Some(Upgrade::Starting(child));
             }
             Err(err) => tracing::error!(%err, "SIGUSR2: cannot start a new master: not upgrading"),
         }
     }
 
-    /// A new master that ended before taking over failed: this one serves on.
-    fn check_upgrade(&mut self) {
-        let Some(child) = &mut self.upgrading else {
+    /// Follows the upgrade under way: a new master that ended (before
+    /// taking over: this one serves on; within the rollback window: this
+    /// one serves again), the end of the rollback window (`Some`: this
+    /// master is done), a rollback whose workers now accept (the new
+    /// master is told to drain).
+    fn check_upgrade(&mut self) -> Option<io::Result<Exit>> {
+        let ready = self.ready_count() >= self.wanted;
+        let upgrade = self.upgrading.as_mut()?;
+        let ended = match upgrade.child().try_wait() {
+            Ok(Some(status)) => Some(status),
+            Ok(None) => None,
+            Err(err) => {
+                tracing::warn!(%err, "cannot wait for the new master");
+                None
+            }
+        };
+        match (upgrade, ended) {
+            (Upgrade::Starting(child), Some(status)) => {
+                tracing::error!(pid = child.id(), %status, "upgrade failed: the new master ended; serving on");
+                self.upgrading = None;
+            }
+            (Upgrade::HandedOver { child, .. }, Some(status)) => {
+                tracing::warn!(
+                    pid = child.id(),
+                    %status,
+                    "rollback: the new master ended within the rollback window; forking workers again"
+                );
+                self.upgrading = None;
+                self.handed_over = false;
+                self.told_ready = false;
+            }
+            (Upgrade::HandedOver { until, .. }, None) if Instant::now() >= *until => {
+                tracing::info!("rollback window over: this master ends");
+                self.upgrading = None;
+                return Some(self.stop_all(Exit::success().with_message("upgraded"), true));
+            }
+            (Upgrade::TakingBack { child, .. }, Some(status)) => {
+                tracing::info!(pid = child.id(), %status, "rolled back: the new master ended; this master serves");
+                self.upgrading = None;
+            }
+            (Upgrade::TakingBack { child, told }, None) if !*told && ready => {
+                tracing::info!(
+                    new_master = child.id(),
+                    "rollback: this master's workers accept; the new master drains"
+                );
+                let _ = sys::kill(child.id() as libc::pid_t, libc::SIGTERM);
+                *told = true;
+            }
+            _ => {}
+        }
+        None
+    }
+
+    /// After this master stopped during an upgrade, having told the new
+    /// master to stop too: waits for it (its grace, and a second), then
+    /// kills it, so it is reaped here, not left to another process.
+    fn reap_new_master(&mut self) {
+        let Some(upgrade) = self.upgrading.take() else {
             return;
         };
-        if let Ok(Some(status)) = child.try_wait() {
-            tracing::error!(pid = child.id(), %status, "upgrade failed: the new master ended; serving on");
-            self.upgrading = None;
+        let mut child = match upgrade {
+            Upgrade::Starting(child)
+            | Upgrade::HandedOver { child, .. }
+            | Upgrade::TakingBack { child, .. } => child,
+        };
+        let deadline = Instant::now() + self.config.grace + Duration::from_secs(1);
+        while Instant::now() < deadline {
+            if !matches!(child.try_wait(), Ok(None)) {
+                return;
+            }
+            let _ = self.signals.wait(Duration::from_millis(50));
         }
+        tracing::warn!(
+            pid = child.id(),
+            "the new master did not stop within the grace period: killed"
+        );
+        let _ = child.kill();
+        let _ = child.wait();
     }
 
     /// Kills the workers silent for longer than the timeout; counts a
@@ -731,7 +1021,7 @@ where
                     sd_notify::NotifyState::Ready,
                     sd_notify::NotifyState::MainPid(std::process::id()),
                 ]);
-                if let Some(old) = self.upgraded_from {
+                if let Some(old) = self.upgraded_from.take() {
                     tracing::info!(
                         old_master = old,
                         "upgrade: this master accepts; the old one drains"
@@ -741,6 +1031,10 @@ where
                     }
                 }
             }
+        }
+        // Handed over, the unit's watchdog is the new master's to feed.
+        if self.handed_over {
+            return;
         }
         if let Some((every, last)) = &mut self.watchdog {
             if last.elapsed() >= *every {
@@ -1011,7 +1305,9 @@ where
         // After an upgrade's hand-over the unit is the new master's (it
         // said `MAINPID=`): the old one says nothing more, or systemd
         // (`NotifyAccess=all`) could take its STOPPING=1 for the unit's.
-        if !self.handed_over {
+        // A new master that never took over never spoke for the unit
+        // either.
+        if !self.handed_over && (self.told_ready || self.old_master.is_none()) {
             notify(&[sd_notify::NotifyState::Stopping]);
         }
         for worker in &mut self.workers {

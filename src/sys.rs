@@ -244,6 +244,22 @@ mod process {
         }
     }
 
+    /// The most resident memory this process has had (`getrusage`'s
+    /// `ru_maxrss`, in bytes): one system call, no file read. A forked
+    /// child's count starts at its resident memory at the fork, not its
+    /// parent's peak.
+    #[cfg(all(feature = "prefork", any(feature = "http", feature = "fastcgi")))]
+    pub(crate) fn peak_resident_bytes() -> Option<u64> {
+        let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+        // SAFETY: getrusage writes one rusage into the place we own.
+        if unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) } != 0 {
+            return None;
+        }
+        // SAFETY: getrusage filled it.
+        let kib = unsafe { usage.assume_init_ref() }.ru_maxrss;
+        u64::try_from(kib).ok().map(|kib| kib * 1024)
+    }
+
     /// Counters in memory shared with every child forked afterwards (an
     /// anonymous shared mapping): a prefork master reads its workers'
     /// heartbeats there.

@@ -685,9 +685,11 @@ async fn a_recycling_workers_replacement_serves_while_it_still_drains() {
     drop(frozen);
 }
 
-/// Four clients growing a worker's memory as fast as they can: it is
-/// recycled near its `max_rss`, not a second's growth past it (the issue's
-/// 1.0 GB against 64 MiB, when memory was read once a second).
+/// Four clients growing a worker's memory (4 MiB a request, kept) as fast
+/// as they can: it is recycled at its `max_rss` plus what the requests in
+/// flight when it crossed allocate (four clients, 4 MiB each), not a
+/// second's growth past it (the 1.0 GB against 64 MiB, when memory
+/// was read once a second; 90 MiB when it was read every 10 ms).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_rss_holds_under_clients_growing_memory_fast() {
     let (master, addr) = prefork(&["--workers", "1", "--max-rss", "64"]);
@@ -725,7 +727,12 @@ async fn max_rss_holds_under_clients_growing_memory_fast() {
     let recycled = master.stderr_count("worker over max_rss: recycling");
     let peak_mib = peak_kib / 1024;
     eprintln!("peak worker RSS: {peak_mib} MiB for a limit of 64 MiB, {recycled} recycles");
-    assert!(peak_mib < 160, "a worker reached {peak_mib} MiB");
+    // The limit, one request's growth per client in flight, and 4 MiB for
+    // the allocator and the responses.
+    assert!(
+        peak_mib <= 64 + 4 * 4 + 4,
+        "a worker reached {peak_mib} MiB"
+    );
     assert!(recycled >= 3, "{recycled} recycles in 3 s");
 }
 

@@ -263,6 +263,9 @@ impl Drop for InFlight {
             self.0.last_end.store(since.max(1), Ordering::Relaxed);
         }
         self.0.ended.fetch_add(1, Ordering::Relaxed);
+        // A prefork worker's `max_rss`, checked as each request ends.
+        #[cfg(feature = "prefork")]
+        super::prefork::check_memory_after_request(&self.0.supervisor);
     }
 }
 

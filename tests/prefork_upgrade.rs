@@ -148,10 +148,17 @@ async fn deploy_then_upgrade(
     let load = PidLoad::start(addr, 4);
     tokio::time::sleep(Duration::from_millis(500)).await;
     deploy();
+    let upgrade_started = Instant::now();
     signal(old.pid(), libc::SIGUSR2);
     let new_master =
         pid_in(&old.stderr_line("SIGUSR2: new master started", Duration::from_secs(5)));
     let mut adopted = Adopted(Some(new_master));
+    old.stderr_line("the new master took over", Duration::from_secs(10));
+    eprintln!(
+        "deploy of {}: the new master took over {:?} after SIGUSR2",
+        expected.display(),
+        upgrade_started.elapsed()
+    );
     let exe = std::fs::read_link(format!("/proc/{new_master}/exe")).unwrap();
     assert_eq!(exe, expected, "the new master runs the deployed binary");
     assert_eq!(old.wait_exit(Duration::from_secs(20)).code(), Some(0));
@@ -364,6 +371,19 @@ async fn sigterm_to_the_new_master_after_sigusr2_rolls_back_and_fails_no_request
             pid_in(&old.stderr_line("SIGUSR2: new master started", Duration::from_secs(5)));
         tokio::time::sleep(Duration::from_millis(after)).await;
         let took_over = old.stderr_count("the new master took over") > 0;
+        // One more client, one request at a time: the longest wait for an
+        // answer while the masters swap back.
+        let probe = tokio::spawn(async move {
+            let mut longest = Duration::ZERO;
+            let until = Instant::now() + Duration::from_secs(1);
+            while Instant::now() < until {
+                let asked = Instant::now();
+                let reply = get(addr, "/pid").await;
+                assert!(reply.is_ok_and(|r| r.status == StatusCode::OK));
+                longest = longest.max(asked.elapsed());
+            }
+            longest
+        });
         let stopped = Instant::now();
         signal(new_master, libc::SIGTERM);
         // The old master reaps its child, the new master.
@@ -373,6 +393,7 @@ async fn sigterm_to_the_new_master_after_sigusr2_rolls_back_and_fails_no_request
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let gone_after = stopped.elapsed();
+        let longest = probe.await.expect("every probe answered");
         tokio::time::sleep(Duration::from_millis(500)).await;
         let (ok, failed, _) = load.stop().await;
         assert!(
@@ -397,7 +418,8 @@ async fn sigterm_to_the_new_master_after_sigusr2_rolls_back_and_fails_no_request
         }
         eprintln!(
             "SIGTERM to the new master {after} ms after SIGUSR2 (took over: {took_over}): \
-             it ended {gone_after:?} later, {ok} requests, 0 failed"
+             it ended {gone_after:?} later, {ok} requests, 0 failed; longest answer meanwhile \
+             {longest:?}"
         );
         signal(old.pid(), libc::SIGTERM);
         assert_eq!(old.wait_exit(Duration::from_secs(15)).code(), Some(0));

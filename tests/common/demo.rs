@@ -183,14 +183,24 @@ impl Drop for TempDir {
 /// nginx in the foreground, one process, passing every request to
 /// `fastcgi_pass` (`127.0.0.1:PORT` or `unix:/path`). Returns it and its port.
 pub fn nginx(dir: &TempDir, fastcgi_pass: &str) -> (Proc, u16) {
+    nginx_with(
+        dir,
+        fastcgi_pass,
+        "include /etc/nginx/fastcgi_params;\n      fastcgi_param REQUEST_URI $request_uri;\n      fastcgi_keep_conn on;\n      fastcgi_pass app;",
+    )
+}
+
+/// nginx on a free loopback port, its `upstream app` the server at
+/// `upstream` with a keep-alive pool of 8, `location /` doing `pass`.
+fn nginx_with(dir: &TempDir, upstream: &str, pass: &str) -> (Proc, u16) {
     let port = free_port();
     let d = dir.0.display();
     let conf = format!(
         "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log info;\n\
          events {{ worker_connections 128; }}\n\
          http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  fastcgi_temp_path {d}/fastcgi;\n  proxy_temp_path {d}/proxy;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-         upstream app {{ server {fastcgi_pass}; keepalive 8; }}\n\
-         server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      include /etc/nginx/fastcgi_params;\n      fastcgi_param REQUEST_URI $request_uri;\n      fastcgi_keep_conn on;\n      fastcgi_pass app;\n    }}\n  }}\n}}\n"
+         upstream app {{ server {upstream}; keepalive 8; }}\n\
+         server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      {pass}\n    }}\n  }}\n}}\n"
     );
     let conf_path = dir.0.join("nginx.conf");
     std::fs::write(&conf_path, conf).unwrap();
@@ -210,6 +220,83 @@ pub fn nginx(dir: &TempDir, fastcgi_pass: &str) -> (Proc, u16) {
         )
     });
     (proc, port)
+}
+
+/// nginx on a free loopback port in front of the HTTP server at
+/// `upstream` (`host:port`), through an upstream keep-alive pool of 8
+/// (`proxy_pass`, HTTP/1.1, the `Connection` header cleared): the README's
+/// recipe.
+#[allow(dead_code)]
+pub fn nginx_proxy(dir: &TempDir, upstream: &str) -> (Proc, u16) {
+    nginx_with(
+        dir,
+        upstream,
+        "proxy_pass http://app;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";",
+    )
+}
+
+/// What [`pool_run`] saw.
+#[allow(dead_code)]
+pub struct PoolRun {
+    pub took: Duration,
+    pub failed: Vec<String>,
+    pub hups: usize,
+}
+
+/// 8 keep-alive clients through nginx at `port`, `POST /` and `GET /pid`
+/// in turn, `requests` in all, and a SIGHUP to `master` every 2 s
+/// meanwhile: what kept upstream connections must survive.
+#[allow(dead_code)]
+pub async fn pool_run(port: u16, master: u32, requests: usize) -> PoolRun {
+    use http_body_util::BodyExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<String>();
+    let sent = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(Mutex::new(Vec::<String>::new()));
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (client, sent, failed) = (client.clone(), sent.clone(), failed.clone());
+        tasks.spawn(async move {
+            loop {
+                let i = sent.fetch_add(1, Ordering::Relaxed);
+                if i >= requests {
+                    return;
+                }
+                let req = if i % 2 == 0 {
+                    http::Request::post(format!("http://127.0.0.1:{port}/"))
+                        .body("a=1&b=2".to_owned())
+                } else {
+                    http::Request::get(format!("http://127.0.0.1:{port}/pid")).body(String::new())
+                }
+                .unwrap();
+                match client.request(req).await {
+                    Ok(res) if res.status() == http::StatusCode::OK => {
+                        let _ = res.into_body().collect().await;
+                    }
+                    Ok(res) => failed
+                        .lock()
+                        .unwrap()
+                        .push(format!("{i}: {}", res.status())),
+                    Err(err) => failed.lock().unwrap().push(format!("{i}: {err}")),
+                }
+            }
+        });
+    }
+    let mut hups = 0;
+    while !tasks.is_empty() {
+        tokio::select! {
+            _ = tasks.join_next() => {}
+            () = tokio::time::sleep(Duration::from_secs(2)) => {
+                signal(master, libc::SIGHUP);
+                hups += 1;
+            }
+        }
+    }
+    let took = started.elapsed();
+    let failed = std::mem::take(&mut *failed.lock().unwrap());
+    PoolRun { took, failed, hups }
 }
 
 /// A Debian server binary (`/usr/sbin` is not on every user's PATH).

@@ -10,7 +10,6 @@
 //! ```
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 use common::demo::{example, nginx, nginx_proxy, pool_run, Proc, TempDir};

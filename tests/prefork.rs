@@ -651,8 +651,10 @@ async fn http2_streams_past_the_budget_are_refused_not_503() {
 /// A worker that recycles while an HTTP/2 client keeps its connection
 /// (a client that stopped reading: it never acknowledges the GOAWAY's
 /// PING, so the worker drains until its grace runs out, 10 s in the demo)
-/// has its replacement forked when it starts draining, not when it ends:
-/// new clients are answered at once.
+/// has its replacement forked when it starts draining, not when it ends
+/// (the worker wakes its master with SIGCHLD): a new client is answered
+/// within 100 ms (10.0 s when the replacement waited for the end; 190 ms
+/// when the master only looked every 100 ms).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recycling_workers_replacement_serves_while_it_still_drains() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -676,9 +678,10 @@ async fn a_recycling_workers_replacement_serves_while_it_still_drains() {
     let started = Instant::now();
     let next = pid_of_worker(addr).await;
     let waited = started.elapsed();
+    eprintln!("a new client while the only worker drains: answered in {waited:?}");
     assert_ne!(next, old, "answered by the draining worker");
     assert!(
-        waited < Duration::from_secs(3),
+        waited < Duration::from_millis(100),
         "a new client waited {waited:?}"
     );
     app.stderr_line("forking its replacement now", Duration::from_secs(5));

@@ -645,12 +645,13 @@ where
             if let Some(exit) = self.stop_requested_by_worker() {
                 return Ok(exit);
             }
+            // First: a worker that started draining is replaced now.
+            self.check_heartbeats();
             // Handed over: the workers drained, none is forked until a
             // rollback.
             if !matches!(self.upgrading, Some(Upgrade::HandedOver { .. })) {
                 self.spawn_missing()?;
             }
-            self.check_heartbeats();
             self.finish_reload();
             self.tell_systemd();
             if let Some(exit) = self.check_upgrade() {
@@ -1126,6 +1127,7 @@ where
                 (t / 4).min(Duration::from_secs(1))
             }),
             max_rss: self.config.max_rss,
+            master: std::process::id(),
         };
         let worker_started = self.config.hooks.worker_started.clone();
         let limit = self
@@ -1421,6 +1423,8 @@ const DRAINING: u64 = 1 << 63;
 struct Heartbeat {
     every: Duration,
     max_rss: Option<u64>,
+    /// The master, woken when the worker starts draining.
+    master: u32,
 }
 
 impl Heartbeat {
@@ -1443,9 +1447,12 @@ impl Heartbeat {
                     continue;
                 }
                 _ = &mut drains, if !draining => {
-                    // Told once: the master forks the replacement.
+                    // Told once: the master forks the replacement, woken
+                    // now (SIGCHLD: a child changed state) rather than at
+                    // its next look, up to 100 ms later.
                     draining = true;
                     beat.fetch_or(DRAINING, Ordering::Release);
+                    let _ = sys::kill(self.master as libc::pid_t, libc::SIGCHLD);
                     continue;
                 }
                 _ = rss_every.tick(), if self.max_rss.is_some() && !recycling => {}

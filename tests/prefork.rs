@@ -815,3 +815,49 @@ async fn connections_that_send_nothing_do_not_hold_the_budget_against_real_clien
         "the idle connection was closed"
     );
 }
+
+/// FastCGI: a kept connection idle after its request holds a unit of the
+/// worker's budget for its next request. When open connections hold every
+/// unit it is closed after 1 s idle, so the worker accepts again (at
+/// `--max-requests 3`, after a kept connection's request and a one-shot
+/// one, the kept connection held the last unit: a new connection waited
+/// until the 60 s idle timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_fastcgi_connection_idle_with_the_last_unit_makes_room() {
+    use common::fcgi::{read_until_end, request, response_of};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_app, addr) = prefork(&["--fastcgi", "--workers", "1", "--max-requests", "3"]);
+    // The accept loop holds the second unit for the next connection; the
+    // kept connection's next request takes the third.
+    let mut kept = tokio::net::TcpStream::connect(addr).await.unwrap();
+    kept.write_all(&request(1, true, "/pid", b""))
+        .await
+        .unwrap();
+    let (first, end) = response_of(&read_until_end(&mut kept, &[1]).await, 1);
+    assert_eq!(end, Some(0), "{first:?}");
+    let mut once = tokio::net::TcpStream::connect(addr).await.unwrap();
+    once.write_all(&request(1, false, "/pid", b""))
+        .await
+        .unwrap();
+    let (one, end) = response_of(&read_until_end(&mut once, &[1]).await, 1);
+    assert_eq!(end, Some(0), "{one:?}");
+    let started = Instant::now();
+    let mut next = tokio::net::TcpStream::connect(addr).await.unwrap();
+    next.write_all(&request(1, false, "/pid", b""))
+        .await
+        .unwrap();
+    let recs = tokio::time::timeout(Duration::from_secs(10), read_until_end(&mut next, &[1]))
+        .await
+        .expect("answered");
+    let waited = started.elapsed();
+    let (second, end) = response_of(&recs, 1);
+    assert_eq!(end, Some(0), "{second:?}");
+    eprintln!("a new FastCGI connection behind a kept one holding the last unit: {waited:?}");
+    assert!(waited < Duration::from_secs(3), "waited {waited:?}");
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(1), kept.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(read, Ok(Ok(_))),
+        "the idle kept connection was closed: {read:?}"
+    );
+}

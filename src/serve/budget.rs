@@ -84,6 +84,13 @@ impl Budget {
         }
     }
 
+    /// No unit left to hand out, yet not spent: open connections hold
+    /// every unit not used, and the server cannot accept.
+    #[cfg(feature = "fastcgi")]
+    pub(crate) fn starved(&self) -> bool {
+        self.available.load(Ordering::Acquire) == 0 && !self.spent()
+    }
+
     pub(crate) fn max(&self) -> u64 {
         self.max
     }
@@ -148,9 +155,14 @@ impl Credit {
     }
 
     /// Whether the credit is held, unused.
-    #[cfg(feature = "http")]
     pub(crate) fn held(&self) -> bool {
         self.held.load(Ordering::Acquire)
+    }
+
+    /// The budget it holds a unit of.
+    #[cfg(feature = "fastcgi")]
+    pub(crate) fn budget(&self) -> &Budget {
+        &self.budget
     }
 
     /// A request starts: it uses the connection's credit, or takes a unit

@@ -97,9 +97,18 @@ impl Conn {
 
     /// Whether the connection holds a unit of the budget for its next
     /// request (its first, or one renewed after a response).
-    #[cfg(feature = "http")]
-    fn holds_credit(&self) -> bool {
+    pub(crate) fn holds_credit(&self) -> bool {
         self.credit.as_ref().is_some_and(Credit::held)
+    }
+
+    /// Whether the connection holds a unit of the budget while the server
+    /// has none left to accept a new connection with (open connections
+    /// hold every unit not used): an idle one should give its unit back.
+    #[cfg(feature = "fastcgi")]
+    pub(crate) fn holds_a_needed_unit(&self) -> bool {
+        self.credit
+            .as_ref()
+            .is_some_and(|credit| credit.held() && credit.budget().starved())
     }
 
     /// Whether this is a `serve::http` connection (the one server with a
@@ -271,16 +280,14 @@ impl Drop for InFlight {
 
 /// How long a keep-alive connection must have been idle before it is
 /// closed to make room at the cap.
-#[cfg(feature = "http")]
-const RECLAIM_MIN_IDLE: Duration = Duration::from_secs(1);
+pub(crate) const RECLAIM_MIN_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How long a connection must have been silent since it was accepted
 /// (no request) before it is closed to free its unit of the budget for a
 /// client waiting in the backlog. A real client sends its request as soon
 /// as it connected: its request arrives half a round trip after the
 /// accept, so this leaves room for round trips up to 500 ms.
-#[cfg(feature = "http")]
-const SILENT_MIN: Duration = Duration::from_millis(250);
+pub(crate) const SILENT_MIN: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// A server's open connections (HTTP), for making room at the cap: the
 /// one idle the longest is asked to close, as nginx reuses its idle

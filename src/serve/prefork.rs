@@ -279,9 +279,10 @@ impl Prefork {
     /// are closed at once, then, every 50 ms, the keep-alive connection
     /// idle the longest (1 s or more). For FastCGI, a kept connection is
     /// closed after the END_REQUEST of the last request the budget allows
-    /// (and a close notice, see [`serve::fastcgi`](mod@crate::serve::fastcgi));
-    /// only a request multiplexed past the budget on one connection gets
-    /// `503`.
+    /// (and a close notice, see [`serve::fastcgi`](mod@crate::serve::fastcgi)),
+    /// and, while open connections hold every unit, one idle for 1 s (or
+    /// silent for 250 ms since it was accepted) closes; only a request
+    /// multiplexed past the budget on one connection gets `503`.
     pub fn max_requests(mut self, max_requests: u64) -> Self {
         self.max_requests = Some(max_requests.max(1));
         self

@@ -116,6 +116,9 @@ where
     // and read timeouts count from here.
     let mut last_activity = connected;
     let mut input = InputRate::new(conn.limits.min_request_body_rate);
+    // When an idle connection last looked whether its budget unit is
+    // needed (see `reclaim_at`).
+    let mut reclaim_checked = connected;
 
     let ended = loop {
         // Handle every whole record read so far; `buf` then holds less
@@ -188,10 +191,23 @@ where
         let drain_deadline = draining
             .filter(|_| conn.active.is_empty())
             .map(|at| at + NEXT_REQUEST_WAIT);
-        let wake = match (deadline, drain_deadline) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        // Idle, holding a unit of the worker's budget for its next request
+        // (`max_requests`): looked at after RECLAIM_MIN_IDLE (SILENT_MIN
+        // before a first request), then every RECLAIM_RECHECK; closed if
+        // the worker cannot accept for want of units (see below).
+        let reclaim_at = (conn.active.is_empty() && buf.is_empty() && requests.holds_credit())
+            .then(|| {
+                let min = if begun {
+                    crate::serve::in_flight::RECLAIM_MIN_IDLE
+                } else {
+                    crate::serve::in_flight::SILENT_MIN
+                };
+                (last_activity + min).max(reclaim_checked + RECLAIM_RECHECK)
+            });
+        let wake = [deadline, drain_deadline, reclaim_at]
+            .into_iter()
+            .flatten()
+            .min();
         tokio::select! {
             read = reader.read_buf(&mut buf) => match read {
                 Ok(0) => match decoder.decode_eof(&buf) {
@@ -205,7 +221,22 @@ where
                 Err(err) => break Ended::Io(err),
             },
             () = sleep_until(wake) => {
-                if drain_deadline.is_some_and(|at| tokio::time::Instant::now() >= at) {
+                let now = tokio::time::Instant::now();
+                if drain_deadline.is_some_and(|at| now >= at) {
+                    continue;
+                }
+                if deadline.is_none_or(|at| now < at) && reclaim_at.is_some_and(|at| now >= at) {
+                    // The worker's open connections hold every unit of its
+                    // budget: this idle one gives its unit back, so that
+                    // the worker accepts again (a web server's pooled
+                    // connection idle at the budget's end would otherwise
+                    // hold it until its idle timeout). The one idle at
+                    // least a second: nginx reuses its most recent first.
+                    if requests.holds_a_needed_unit() {
+                        tracing::debug!(peer = %conn.peer, "budget held by open connections: closing an idle FastCGI connection");
+                        break Ended::Closed;
+                    }
+                    reclaim_checked = now;
                     continue;
                 }
                 break Ended::TimedOut(waiting.map_or("", |(what, _)| what));
@@ -594,6 +625,10 @@ where
         self.send(records).await;
     }
 }
+
+/// How often an idle connection holding a unit of its worker's budget looks
+/// again whether the worker needs it (see `serve`).
+const RECLAIM_RECHECK: Duration = Duration::from_millis(250);
 
 /// How long a kept connection stays open once the server drains, for a
 /// request its web server may already have sent (as `serve::http` waits

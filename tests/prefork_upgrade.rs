@@ -521,3 +521,53 @@ async fn a_rollback_gives_the_unit_back_to_the_old_master() {
     signal(old_pid, libc::SIGTERM);
     assert_eq!(old.wait_exit(Duration::from_secs(15)).code(), Some(0));
 }
+
+/// `kill -9` of the new master within the rollback window: the old master
+/// forks workers again and serves. Only requests in flight on the new
+/// master's workers (which die with it) can fail: at most one per client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_new_master_within_the_rollback_window_is_replaced_by_the_old_one() {
+    let _serial = SERIAL.lock().await;
+    let mut command = Command::new(example("prefork"));
+    command.args(["--rollback-window", "30"]);
+    let (mut old, addr) = start_master_with(command);
+    let load = PidLoad::start(addr, 4);
+    signal(old.pid(), libc::SIGUSR2);
+    let new_master =
+        pid_in(&old.stderr_line("SIGUSR2: new master started", Duration::from_secs(5)));
+    old.stderr_line("the new master took over", Duration::from_secs(10));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let killed = Instant::now();
+    signal(new_master, libc::SIGKILL);
+    old.stderr_line(
+        "rollback: the new master ended within the rollback window",
+        Duration::from_secs(5),
+    );
+    // The first answer from a worker of the old master.
+    let back = loop {
+        if let Ok(reply) = get(addr, "/pid").await {
+            let worker: u32 = reply.body.parse().unwrap();
+            if common::children_of(old.pid())
+                .iter()
+                .any(|(pid, _)| *pid == worker)
+            {
+                break killed.elapsed();
+            }
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(5),
+            "the old master does not serve"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (ok, failed, _) = load.stop().await;
+    eprintln!(
+        "kill -9 of the new master in the window: the old master's workers answer {back:?} \
+         later; {ok} requests, {} failed: {failed:?}",
+        failed.len()
+    );
+    assert!(failed.len() <= 4, "{} failed: {failed:?}", failed.len());
+    signal(old.pid(), libc::SIGTERM);
+    assert_eq!(old.wait_exit(Duration::from_secs(15)).code(), Some(0));
+}

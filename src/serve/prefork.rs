@@ -646,8 +646,16 @@ where
             if let Some(exit) = self.stop_requested_by_worker() {
                 return Ok(exit);
             }
-            // First: a worker that started draining is replaced now.
+            // First what changes the workers wanted: a worker that started
+            // draining is replaced now, and a new master that ended within
+            // the rollback window has the workers forked again now.
             self.check_heartbeats();
+            if let Some(exit) = self.check_upgrade() {
+                return exit;
+            }
+            if let Some(exit) = self.check_giving_back() {
+                return exit;
+            }
             // Handed over: the workers drained, none is forked until a
             // rollback.
             if !matches!(self.upgrading, Some(Upgrade::HandedOver { .. })) {
@@ -655,12 +663,6 @@ where
             }
             self.finish_reload();
             self.tell_systemd();
-            if let Some(exit) = self.check_upgrade() {
-                return exit;
-            }
-            if let Some(exit) = self.check_giving_back() {
-                return exit;
-            }
             let Some((signal, from)) = self.signals.wait_from(Duration::from_millis(100)) else {
                 continue;
             };

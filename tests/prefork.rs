@@ -739,6 +739,18 @@ async fn max_rss_holds_under_clients_growing_memory_fast() {
     assert!(recycled >= 3, "{recycled} recycles in 3 s");
 }
 
+/// How long `GET /pid` on a new connection takes to be answered `200`
+/// (failing the test after 10 s).
+async fn answered_in(addr: SocketAddr) -> Duration {
+    let started = Instant::now();
+    let reply = tokio::time::timeout(Duration::from_secs(10), get(addr, "/pid")).await;
+    assert!(
+        matches!(&reply, Ok(Ok(reply)) if reply.status == StatusCode::OK),
+        "{reply:?}"
+    );
+    started.elapsed()
+}
+
 /// Connections that hold a worker's budget but send nothing do not keep
 /// real clients out: with `--max-requests 10`, 20 silent connections hold
 /// every unit (each accepted connection holds one for its first request),
@@ -755,13 +767,7 @@ async fn connections_that_send_nothing_do_not_hold_the_budget_against_real_clien
         silent.push(tokio::net::TcpStream::connect(addr).await.unwrap());
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let started = Instant::now();
-    let reply = tokio::time::timeout(Duration::from_secs(10), get(addr, "/pid")).await;
-    let waited = started.elapsed();
-    assert!(
-        matches!(&reply, Ok(Ok(reply)) if reply.status == StatusCode::OK),
-        "{reply:?}"
-    );
+    let waited = answered_in(addr).await;
     eprintln!("a real request behind 20 silent connections: {waited:?}");
     assert!(
         waited < Duration::from_secs(1),
@@ -797,13 +803,7 @@ async fn connections_that_send_nothing_do_not_hold_the_budget_against_real_clien
         "{head}"
     );
     assert_eq!(get(addr, "/pid").await.unwrap().status, StatusCode::OK);
-    let started = Instant::now();
-    let reply = tokio::time::timeout(Duration::from_secs(10), get(addr, "/pid")).await;
-    let waited = started.elapsed();
-    assert!(
-        matches!(&reply, Ok(Ok(reply)) if reply.status == StatusCode::OK),
-        "{reply:?}"
-    );
+    let waited = answered_in(addr).await;
     eprintln!("a client behind an idle keep-alive connection holding the last unit: {waited:?}");
     assert!(
         waited < Duration::from_secs(2),

@@ -544,40 +544,32 @@ enum Role {
     Draining,
 }
 
-/// An upgrade a master started (SIGUSR2), seen from that (old) master.
-enum Upgrade {
+/// An upgrade a master started (SIGUSR2), seen from that (old) master:
+/// the new master, and where the upgrade stands.
+struct Upgrade {
+    child: std::process::Child,
+    state: UpgradeState,
+}
+
+enum UpgradeState {
     /// The new master starts; this one serves on.
-    Starting(std::process::Child),
+    Starting,
     /// The new master accepts and told this one so (SIGTERM): this one's
     /// workers drain; it keeps the socket until `until` (the rollback
     /// window), to serve again if the new master ends.
-    HandedOver {
-        child: std::process::Child,
-        until: Instant,
-    },
+    HandedOver { until: Instant },
     /// The new master hands back (an operator stopped it): this one serves
     /// again, and tells it to drain (`told`) once its workers accept.
-    TakingBack {
-        child: std::process::Child,
-        told: bool,
-    },
+    TakingBack { told: bool },
 }
 
 impl Upgrade {
-    fn child(&mut self) -> &mut std::process::Child {
-        match self {
-            Upgrade::Starting(child)
-            | Upgrade::HandedOver { child, .. }
-            | Upgrade::TakingBack { child, .. } => child,
-        }
+    fn pid(&self) -> libc::pid_t {
+        self.child.id() as libc::pid_t
     }
 
-    fn pid(&self) -> libc::pid_t {
-        match self {
-            Upgrade::Starting(child)
-            | Upgrade::HandedOver { child, .. }
-            | Upgrade::TakingBack { child, .. } => child.id() as libc::pid_t,
-        }
+    fn handed_over(&self) -> bool {
+        matches!(self.state, UpgradeState::HandedOver { .. })
     }
 }
 
@@ -658,7 +650,7 @@ where
             }
             // Handed over: the workers drained, none is forked until a
             // rollback.
-            if !matches!(self.upgrading, Some(Upgrade::HandedOver { .. })) {
+            if !self.upgrading.as_ref().is_some_and(Upgrade::handed_over) {
                 self.spawn_missing()?;
             }
             self.finish_reload();
@@ -666,18 +658,18 @@ where
             let Some((signal, from)) = self.signals.wait_from(Duration::from_millis(100)) else {
                 continue;
             };
-            match Some(signal) {
-                Some(libc::SIGTERM) => {
+            match signal {
+                libc::SIGTERM => {
                     if let Some(exit) = self.sigterm(from) {
                         return exit;
                     }
                 }
-                Some(libc::SIGUSR2) => self.sigusr2(from),
-                Some(sig @ (libc::SIGINT | libc::SIGQUIT)) => {
+                libc::SIGUSR2 => self.sigusr2(from),
+                sig @ (libc::SIGINT | libc::SIGQUIT) => {
                     tracing::info!(signal = sig, "fast stop");
                     return self.stop_all(Exit::success().with_message("fast stop"), false);
                 }
-                Some(libc::SIGHUP) => {
+                libc::SIGHUP => {
                     tracing::info!("SIGHUP: replacing every worker (new ones first)");
                     for worker in &mut self.workers {
                         if worker.role == Role::Serving {
@@ -691,14 +683,14 @@ where
                             .unwrap_or(sd_notify::NotifyState::MonotonicUsec(0)),
                     ]);
                 }
-                Some(libc::SIGTTIN) if self.wanted >= MAX_WORKERS => {
+                libc::SIGTTIN if self.wanted >= MAX_WORKERS => {
                     tracing::warn!(workers = self.wanted, "SIGTTIN: already at the maximum");
                 }
-                Some(libc::SIGTTIN) => {
+                libc::SIGTTIN => {
                     self.wanted += 1;
                     tracing::info!(workers = self.wanted, "SIGTTIN: one more worker");
                 }
-                Some(libc::SIGTTOU) if self.wanted > 1 => {
+                libc::SIGTTOU if self.wanted > 1 => {
                     self.wanted -= 1;
                     tracing::info!(workers = self.wanted, "SIGTTOU: one worker less");
                     self.retire(1);
@@ -712,59 +704,55 @@ where
     /// serving again, or an operator's stop (see
     /// [`Prefork::rollback_window`]). `Some` when this master is done.
     fn sigterm(&mut self, from: libc::pid_t) -> Option<io::Result<Exit>> {
-        let new_master = self.upgrading.as_ref().map(Upgrade::pid);
-        match &mut self.upgrading {
-            Some(Upgrade::Starting(child)) if Some(from) == new_master => {
-                self.handed_over = true;
-                if self.config.rollback_window.is_zero() {
-                    tracing::info!("the new master took over: draining");
+        if let Some(upgrade) = &mut self.upgrading {
+            let new_master = upgrade.child.id();
+            match (&upgrade.state, from == upgrade.pid()) {
+                (UpgradeState::Starting, true) => {
+                    self.handed_over = true;
+                    if self.config.rollback_window.is_zero() {
+                        tracing::info!("the new master took over: draining");
+                        return Some(self.stop_all(Exit::success().with_message("upgraded"), true));
+                    }
+                    tracing::info!(
+                        new_master,
+                        rollback_window = ?self.config.rollback_window,
+                        "the new master took over: workers drain; this master stays for the rollback window"
+                    );
+                    upgrade.state = UpgradeState::HandedOver {
+                        until: Instant::now() + self.config.rollback_window,
+                    };
+                    for worker in &mut self.workers {
+                        if worker.role != Role::Retiring {
+                            worker.role = Role::Retiring;
+                            let _ = worker.child.kill(libc::SIGTERM);
+                        }
+                    }
+                    return None;
+                }
+                // A hand-over after the new master asked to hand back: the
+                // rollback stands.
+                (_, true) => {
+                    tracing::debug!("a late hand-over from the new master: ignored");
+                    return None;
+                }
+                (UpgradeState::HandedOver { .. }, false) => {
+                    tracing::info!(
+                        "SIGTERM within the rollback window: the upgrade stays; this master ends"
+                    );
                     return Some(self.stop_all(Exit::success().with_message("upgraded"), true));
                 }
-                let until = Instant::now() + self.config.rollback_window;
-                tracing::info!(
-                    new_master = child.id(),
-                    rollback_window = ?self.config.rollback_window,
-                    "the new master took over: workers drain; this master stays for the rollback window"
-                );
-                let child = match self.upgrading.take() {
-                    Some(Upgrade::Starting(child)) => child,
-                    _ => unreachable!("matched above"),
-                };
-                self.upgrading = Some(Upgrade::HandedOver { child, until });
-                for worker in &mut self.workers {
-                    if worker.role != Role::Retiring {
-                        worker.role = Role::Retiring;
-                        let _ = worker.child.kill(libc::SIGTERM);
-                    }
+                (UpgradeState::Starting | UpgradeState::TakingBack { .. }, false) => {
+                    tracing::info!(
+                        new_master,
+                        "SIGTERM during an upgrade: stopping this master and the new one"
+                    );
+                    let _ = sys::kill(upgrade.pid(), libc::SIGTERM);
+                    let delay = self.config.shutdown_delay;
+                    let exit = self.stop_all_after(Exit::success().with_message("SIGTERM"), delay);
+                    self.reap_new_master();
+                    return Some(exit);
                 }
-                return None;
             }
-            // A hand-over after the new master asked to hand back: the
-            // rollback stands.
-            Some(Upgrade::HandedOver { .. } | Upgrade::TakingBack { .. })
-                if Some(from) == new_master =>
-            {
-                tracing::debug!("a late hand-over from the new master: ignored");
-                return None;
-            }
-            Some(Upgrade::HandedOver { .. }) => {
-                tracing::info!(
-                    "SIGTERM within the rollback window: the upgrade stays; this master ends"
-                );
-                return Some(self.stop_all(Exit::success().with_message("upgraded"), true));
-            }
-            Some(Upgrade::Starting(child) | Upgrade::TakingBack { child, .. }) => {
-                tracing::info!(
-                    new_master = child.id(),
-                    "SIGTERM during an upgrade: stopping this master and the new one"
-                );
-                let _ = sys::kill(child.id() as libc::pid_t, libc::SIGTERM);
-                let delay = self.config.shutdown_delay;
-                let exit = self.stop_all_after(Exit::success().with_message("SIGTERM"), delay);
-                self.reap_new_master();
-                return Some(exit);
-            }
-            None => {}
         }
         if self.giving_back.is_some() && self.old_master.map(|pid| pid as libc::pid_t) == Some(from)
         {
@@ -815,37 +803,37 @@ where
     /// SIGUSR2, from `from`: the new master handing back (its operator's
     /// SIGTERM), or an operator's upgrade.
     fn sigusr2(&mut self, from: libc::pid_t) {
-        let Some(upgrade) = self.upgrading.take() else {
+        let Some(upgrade) = &mut self.upgrading else {
             self.upgrade();
             return;
         };
         if from != upgrade.pid() {
             tracing::warn!("SIGUSR2: an upgrade is already under way");
-            self.upgrading = Some(upgrade);
             return;
         }
-        self.upgrading = Some(match upgrade {
-            Upgrade::Starting(child) => {
+        let new_master = upgrade.child.id();
+        match upgrade.state {
+            UpgradeState::Starting => {
                 // This master's workers still serve: the new one may drain
                 // at once.
                 tracing::info!(
-                    new_master = child.id(),
+                    new_master,
                     "the new master hands back before taking over: it drains"
                 );
-                let _ = sys::kill(child.id() as libc::pid_t, libc::SIGTERM);
-                Upgrade::TakingBack { child, told: true }
+                let _ = sys::kill(upgrade.pid(), libc::SIGTERM);
+                upgrade.state = UpgradeState::TakingBack { told: true };
             }
-            Upgrade::HandedOver { child, .. } => {
+            UpgradeState::HandedOver { .. } => {
                 tracing::info!(
-                    new_master = child.id(),
+                    new_master,
                     "rollback: the new master hands back; forking workers again"
                 );
+                upgrade.state = UpgradeState::TakingBack { told: false };
                 self.handed_over = false;
                 self.told_ready = false;
-                Upgrade::TakingBack { child, told: false }
             }
-            taking_back @ Upgrade::TakingBack { .. } => taking_back,
-        });
+            UpgradeState::TakingBack { .. } => {}
+        }
     }
 
     /// SIGUSR2: starts a new master from the command this one was started
@@ -870,7 +858,10 @@ where
                     pid = child.id(),
                     "SIGUSR2: new master started; serving on until it accepts"
                 );
-                self.upgrading = Some(Upgrade::Starting(child));
+                self.upgrading = Some(Upgrade {
+                    child,
+                    state: UpgradeState::Starting,
+                });
             }
             Err(err) => tracing::error!(%err, "SIGUSR2: cannot start a new master: not upgrading"),
         }
@@ -884,22 +875,22 @@ where
     fn check_upgrade(&mut self) -> Option<io::Result<Exit>> {
         let ready = self.ready_count() >= self.wanted;
         let upgrade = self.upgrading.as_mut()?;
-        let ended = match upgrade.child().try_wait() {
-            Ok(Some(status)) => Some(status),
-            Ok(None) => None,
+        let pid = upgrade.child.id();
+        let ended = match upgrade.child.try_wait() {
+            Ok(ended) => ended,
             Err(err) => {
                 tracing::warn!(%err, "cannot wait for the new master");
                 None
             }
         };
-        match (upgrade, ended) {
-            (Upgrade::Starting(child), Some(status)) => {
-                tracing::error!(pid = child.id(), %status, "upgrade failed: the new master ended; serving on");
+        match (&mut upgrade.state, ended) {
+            (UpgradeState::Starting, Some(status)) => {
+                tracing::error!(pid, %status, "upgrade failed: the new master ended; serving on");
                 self.upgrading = None;
             }
-            (Upgrade::HandedOver { child, .. }, Some(status)) => {
+            (UpgradeState::HandedOver { .. }, Some(status)) => {
                 tracing::warn!(
-                    pid = child.id(),
+                    pid,
                     %status,
                     "rollback: the new master ended within the rollback window; forking workers again"
                 );
@@ -907,21 +898,21 @@ where
                 self.handed_over = false;
                 self.told_ready = false;
             }
-            (Upgrade::HandedOver { until, .. }, None) if Instant::now() >= *until => {
+            (UpgradeState::HandedOver { until }, None) if Instant::now() >= *until => {
                 tracing::info!("rollback window over: this master ends");
                 self.upgrading = None;
                 return Some(self.stop_all(Exit::success().with_message("upgraded"), true));
             }
-            (Upgrade::TakingBack { child, .. }, Some(status)) => {
-                tracing::info!(pid = child.id(), %status, "rolled back: the new master ended; this master serves");
+            (UpgradeState::TakingBack { .. }, Some(status)) => {
+                tracing::info!(pid, %status, "rolled back: the new master ended; this master serves");
                 self.upgrading = None;
             }
-            (Upgrade::TakingBack { child, told }, None) if !*told && ready => {
+            (UpgradeState::TakingBack { told }, None) if !*told && ready => {
                 tracing::info!(
-                    new_master = child.id(),
+                    new_master = pid,
                     "rollback: this master's workers accept; the new master drains"
                 );
-                let _ = sys::kill(child.id() as libc::pid_t, libc::SIGTERM);
+                let _ = sys::kill(pid as libc::pid_t, libc::SIGTERM);
                 *told = true;
             }
             _ => {}
@@ -933,13 +924,8 @@ where
     /// master to stop too: waits for it (its grace, and a second), then
     /// kills it, so it is reaped here, not left to another process.
     fn reap_new_master(&mut self) {
-        let Some(upgrade) = self.upgrading.take() else {
+        let Some(Upgrade { mut child, .. }) = self.upgrading.take() else {
             return;
-        };
-        let mut child = match upgrade {
-            Upgrade::Starting(child)
-            | Upgrade::HandedOver { child, .. }
-            | Upgrade::TakingBack { child, .. } => child,
         };
         let deadline = Instant::now() + self.config.grace + Duration::from_secs(1);
         while Instant::now() < deadline {

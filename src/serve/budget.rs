@@ -29,6 +29,8 @@ pub(crate) struct Budget {
     used: AtomicU64,
     /// Wakes the accept loop: a unit was given back, or the last one used.
     changed: Notify,
+    /// The accept loop waits for a unit (see [`Budget::starved`]).
+    waiting: AtomicBool,
 }
 
 impl Budget {
@@ -39,6 +41,7 @@ impl Budget {
             available: AtomicU64::new(max),
             used: AtomicU64::new(0),
             changed: Notify::new(),
+            waiting: AtomicBool::new(false),
         }
     }
 
@@ -80,19 +83,37 @@ impl Budget {
             if self.spent() {
                 return false;
             }
+            // Cleared however the wait ends (this future may be dropped).
+            let _waiting = Waiting::start(&self.waiting);
             changed.await;
         }
     }
 
-    /// No unit left to hand out, yet not spent: open connections hold
-    /// every unit not used, and the server cannot accept.
+    /// The accept loop waits for a unit: open connections hold every unit
+    /// not used, and the server cannot accept.
     #[cfg(feature = "fastcgi")]
     pub(crate) fn starved(&self) -> bool {
-        self.available.load(Ordering::Acquire) == 0 && !self.spent()
+        self.waiting.load(Ordering::Acquire)
     }
 
     pub(crate) fn max(&self) -> u64 {
         self.max
+    }
+}
+
+/// The accept loop's wait for a unit, flagged while it lasts.
+struct Waiting<'a>(&'a AtomicBool);
+
+impl<'a> Waiting<'a> {
+    fn start(flag: &'a AtomicBool) -> Self {
+        flag.store(true, Ordering::Release);
+        Waiting(flag)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }
 

@@ -13,6 +13,13 @@
 //! When the last unit is used, the server records its recycling exit and
 //! drains.
 //!
+//! Credits held by connections that send nothing would keep the server
+//! from accepting: while the accept loop waits for a unit, HTTP closes the
+//! connections silent since their accept (250 ms) and then the keep-alive
+//! one idle the longest (1 s) once a client waits in the backlog
+//! (`serve::next_connection`), and a FastCGI connection idle that long
+//! closes by itself ([`Budget::starved`]).
+//!
 //! Invariant: `available + outstanding credits + used == max`, so `used`
 //! never passes `max`.
 

@@ -669,6 +669,11 @@ where
                     tracing::info!(signal = sig, "fast stop");
                     return self.stop_all(Exit::success().with_message("fast stop"), false);
                 }
+                // Handed over: the new master has the workers (and speaks
+                // to systemd); a reload here would say RELOADING=1 for it.
+                libc::SIGHUP if self.handed_over => {
+                    tracing::warn!("SIGHUP to an old master after the hand-over: ignored (send it to the new master)");
+                }
                 libc::SIGHUP => {
                     tracing::info!("SIGHUP: replacing every worker (new ones first)");
                     for worker in &mut self.workers {

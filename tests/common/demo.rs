@@ -34,7 +34,21 @@ fn collect(stream: impl std::io::Read + Send + 'static) -> Arc<Mutex<Vec<String>
 }
 
 impl Proc {
+    /// Starts `command`, which dies with the thread that started it (a
+    /// test's thread) even if this test process is killed before `Drop`
+    /// runs: no example or peer outlives a test run.
     pub fn spawn(mut command: Command) -> Proc {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: prctl is async-signal-safe and touches nothing of the
+        // parent's; it runs in the child between fork and exec.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let mut child = command
             .env("RUST_BACKTRACE", "0")
             .stdin(Stdio::null())

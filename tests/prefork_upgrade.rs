@@ -571,3 +571,68 @@ async fn a_killed_new_master_within_the_rollback_window_is_replaced_by_the_old_o
     signal(old.pid(), libc::SIGTERM);
     assert_eq!(old.wait_exit(Duration::from_secs(15)).code(), Some(0));
 }
+
+/// systemd with `KillMode=mixed` stops a unit by a SIGTERM to its main
+/// process only: within the rollback window, a SIGTERM to the new master
+/// from pid 1 (the service manager) stops the unit, with no rollback, and
+/// the old master waiting in its window ends too. Run in a PID namespace
+/// (`unshare`, as root, as CI runs), where a shell is pid 1 and sends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigterm_from_the_service_manager_stops_the_unit_without_a_rollback() {
+    let _serial = SERIAL.lock().await;
+    let dir = common::demo::TempDir::new("pid1-stop");
+    let log = dir.0.join("masters.log");
+    // The shell (pid 1 in the namespace) starts the master, upgrades it,
+    // and sends the SIGTERM itself; then it waits for both masters.
+    let script = format!(
+        r#"
+        "{app}" --listen 127.0.0.1:0 --workers 2 --rollback-window 30 >/dev/null 2>"{log}" &
+        old=$!
+        n=0
+        until grep -q "workers accept" "{log}"; do sleep 0.05; n=$((n+1)); [ $n -lt 200 ] || exit 10; done
+        kill -USR2 $old
+        until grep -q "the new master took over" "{log}"; do sleep 0.05; n=$((n+1)); [ $n -lt 400 ] || exit 11; done
+        new=$(grep -o "pid=[0-9]*.*new master started" "{log}" | head -1 | sed 's/pid=\([0-9]*\).*/\1/')
+        [ -n "$new" ] || new=$(grep "new master started" "{log}" | grep -o "pid=[0-9]*" | head -1 | cut -d= -f2)
+        echo "new=$new"
+        kill -TERM $new
+        wait $old
+        echo "old_exit=$?"
+        n=0
+        while [ -d /proc/$new ] && ! grep -q "^State:.*Z" /proc/$new/status 2>/dev/null; do
+            sleep 0.05; n=$((n+1)); [ $n -lt 400 ] || exit 12
+        done
+        echo "new_ended"
+        "#,
+        app = example("prefork").display(),
+        log = log.display(),
+    );
+    // Bounded: if the masters do not both end, `timeout` kills the
+    // namespace's pid 1, and the kernel every process in it.
+    let out = Command::new("timeout")
+        .args([
+            "30",
+            "unshare",
+            "--pid",
+            "--fork",
+            "--mount-proc",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .output()
+        .expect("timeout and unshare run (coreutils, util-linux)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let said = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        out.status.success() && stdout.contains("old_exit=0") && stdout.contains("new_ended"),
+        "status {:?}, stdout {stdout:?}, stderr {:?}, masters: {said}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains("SIGTERM from the service manager: stopping; the old master ends too"),
+        "{said}"
+    );
+    assert!(!said.contains("rollback:"), "it rolled back: {said}");
+}

@@ -351,6 +351,7 @@ impl Prefork {
     /// | SIGTERM, old master | stops both masters (the upgrade is abandoned) | the upgrade is kept: the old master ends now |
     /// | SIGTERM, new master | the new master stops; the old one serves on | rollback: the old master forks workers; once they accept, the new master drains (no request fails) |
     /// | SIGKILL, new master | the old master serves on | the old master forks workers again (requests in flight on the new master's workers are lost) |
+    /// | SIGTERM from pid 1 (the service manager), new master | — | the unit stops: no rollback; the old master is told to end (SIGQUIT) |
     pub fn rollback_window(mut self, window: Duration) -> Self {
         self.rollback_window = window;
         self
@@ -765,7 +766,22 @@ where
             self.handed_over = true;
             return Some(self.stop_all(Exit::success().with_message("rolled back"), true));
         }
-        if self.giving_back.is_none() && self.told_ready && self.old_master_waits() {
+        let from_old_master = self.old_master.map(|pid| pid as libc::pid_t) == Some(from);
+        // pid 1 is the service manager (systemd with `KillMode=mixed`
+        // signals only the main process): the unit stops, nothing rolls
+        // back, and the old master waiting in its window ends too.
+        if from == 1 && !from_old_master && self.old_master_waits() {
+            let old = self.old_master.unwrap_or_default();
+            tracing::info!(
+                old_master = old,
+                "SIGTERM from the service manager: stopping; the old master ends too"
+            );
+            let _ = sys::kill(old as libc::pid_t, libc::SIGQUIT);
+        } else if self.giving_back.is_none()
+            && self.told_ready
+            && !from_old_master
+            && self.old_master_waits()
+        {
             let old = self.old_master.unwrap_or_default();
             tracing::info!(
                 old_master = old,
@@ -1307,8 +1323,12 @@ where
         // said `MAINPID=`): the old one says nothing more, or systemd
         // (`NotifyAccess=all`) could take its STOPPING=1 for the unit's.
         // A new master that never took over never spoke for the unit
-        // either.
-        if !self.handed_over && (self.told_ready || self.old_master.is_none()) {
+        // either, and one whose old master still waits in its rollback
+        // window is not the unit's end: the old master serves again.
+        if !self.handed_over
+            && (self.told_ready || self.old_master.is_none())
+            && !self.old_master_waits()
+        {
             notify(&[sd_notify::NotifyState::Stopping]);
         }
         for worker in &mut self.workers {

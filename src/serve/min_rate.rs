@@ -28,6 +28,85 @@ pub(crate) struct MinRate {
 /// between two steps.
 pub(crate) const EARNED_CAP: u64 = 64 << 10;
 
+/// The minimum rate at which a peer must send what a reader waits for (a
+/// request's body, a FastCGI request's input): the peer has an allowance,
+/// `grace` to start with, spent while the reader waits for it and earned
+/// back by each byte it sends (`1 / bytes_per_sec` a byte), up to
+/// [`ReadRate::cap`]. Spent, the read fails. Time the reader spends not
+/// waiting (the application not reading) does not count.
+#[derive(Debug)]
+pub(crate) struct ReadRate {
+    rate: Option<MinRate>,
+    /// What the peer may still make the reader wait.
+    allowance: Duration,
+    /// Since when the reader waits for the peer, if it does.
+    waiting_since: Option<tokio::time::Instant>,
+}
+
+impl ReadRate {
+    pub(crate) fn new(rate: Option<MinRate>) -> Self {
+        let rate = rate.filter(|rate| rate.bytes_per_sec > 0);
+        ReadRate {
+            rate,
+            allowance: rate.map_or(Duration::ZERO, |rate| rate.grace),
+            waiting_since: None,
+        }
+    }
+
+    /// The rule, unless it is off (a rate of 0, or turned off).
+    #[cfg(feature = "http")]
+    pub(crate) fn rate(&self) -> Option<MinRate> {
+        self.rate
+    }
+
+    /// Turns the rule off (once it cut the peer).
+    #[cfg(feature = "http")]
+    pub(crate) fn turn_off(&mut self) {
+        self.rate = None;
+    }
+
+    /// The most the allowance grows to: the grace, and what [`EARNED_CAP`]
+    /// bytes are worth at the rate. A peer that stops sending altogether
+    /// is cut within that much (4.6 min at 240 bytes a second after 5 s,
+    /// after 64 KiB or more; `grace` after less).
+    fn cap(rate: MinRate) -> Duration {
+        rate.grace + Duration::from_secs_f64(EARNED_CAP as f64 / rate.bytes_per_sec as f64)
+    }
+
+    /// The reader waits for the peer (from now, or since its wait began):
+    /// when the allowance runs out; `None` when the rule is off.
+    pub(crate) fn wait_deadline(&mut self) -> Option<tokio::time::Instant> {
+        self.rate?;
+        let since = *self
+            .waiting_since
+            .get_or_insert_with(tokio::time::Instant::now);
+        Some(since + self.allowance)
+    }
+
+    /// The wait, if any, ended with `n` bytes: it is spent from the
+    /// allowance, and the bytes earn theirs back.
+    pub(crate) fn received(&mut self, n: usize) {
+        let Some(rate) = self.rate else {
+            return;
+        };
+        if let Some(since) = self.waiting_since.take() {
+            self.allowance = self.allowance.saturating_sub(since.elapsed());
+        }
+        let earned = Duration::from_secs_f64(n as f64 / rate.bytes_per_sec as f64);
+        self.allowance = (self.allowance + earned).min(Self::cap(rate));
+    }
+
+    /// Nothing waits for the peer now: the next wait starts afresh, with
+    /// the grace.
+    #[cfg(feature = "fastcgi")]
+    pub(crate) fn reset(&mut self) {
+        if let Some(rate) = self.rate {
+            self.allowance = rate.grace;
+        }
+        self.waiting_since = None;
+    }
+}
+
 /// The minimum rate at which a peer must take what is written to it: a
 /// write that waits on the peer (the socket's buffer is full) may wait
 /// `grace`, plus the time the bytes the peer took since its previous wait

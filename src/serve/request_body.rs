@@ -2,7 +2,7 @@
 //! minimum rate while the application waits for it.
 
 use super::listen::Peer;
-use super::min_rate::{MinRate, EARNED_CAP};
+use super::min_rate::{MinRate, ReadRate};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -10,8 +10,7 @@ use pin_project_lite::pin_project;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Duration;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Sleep;
 
 pin_project! {
     /// The body of a request served by [`serve::http`](crate::serve::http()):
@@ -30,13 +29,9 @@ pin_project! {
     pub struct RequestBody {
         #[pin]
         inner: Incoming,
-        rate: Option<MinRate>,
-        // What the client may still wait, spent while the application
-        // waits for it, earned back at the rate by each byte it sends.
-        allowance: Duration,
-        // While the application waits for bytes: since when, and the
-        // deadline the allowance sets (allocated at the first wait only).
-        waiting_since: Option<Instant>,
+        rate: ReadRate,
+        // While the application waits for bytes: the deadline the
+        // allowance sets (allocated at the first wait only).
         deadline: Option<Pin<Box<Sleep>>>,
         peer: Peer,
     }
@@ -59,12 +54,9 @@ pub enum BodyError {
 
 impl RequestBody {
     pub(crate) fn new(inner: Incoming, rate: Option<MinRate>, peer: Peer) -> Self {
-        let rate = rate.filter(|rate| rate.bytes_per_sec > 0);
         RequestBody {
             inner,
-            allowance: rate.map_or(Duration::ZERO, |rate| rate.grace),
-            rate,
-            waiting_since: None,
+            rate: ReadRate::new(rate),
             deadline: None,
             peer,
         }
@@ -74,14 +66,6 @@ impl RequestBody {
     pub fn into_incoming(self) -> Incoming {
         self.inner
     }
-}
-
-/// The most a client's allowance grows to: the grace, and what
-/// [`EARNED_CAP`] bytes are worth at the rate. A client that stops sending
-/// altogether is cut within that much (4.6 min at the default, after a
-/// body of 64 KiB or more; `grace` after less).
-fn cap(rate: MinRate) -> Duration {
-    rate.grace + Duration::from_secs_f64(EARNED_CAP as f64 / rate.bytes_per_sec as f64)
 }
 
 impl Body for RequestBody {
@@ -94,26 +78,22 @@ impl Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.project();
         let polled = this.inner.poll_frame(cx);
-        let Some(rate) = *this.rate else {
+        let Some(rate) = this.rate.rate() else {
             return polled.map(|frame| frame.map(|frame| frame.map_err(BodyError::from)));
         };
         if let Poll::Ready(frame) = polled {
             // The wait, if any, is over: spent from the allowance; the
             // bytes earn theirs back.
-            if let Some(since) = this.waiting_since.take() {
-                *this.allowance = this.allowance.saturating_sub(since.elapsed());
-            }
-            if let Some(Ok(data)) = frame.as_ref().map(|f| f.as_ref().map(Frame::data_ref)) {
-                let earned = data.map_or(0, Bytes::len) as f64 / rate.bytes_per_sec as f64;
-                *this.allowance =
-                    (*this.allowance + Duration::from_secs_f64(earned)).min(cap(rate));
-            }
+            let n = match &frame {
+                Some(Ok(frame)) => frame.data_ref().map_or(0, Bytes::len),
+                _ => 0,
+            };
+            this.rate.received(n);
             return Poll::Ready(frame.map(|frame| frame.map_err(BodyError::from)));
         }
         // The application waits for the client: for as long as the
         // allowance lasts.
-        let since = *this.waiting_since.get_or_insert_with(Instant::now);
-        let at = since + *this.allowance;
+        let at = this.rate.wait_deadline().expect("the rule is on");
         let deadline = this
             .deadline
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
@@ -123,7 +103,7 @@ impl Body for RequestBody {
         if deadline.as_mut().poll(cx).is_pending() {
             return Poll::Pending;
         }
-        *this.rate = None;
+        this.rate.turn_off();
         tracing::info!(
             peer = %this.peer,
             min_bytes_per_sec = rate.bytes_per_sec,

@@ -10,7 +10,7 @@ use super::request::{
     body_channel, cgi_head, content_length, request_from_params, BodyError, RequestBody,
 };
 use super::Limits;
-use crate::serve::min_rate::{MinRate, RateWriter, EARNED_CAP};
+use crate::serve::min_rate::{MinRate, RateWriter, ReadRate};
 use crate::serve::{Peer, ServeService};
 use bytes::{Bytes, BytesMut};
 use http::{Request, Response, StatusCode};
@@ -115,7 +115,13 @@ where
     // The last time the peer sent something or a request ended: the idle
     // and read timeouts count from here.
     let mut last_activity = connected;
-    let mut input = InputRate::new(conn.limits.min_request_body_rate);
+    // The minimum rate of a request's input (see
+    // `Limits::min_request_body_rate`).
+    let (bytes_per_sec, grace) = conn.limits.min_request_body_rate;
+    let mut input = ReadRate::new(Some(MinRate {
+        bytes_per_sec,
+        grace,
+    }));
     // When an idle connection last looked whether its budget unit is
     // needed (see `reclaim_at`).
     let mut reclaim_checked = connected;
@@ -216,7 +222,11 @@ where
                 },
                 Ok(n) => {
                     last_activity = tokio::time::Instant::now();
-                    input.received(n);
+                    // Only input a request waited for earns (the wait was
+                    // on: `input_deadline`).
+                    if input_deadline.is_some() {
+                        input.received(n);
+                    }
                 }
                 Err(err) => break Ended::Io(err),
             },
@@ -290,57 +300,6 @@ async fn write_all<W: AsyncWrite + Unpin>(
         writer.flush().await?;
     }
     writer.shutdown().await
-}
-
-/// The minimum rate of a request's input (see
-/// [`Limits::min_request_body_rate`](super::Limits::min_request_body_rate)):
-/// an allowance spent while the connection waits for input, earned back by
-/// the bytes that come.
-struct InputRate {
-    bytes_per_sec: u64,
-    grace: Duration,
-    allowance: Duration,
-    /// Since when the connection waits for input, if it does.
-    waiting_since: Option<tokio::time::Instant>,
-}
-
-impl InputRate {
-    fn new((bytes_per_sec, grace): (u64, Duration)) -> Self {
-        InputRate {
-            bytes_per_sec,
-            grace,
-            allowance: grace,
-            waiting_since: None,
-        }
-    }
-
-    /// No request waits for input: the next one starts afresh.
-    fn reset(&mut self) {
-        self.allowance = self.grace;
-        self.waiting_since = None;
-    }
-
-    /// The connection waits for input: when the allowance runs out.
-    fn wait_deadline(&mut self) -> Option<tokio::time::Instant> {
-        if self.bytes_per_sec == 0 {
-            return None;
-        }
-        let since = *self
-            .waiting_since
-            .get_or_insert_with(tokio::time::Instant::now);
-        Some(since + self.allowance)
-    }
-
-    /// `n` bytes came: the wait is spent, the bytes earn theirs back.
-    fn received(&mut self, n: usize) {
-        let Some(since) = self.waiting_since.take() else {
-            return;
-        };
-        let rate = self.bytes_per_sec as f64;
-        let cap = self.grace + Duration::from_secs_f64(EARNED_CAP as f64 / rate);
-        let earned = Duration::from_secs_f64(n as f64 / rate);
-        self.allowance = (self.allowance.saturating_sub(since.elapsed()) + earned).min(cap);
-    }
 }
 
 /// Sleeps until `deadline`, or forever when there is none.

@@ -24,7 +24,7 @@ pub(crate) fn fd_limit() -> Option<usize> {
 
 /// Whether `fd` is readable now (a listening socket: a client waits in
 /// its backlog), without blocking.
-#[cfg(feature = "http")]
+#[cfg(any(feature = "http", feature = "fastcgi"))]
 pub(crate) fn readable_now(fd: std::os::fd::BorrowedFd<'_>) -> bool {
     use std::os::fd::AsRawFd;
     let mut pending = libc::pollfd {

@@ -164,7 +164,6 @@ impl Listener {
     /// Whether a client waits in the listen backlog (the socket is
     /// readable), without accepting it: a server at its connection cap
     /// makes room only for a client that is there.
-    #[cfg(feature = "http")]
     pub(crate) fn has_waiting(&self) -> bool {
         use std::os::fd::AsFd;
         crate::sys::readable_now(match self {

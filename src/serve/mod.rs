@@ -256,7 +256,6 @@ type MakeRoom<'a> = Option<&'a (dyn Fn(Room) + Sync)>;
 
 /// What a server is short of, for a client waiting in its backlog.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[cfg_attr(not(feature = "http"), allow(dead_code))]
 enum Room {
     /// A connection slot: the cap is reached.
     Slot,
@@ -271,7 +270,6 @@ const RECLAIM_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// How long a client waits in the backlog, the server at its cap, before
 /// an idle connection is closed for it.
-#[cfg(feature = "http")]
 const RECLAIM_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The next connection a server may serve, with its connection slot:
@@ -281,8 +279,6 @@ const RECLAIM_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 /// of the request budget if there is one (see [`budget::admit`]), then the
 /// accept. `None` once `shutdown` resolves or
 /// the budget is spent: the server stops accepting and drains.
-// Without `http`, `make_room` is always `None` and `waiting_since` unused.
-#[cfg_attr(not(feature = "http"), allow(unused_variables))]
 async fn next_connection<F: std::future::Future<Output = ()>>(
     listener: &Listener,
     slots: &std::sync::Arc<tokio::sync::Semaphore>,
@@ -301,7 +297,6 @@ async fn next_connection<F: std::future::Future<Output = ()>>(
             let acquire = slots.clone().acquire_owned();
             tokio::pin!(acquire);
             loop {
-                #[cfg(feature = "http")]
                 if let Some(make_room) = make_room {
                     if listener.has_waiting() {
                         // Since when clients wait (kept across accepts while
@@ -326,7 +321,6 @@ async fn next_connection<F: std::future::Future<Output = ()>>(
     };
     // Every unit of the budget held by open connections: one that sends
     // nothing makes room, as soon as a client waits.
-    #[cfg(feature = "http")]
     let budget_room = make_room.map(|make_room| {
         move || {
             if listener.has_waiting() {
@@ -334,10 +328,7 @@ async fn next_connection<F: std::future::Future<Output = ()>>(
             }
         }
     });
-    #[cfg(feature = "http")]
     let budget_room = budget_room.as_ref().map(|room| room as &(dyn Fn() + Sync));
-    #[cfg(not(feature = "http"))]
-    let budget_room = None;
     if !budget::admit(
         budget,
         supervisor,

@@ -1,6 +1,6 @@
 //! The cost of `max_rss`'s check at the end of every request in a prefork
 //! worker: one `getrusage(RUSAGE_SELF)` (the peak resident memory), against
-//! what the timer read every 10 ms reads, `/proc/self/statm`, and an empty
+//! what the 10 ms timer read before, `/proc/self/statm`, and an empty
 //! call as the floor, measured in the same run:
 //!
 //! `cargo bench --all-features --bench memory_check -- --noplot`
@@ -28,7 +28,7 @@ fn memory_check(c: &mut Criterion) {
     group.bench_function("getrusage (per request)", |b| {
         b.iter(|| black_box(peak_resident_kib()))
     });
-    group.bench_function("/proc/self/statm (per 10 ms)", |b| {
+    group.bench_function("/proc/self/statm (the timer's read before)", |b| {
         b.iter(|| black_box(resident_pages()))
     });
     group.finish();

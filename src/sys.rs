@@ -234,16 +234,6 @@ mod process {
         command.spawn()
     }
 
-    /// The size of a memory page, for reading `/proc/self/statm`.
-    #[cfg(all(feature = "prefork", any(feature = "http", feature = "fastcgi")))]
-    pub(crate) fn page_size() -> u64 {
-        // SAFETY: sysconf takes a constant and returns -1 on error.
-        match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
-            size if size > 0 => size as u64,
-            _ => 4096,
-        }
-    }
-
     /// The most resident memory this process has had (`getrusage`'s
     /// `ru_maxrss`, in bytes): one system call, no file read. A forked
     /// child's count starts at its resident memory at the fork, not its

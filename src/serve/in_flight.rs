@@ -274,7 +274,7 @@ impl Drop for InFlight {
         self.0.ended.fetch_add(1, Ordering::Relaxed);
         // A prefork worker's `max_rss`, checked as each request ends.
         #[cfg(feature = "prefork")]
-        super::prefork::check_memory_after_request(&self.0.supervisor);
+        super::prefork::check_memory(&self.0.supervisor);
     }
 }
 

@@ -215,10 +215,11 @@ impl Prefork {
 
     /// Recycles a worker whose resident memory passes `bytes`: it finishes
     /// what it accepted, drains and exits 0, and the master starts a fresh
-    /// one (logged with the figure). Checked at the end of every request
-    /// (its peak, one `getrusage`, about 0.9 µs) and every 10 ms (growth
-    /// outside requests), so a worker overshoots by what the requests in
-    /// flight when it crosses the limit allocate. Off by default.
+    /// one (logged with the figure). Its peak resident memory (one
+    /// `getrusage`, about 0.9 µs) is checked at the end of every request
+    /// and every 10 ms (growth outside requests), so a worker overshoots by
+    /// what the requests in flight when it crosses the limit allocate. Off
+    /// by default.
     pub fn max_rss(mut self, bytes: u64) -> Self {
         self.max_rss = Some(bytes);
         self
@@ -1156,7 +1157,7 @@ where
                 crate::exit(1)
             }
             if let Some(max) = heartbeat.max_rss {
-                MAX_RSS_AFTER_REQUEST.store(max, Ordering::Relaxed);
+                MAX_RSS.store(max, Ordering::Relaxed);
             }
             if let Some(hook) = &worker_started {
                 hook();
@@ -1421,10 +1422,10 @@ fn watchdog_period() -> Option<Duration> {
     sd_notify::watchdog_enabled(false, &mut usec).then(|| Duration::from_micros(usec / 2))
 }
 
-/// How often a worker with a `max_rss` reads its resident memory (about
-/// 5 µs each time, 0.05 % of a core): what it can grow past the limit is
-/// what it allocates in this time, plus the requests it finishes while it
-/// drains.
+/// How often a worker with a `max_rss` checks its memory besides the end
+/// of each request (see [`check_memory`]): growth outside requests (a
+/// background task) passes the limit by at most what it allocates in this
+/// time.
 const RSS_EVERY: Duration = Duration::from_millis(10);
 
 /// The heartbeat counter's top bit: the worker started draining. (The
@@ -1432,8 +1433,8 @@ const RSS_EVERY: Duration = Duration::from_millis(10);
 const DRAINING: u64 = 1 << 63;
 
 /// A worker's sign of life, from its own runtime: a counter in memory the
-/// master reads, moved every `every`; and its resident memory, checked
-/// every [`RSS_EVERY`] against `max_rss`.
+/// master reads, moved every `every`; and its memory, checked every
+/// [`RSS_EVERY`] against `max_rss`.
 struct Heartbeat {
     every: Duration,
     max_rss: Option<u64>,
@@ -1443,10 +1444,8 @@ struct Heartbeat {
 
 impl Heartbeat {
     async fn run(self, beat: &AtomicU64, supervisor: Supervisor) -> std::convert::Infallible {
-        let page = sys::page_size();
         let mut interval = tokio::time::interval(self.every);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut recycling = false;
         let drains = supervisor.wait();
         tokio::pin!(drains);
         let mut draining = false;
@@ -1469,33 +1468,30 @@ impl Heartbeat {
                     let _ = sys::kill(self.master as libc::pid_t, libc::SIGCHLD);
                     continue;
                 }
-                _ = rss_every.tick(), if self.max_rss.is_some() && !recycling => {}
-            }
-            let Some(max) = self.max_rss else {
-                continue;
-            };
-            if let Some(rss) = resident_bytes(page) {
-                if rss > max {
-                    recycling = true;
-                    tracing::info!(rss, max_rss = max, "worker over max_rss: recycling");
-                    supervisor.trigger(Exit::success().with_message("max_rss exceeded"));
+                _ = rss_every.tick(), if self.max_rss.is_some() && checks_memory() => {
+                    check_memory(&supervisor);
                 }
             }
         }
     }
 }
 
-/// The worker's `max_rss`, checked at the end of every request (0: off).
-/// Process-wide: set once in a forked worker, before it serves.
-static MAX_RSS_AFTER_REQUEST: AtomicU64 = AtomicU64::new(0);
+/// The worker's `max_rss` (0: off, or already passed). Process-wide: set
+/// once in a forked worker, before it serves.
+static MAX_RSS: AtomicU64 = AtomicU64::new(0);
 
-/// At the end of every request in a prefork worker with a `max_rss`: its
-/// peak resident memory (one `getrusage`, about 0.9 µs, see BENCHMARKS.md)
-/// against the limit. Past it, the worker recycles before it starts
-/// another request: it overshoots by what the requests in flight at that
-/// moment allocate, not by all the growth until the next timer tick.
-pub(crate) fn check_memory_after_request(supervisor: &Supervisor) {
-    let max = MAX_RSS_AFTER_REQUEST.load(Ordering::Relaxed);
+/// Whether [`check_memory`] still has a limit to check.
+fn checks_memory() -> bool {
+    MAX_RSS.load(Ordering::Relaxed) != 0
+}
+
+/// In a prefork worker with a `max_rss`, at the end of every request and
+/// every [`RSS_EVERY`]: its peak resident memory (one `getrusage`, about
+/// 0.9 µs, see BENCHMARKS.md) against the limit. Past it, the worker
+/// recycles before it starts another request: it overshoots by what the
+/// requests in flight at that moment allocate.
+pub(crate) fn check_memory(supervisor: &Supervisor) {
+    let max = MAX_RSS.load(Ordering::Relaxed);
     if max == 0 {
         return;
     }
@@ -1503,17 +1499,10 @@ pub(crate) fn check_memory_after_request(supervisor: &Supervisor) {
         return;
     };
     // Once: the worker drains from here on.
-    if peak > max && MAX_RSS_AFTER_REQUEST.swap(0, Ordering::Relaxed) != 0 {
+    if peak > max && MAX_RSS.swap(0, Ordering::Relaxed) != 0 {
         tracing::info!(rss = peak, max_rss = max, "worker over max_rss: recycling");
         supervisor.trigger(Exit::success().with_message("max_rss exceeded"));
     }
-}
-
-/// This process's resident memory (`/proc/self/statm`, second field).
-fn resident_bytes(page: u64) -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    Some(pages * page)
 }
 
 /// A pseudo-random number in `0..=jitter`, different for each worker

@@ -279,7 +279,7 @@ impl Drop for InFlight {
 }
 
 /// How long a keep-alive connection must have been idle before it is
-/// closed to make room at the cap.
+/// closed to make room: at the cap, or for a unit of the budget.
 pub(crate) const RECLAIM_MIN_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How long a connection must have been silent since it was accepted

@@ -569,10 +569,6 @@ impl Upgrade {
     fn pid(&self) -> libc::pid_t {
         self.child.id() as libc::pid_t
     }
-
-    fn handed_over(&self) -> bool {
-        matches!(self.state, UpgradeState::HandedOver { .. })
-    }
 }
 
 struct Worker {
@@ -652,7 +648,7 @@ where
             }
             // Handed over: the workers drained, none is forked until a
             // rollback.
-            if !self.upgrading.as_ref().is_some_and(Upgrade::handed_over) {
+            if !self.handed_over {
                 self.spawn_missing()?;
             }
             self.finish_reload();

@@ -99,22 +99,10 @@ async fn main() {
         nginx_proxy,
     )
     .await;
-    let port = common::demo::free_port();
-    let address = format!("127.0.0.1:{port}");
-    row(
-        "gunicorn 27 sync, `proxy_pass`",
-        gunicorn("sync", port),
-        &address,
-        nginx_proxy,
-    )
-    .await;
-    let port = common::demo::free_port();
-    let address = format!("127.0.0.1:{port}");
-    row(
-        "gunicorn 27 gthread, `proxy_pass`",
-        gunicorn("gthread", port),
-        &address,
-        nginx_proxy,
-    )
-    .await;
+    for class in ["sync", "gthread"] {
+        let port = common::demo::free_port();
+        let address = format!("127.0.0.1:{port}");
+        let name = format!("gunicorn 27 {class}, `proxy_pass`");
+        row(&name, gunicorn(class, port), &address, nginx_proxy).await;
+    }
 }

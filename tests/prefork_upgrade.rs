@@ -47,8 +47,7 @@ async fn sighup_three_times_then_sigusr2_under_load_fails_no_request() {
     tokio::time::sleep(Duration::from_millis(800)).await;
     let upgrade_started = Instant::now();
     signal(old.pid(), libc::SIGUSR2);
-    let new_master =
-        pid_in(&old.stderr_line("SIGUSR2: new master started", Duration::from_secs(5)));
+    let new_master = new_master_of(&old);
     let mut adopted = Adopted(Some(new_master));
     // The old master drains and ends 0 once the new one's workers accept.
     assert_eq!(old.wait_exit(Duration::from_secs(20)).code(), Some(0));
@@ -79,6 +78,19 @@ fn start_master(path: &std::path::Path) -> (Proc, SocketAddr) {
     // The old master ends 1 s after the hand-over.
     command.args(["--rollback-window", "1"]);
     start_master_with(command)
+}
+
+/// The prefork demo as a master (see [`start_master`]) that stays `secs`
+/// after an upgrade's hand-over (its rollback window).
+fn start_master_with_window(secs: u32) -> (Proc, SocketAddr) {
+    let mut command = Command::new(example("prefork"));
+    command.args(["--rollback-window", &secs.to_string()]);
+    start_master_with(command)
+}
+
+/// The new master `old` started on SIGUSR2 (its pid, from the log line).
+fn new_master_of(old: &Proc) -> u32 {
+    pid_in(&old.stderr_line("SIGUSR2: new master started", Duration::from_secs(5)))
 }
 
 /// [`start_master`] with a command of the caller's (its environment).
@@ -150,8 +162,7 @@ async fn deploy_then_upgrade(
     deploy();
     let upgrade_started = Instant::now();
     signal(old.pid(), libc::SIGUSR2);
-    let new_master =
-        pid_in(&old.stderr_line("SIGUSR2: new master started", Duration::from_secs(5)));
+    let new_master = new_master_of(&old);
     let mut adopted = Adopted(Some(new_master));
     old.stderr_line("the new master took over", Duration::from_secs(10));
     eprintln!(
@@ -317,8 +328,7 @@ async fn after_the_hand_over_the_old_master_tells_systemd_nothing() {
         said.extend(notify.next());
     }
     signal(old_pid, libc::SIGUSR2);
-    let new_master =
-        pid_in(&old.stderr_line("SIGUSR2: new master started", Duration::from_secs(5)));
+    let new_master = new_master_of(&old);
     let mut adopted = Adopted(Some(new_master));
     assert_eq!(old.wait_exit(Duration::from_secs(20)).code(), Some(0));
     // What is still on its way.
@@ -361,14 +371,11 @@ async fn after_the_hand_over_the_old_master_tells_systemd_nothing() {
 async fn sigterm_to_the_new_master_after_sigusr2_rolls_back_and_fails_no_request() {
     let _serial = SERIAL.lock().await;
     for after in [50, 300, 2_000] {
-        let mut command = Command::new(example("prefork"));
-        command.args(["--rollback-window", "30"]);
-        let (mut old, addr) = start_master_with(command);
+        let (mut old, addr) = start_master_with_window(30);
         let load = PidLoad::start(addr, 4);
         tokio::time::sleep(Duration::from_millis(300)).await;
         signal(old.pid(), libc::SIGUSR2);
-        let new_master =
-            pid_in(&old.stderr_line("SIGUSR2: new master started", Duration::from_secs(5)));
+        let new_master = new_master_of(&old);
         tokio::time::sleep(Duration::from_millis(after)).await;
         let took_over = old.stderr_count("the new master took over") > 0;
         // One more client, one request at a time: the longest wait for an
@@ -433,15 +440,12 @@ async fn sigterm_to_the_new_master_after_sigusr2_rolls_back_and_fails_no_request
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operators_sigterm_to_the_old_master_during_an_upgrade_stops_what_it_names() {
     let _serial = SERIAL.lock().await;
-    let mut command = Command::new(example("prefork"));
-    command.args(["--rollback-window", "30"]);
-    let (mut old, addr) = start_master_with(command);
+    let (mut old, addr) = start_master_with_window(30);
     // Both pending when the master looks: SIGUSR2 (the lower number) is
     // taken first, then the SIGTERM finds the new master starting.
     signal(old.pid(), libc::SIGUSR2);
     signal(old.pid(), libc::SIGTERM);
-    let new_master =
-        pid_in(&old.stderr_line("SIGUSR2: new master started", Duration::from_secs(5)));
+    let new_master = new_master_of(&old);
     assert_eq!(old.wait_exit(Duration::from_secs(20)).code(), Some(0));
     assert!(!common::alive(new_master), "the new master serves on");
     assert!(
@@ -450,12 +454,9 @@ async fn an_operators_sigterm_to_the_old_master_during_an_upgrade_stops_what_it_
     assert!(get(addr, "/pid").await.is_err(), "something still serves");
 
     // Within the rollback window: the old master ends now, not after 30 s.
-    let mut command = Command::new(example("prefork"));
-    command.args(["--rollback-window", "30"]);
-    let (mut old, addr) = start_master_with(command);
+    let (mut old, addr) = start_master_with_window(30);
     signal(old.pid(), libc::SIGUSR2);
-    let new_master =
-        pid_in(&old.stderr_line("SIGUSR2: new master started", Duration::from_secs(5)));
+    let new_master = new_master_of(&old);
     let mut adopted = Adopted(Some(new_master));
     old.stderr_line("the new master took over", Duration::from_secs(10));
     let stopped = Instant::now();
@@ -491,8 +492,7 @@ async fn a_rollback_gives_the_unit_back_to_the_old_master() {
     let (mut old, addr) = start_master_with(command);
     let old_pid = old.pid();
     signal(old_pid, libc::SIGUSR2);
-    let new_master =
-        pid_in(&old.stderr_line("SIGUSR2: new master started", Duration::from_secs(5)));
+    let new_master = new_master_of(&old);
     old.stderr_line("the new master took over", Duration::from_secs(10));
     signal(new_master, libc::SIGTERM);
     old.stderr_line("rolled back: the new master ended", Duration::from_secs(15));
@@ -528,13 +528,10 @@ async fn a_rollback_gives_the_unit_back_to_the_old_master() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_new_master_within_the_rollback_window_is_replaced_by_the_old_one() {
     let _serial = SERIAL.lock().await;
-    let mut command = Command::new(example("prefork"));
-    command.args(["--rollback-window", "30"]);
-    let (mut old, addr) = start_master_with(command);
+    let (mut old, addr) = start_master_with_window(30);
     let load = PidLoad::start(addr, 4);
     signal(old.pid(), libc::SIGUSR2);
-    let new_master =
-        pid_in(&old.stderr_line("SIGUSR2: new master started", Duration::from_secs(5)));
+    let new_master = new_master_of(&old);
     old.stderr_line("the new master took over", Duration::from_secs(10));
     tokio::time::sleep(Duration::from_millis(500)).await;
     let killed = Instant::now();

@@ -298,6 +298,23 @@ impl NotifySocket {
     }
 }
 
+/// A master (see [`start_master`]) with a rollback window of `secs` that
+/// tells systemd its state on a [`NotifySocket`] in a new directory.
+fn master_telling(
+    name: &str,
+    secs: u32,
+) -> (common::demo::TempDir, NotifySocket, Proc, SocketAddr) {
+    let dir = common::demo::TempDir::new(name);
+    let path = dir.0.join("notify.sock");
+    let notify = NotifySocket::bind(&path);
+    let mut command = Command::new(example("prefork"));
+    command
+        .env("NOTIFY_SOCKET", &path)
+        .args(["--rollback-window", &secs.to_string()]);
+    let (old, addr) = start_master_with(command);
+    (dir, notify, old, addr)
+}
+
 /// systemd's view of an upgrade, by sender pid: the old master READY=1
 /// with its MAINPID; the new one READY=1 with MAINPID=new; after that, the
 /// old master sends nothing (it used to send STOPPING=1, which systemd
@@ -306,14 +323,7 @@ impl NotifySocket {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_the_hand_over_the_old_master_tells_systemd_nothing() {
     let _serial = SERIAL.lock().await;
-    let dir = common::demo::TempDir::new("upgrade-notify");
-    let path = dir.0.join("notify.sock");
-    let notify = NotifySocket::bind(&path);
-    let mut command = Command::new(example("prefork"));
-    command
-        .env("NOTIFY_SOCKET", &path)
-        .args(["--rollback-window", "1"]);
-    let (mut old, _addr) = start_master_with(command);
+    let (_dir, notify, mut old, _addr) = master_telling("upgrade-notify", 1);
     let old_pid = old.pid();
     let mut said = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -482,14 +492,7 @@ async fn an_operators_sigterm_to_the_old_master_during_an_upgrade_stops_what_it_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rollback_gives_the_unit_back_to_the_old_master() {
     let _serial = SERIAL.lock().await;
-    let dir = common::demo::TempDir::new("rollback-notify");
-    let path = dir.0.join("notify.sock");
-    let notify = NotifySocket::bind(&path);
-    let mut command = Command::new(example("prefork"));
-    command
-        .env("NOTIFY_SOCKET", &path)
-        .args(["--rollback-window", "30"]);
-    let (mut old, addr) = start_master_with(command);
+    let (_dir, notify, mut old, addr) = master_telling("rollback-notify", 30);
     let old_pid = old.pid();
     signal(old_pid, libc::SIGUSR2);
     let new_master = new_master_of(&old);

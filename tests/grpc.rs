@@ -186,25 +186,35 @@ async fn tonic_client_exit_is_unavailable_panic_internal_health_drains_streams_e
 
 /// A call sent again once if it was never processed: a connection that got
 /// GOAWAY (`serve::http` sends it when the shutdown delay starts, so that
-/// clients reconnect) cancels a request that raced it, before it went out;
-/// tonic's `Channel` says `CANCELLED`, reconnects, and leaves the retry to
-/// the caller (grpcio retries such calls by itself, "transparent retry").
+/// clients reconnect) cancels a request that raced it, before it went out
+/// (tonic's `Channel` says `CANCELLED`), or refuses it as the GOAWAY said
+/// (h2's error `GoAway(NO_ERROR, Remote)`: a stream the server will not
+/// process, surfaced as `INTERNAL`); tonic reconnects and leaves the retry
+/// to the caller (grpcio retries such calls by itself, "transparent
+/// retry").
 async fn again_if_unsent<T, F: std::future::Future<Output = Result<T, Status>>>(
     call: impl Fn() -> F,
 ) -> Result<T, Status> {
     match call().await {
-        Err(status) if status.code() == Code::Cancelled && unsent(&status) => call().await,
+        Err(status) if unsent(&status) => call().await,
         other => other,
     }
 }
 
 fn unsent(status: &Status) -> bool {
+    let cancelled = status.code() == Code::Cancelled;
     let mut source = std::error::Error::source(status);
     while let Some(err) = source {
-        if err
-            .downcast_ref::<hyper::Error>()
-            .is_some_and(hyper::Error::is_canceled)
+        if cancelled
+            && err
+                .downcast_ref::<hyper::Error>()
+                .is_some_and(hyper::Error::is_canceled)
         {
+            return true;
+        }
+        if err.downcast_ref::<h2::Error>().is_some_and(|err| {
+            err.is_go_away() && err.is_remote() && err.reason() == Some(h2::Reason::NO_ERROR)
+        }) {
             return true;
         }
         source = err.source();

@@ -2,10 +2,10 @@
 //! fails, the old master ends with 0 once the new master (the binary
 //! re-executed, serving on the inherited socket) accepts, and the new one
 //! serves on; and so after a deploy by rename and by symlink, starting the
-//! deployed binary; a rollback (SIGTERM to the new master) and an
-//! operator's stop during an upgrade. Its own binary: the test process
-//! becomes a subreaper, to adopt and reap the new master when the old one
-//! ends (no orphan).
+//! deployed binary; a rollback (SIGTERM to the new master), two upgrades
+//! in a row rolled back a step at a time, and an operator's stop during an
+//! upgrade. Its own binary: the test process becomes a subreaper, to adopt
+//! and reap the new master when the old one ends (no orphan).
 
 mod common;
 
@@ -19,6 +19,44 @@ use std::time::{Duration, Instant};
 /// The tests here adopt and reap processes of the whole test binary
 /// (subreaper, `waitpid(-1)`): one at a time, so that none reaps another's.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A test's turn (see [`SERIAL`]), taken first so that it ends last: after
+/// the test's own processes were stopped, or killed by their guards when
+/// it fails, it reaps what the test adopted (the workers of a master that
+/// ended before them) and checks that nothing is left: no zombie for pid 1,
+/// no orphan, even from a failing test.
+struct Serial {
+    _turn: tokio::sync::MutexGuard<'static, ()>,
+}
+
+async fn serial() -> Serial {
+    Serial {
+        _turn: SERIAL.lock().await,
+    }
+}
+
+impl Drop for Serial {
+    fn drop(&mut self) {
+        let me = std::process::id();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            // SAFETY: reaps children of this subreaper test only.
+            while unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } > 0 {}
+            let left = common::children_of(me);
+            if left.is_empty() {
+                return;
+            }
+            if Instant::now() >= deadline {
+                // Never a second panic while a failed test unwinds.
+                if !std::thread::panicking() {
+                    panic!("the test left processes behind: {left:?}");
+                }
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
 
 /// Waits for an adopted process to end and reaps it; its status.
 fn reap(pid: u32, within: Duration) -> i32 {
@@ -37,7 +75,7 @@ fn reap(pid: u32, within: Duration) -> i32 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_three_times_then_sigusr2_under_load_fails_no_request() {
-    let _serial = SERIAL.lock().await;
+    let _serial = serial().await;
     let (mut old, addr) = start_master(&example("prefork"));
     let load = PidLoad::start(addr, 4);
     for _ in 0..3 {
@@ -90,7 +128,23 @@ fn start_master_with_window(secs: u32) -> (Proc, SocketAddr) {
 
 /// The new master `old` started on SIGUSR2 (its pid, from the log line).
 fn new_master_of(old: &Proc) -> u32 {
-    pid_in(&old.stderr_line("SIGUSR2: new master started", Duration::from_secs(5)))
+    nth_new_master(old, 1)
+}
+
+/// The `n`th new master (from 1) a SIGUSR2 started, to any master whose
+/// log is `first`'s (every new master inherits its old master's stderr).
+fn nth_new_master(first: &Proc, n: usize) -> u32 {
+    let started = "SIGUSR2: new master started";
+    let seen = first.stderr_count_once(started, n, Duration::from_secs(5));
+    assert!(seen >= n, "{seen} new masters started, not {n}");
+    let lines = first.stderr.lock().unwrap();
+    pid_in(
+        lines
+            .iter()
+            .filter(|l| l.contains(started))
+            .nth(n - 1)
+            .unwrap(),
+    )
 }
 
 /// [`start_master`] with a command of the caller's (its environment).
@@ -111,37 +165,49 @@ fn stop_new_master(new_master: u32, pids: &std::collections::HashSet<u32>) {
         libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
         "status {status}"
     );
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while pids.iter().any(|pid| common::alive(*pid)) {
-        assert!(Instant::now() < deadline, "workers left: {pids:?}");
-        // Adopted workers of the old master, if any, are reaped here.
-        // SAFETY: reaps children of this subreaper test only.
-        while unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } > 0 {}
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert!(
+        reap_within(pids, Duration::from_secs(5)),
+        "workers left: {pids:?}"
+    );
 }
 
-/// A new master this test adopted: killed and reaped if the test fails
-/// before it reaped it, so that no process outlives the test.
+/// A new master this test adopted: killed if the test fails before it
+/// stopped it (then [`Serial`] reaps it and its workers), so that no
+/// process outlives the test.
 struct Adopted(Option<u32>);
 
 impl Drop for Adopted {
     fn drop(&mut self) {
-        let Some(pid) = self.0 else { return };
-        // Never panics (it runs while a failed test unwinds): SIGKILL, then
-        // reap it and its workers (they die with it, adopted by this
-        // subreaper) for up to 5 s.
-        // SAFETY: plain syscalls on a process this test adopted.
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            // SAFETY: reaps children of this subreaper test only.
-            while unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } > 0 {}
-            if !common::alive(pid) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if let Some(pid) = self.0 {
+            // SAFETY: plain syscall to a process this test adopted and has
+            // not reaped (so the pid is still its).
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }
+    }
+}
+
+/// The pids of `master`'s children (its workers).
+fn workers_of(master: u32) -> std::collections::HashSet<u32> {
+    common::children_of(master)
+        .into_iter()
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+/// Waits until every process in `pids` is gone, reaping those this
+/// (subreaper) test adopted; `false` if some are left after `within`.
+fn reap_within(pids: &std::collections::HashSet<u32>, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        // SAFETY: reaps children of this subreaper test only.
+        while unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } > 0 {}
+        if !pids.iter().any(|pid| common::alive(*pid)) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -155,7 +221,7 @@ async fn deploy_then_upgrade(
     deploy: impl FnOnce(),
     expected: &std::path::Path,
 ) {
-    let _serial = SERIAL.lock().await;
+    let _serial = serial().await;
     let (mut old, addr) = start_master(start);
     let load = PidLoad::start(addr, 4);
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -322,7 +388,7 @@ fn master_telling(
 /// master's own stop says STOPPING=1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_the_hand_over_the_old_master_tells_systemd_nothing() {
-    let _serial = SERIAL.lock().await;
+    let _serial = serial().await;
     let (_dir, notify, mut old, _addr) = master_telling("upgrade-notify", 1);
     let old_pid = old.pid();
     let mut said = Vec::new();
@@ -379,7 +445,7 @@ async fn after_the_hand_over_the_old_master_tells_systemd_nothing() {
 /// 73,353 of 78,328 requests failed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_to_the_new_master_after_sigusr2_rolls_back_and_fails_no_request() {
-    let _serial = SERIAL.lock().await;
+    let _serial = serial().await;
     for after in [50, 300, 2_000] {
         let (mut old, addr) = start_master_with_window(30);
         let load = PidLoad::start(addr, 4);
@@ -449,7 +515,7 @@ async fn sigterm_to_the_new_master_after_sigusr2_rolls_back_and_fails_no_request
 /// upgrade instead: the old master ends at once and the new one serves on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operators_sigterm_to_the_old_master_during_an_upgrade_stops_what_it_names() {
-    let _serial = SERIAL.lock().await;
+    let _serial = serial().await;
     let (mut old, addr) = start_master_with_window(30);
     // Both pending when the master looks: SIGUSR2 (the lower number) is
     // taken first, then the SIGTERM finds the new master starting.
@@ -491,7 +557,7 @@ async fn an_operators_sigterm_to_the_old_master_during_an_upgrade_stops_what_it_
 /// unit is not stopping).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rollback_gives_the_unit_back_to_the_old_master() {
-    let _serial = SERIAL.lock().await;
+    let _serial = serial().await;
     let (_dir, notify, mut old, addr) = master_telling("rollback-notify", 30);
     let old_pid = old.pid();
     signal(old_pid, libc::SIGUSR2);
@@ -530,13 +596,14 @@ async fn a_rollback_gives_the_unit_back_to_the_old_master() {
 /// master's workers (which die with it) can fail: at most one per client.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_new_master_within_the_rollback_window_is_replaced_by_the_old_one() {
-    let _serial = SERIAL.lock().await;
+    let _serial = serial().await;
     let (mut old, addr) = start_master_with_window(30);
     let load = PidLoad::start(addr, 4);
     signal(old.pid(), libc::SIGUSR2);
     let new_master = new_master_of(&old);
     old.stderr_line("the new master took over", Duration::from_secs(10));
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let orphans = workers_of(new_master);
     let killed = Instant::now();
     signal(new_master, libc::SIGKILL);
     old.stderr_line(
@@ -544,22 +611,8 @@ async fn a_killed_new_master_within_the_rollback_window_is_replaced_by_the_old_o
         Duration::from_secs(5),
     );
     // The first answer from a worker of the old master.
-    let back = loop {
-        if let Ok(reply) = get(addr, "/pid").await {
-            let worker: u32 = reply.body.parse().unwrap();
-            if common::children_of(old.pid())
-                .iter()
-                .any(|(pid, _)| *pid == worker)
-            {
-                break killed.elapsed();
-            }
-        }
-        assert!(
-            killed.elapsed() < Duration::from_secs(5),
-            "the old master does not serve"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
+    served_by(addr, old.pid(), "the old master", Duration::from_secs(5)).await;
+    let back = killed.elapsed();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (ok, failed, _) = load.stop().await;
     eprintln!(
@@ -568,8 +621,98 @@ async fn a_killed_new_master_within_the_rollback_window_is_replaced_by_the_old_o
         failed.len()
     );
     assert!(failed.len() <= 4, "{} failed: {failed:?}", failed.len());
+    // The killed master's workers end by themselves; this test adopted
+    // them and reaps them (no zombie left for pid 1).
+    assert!(
+        reap_within(&orphans, Duration::from_secs(5)),
+        "the killed master's workers are left: {orphans:?}"
+    );
     signal(old.pid(), libc::SIGTERM);
     assert_eq!(old.wait_exit(Duration::from_secs(15)).code(), Some(0));
+}
+
+/// Waits until `/pid` is answered by a worker of `master` (a child of it),
+/// for at most `within`.
+async fn served_by(addr: SocketAddr, master: u32, what: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Ok(reply) = get(addr, "/pid").await {
+            let worker: u32 = reply.body.parse().unwrap();
+            if common::children_of(master)
+                .iter()
+                .any(|(pid, _)| *pid == worker)
+            {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "{what} does not serve");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Two deploys in a row, then two rollbacks, under load: A upgrades to B;
+/// B, inside A's rollback window, upgrades to C. An operator's SIGTERM to
+/// C hands back to B (C's parent, in its own window), and then one to B
+/// hands back to A: each rollback goes one step, to the master that
+/// started the one stopped. No request fails; at each step the master
+/// named serves with workers of its own; A serves at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chained_upgrades_roll_back_one_step_at_a_time() {
+    const TEN_S: Duration = Duration::from_secs(10);
+    let _serial = serial().await;
+    let (mut a, addr) = start_master_with_window(60);
+    let load = PidLoad::start(addr, 4);
+    signal(a.pid(), libc::SIGUSR2);
+    let b = nth_new_master(&a, 1);
+    let mut adopted_b = Adopted(Some(b));
+    served_by(addr, b, "B after the first upgrade", TEN_S).await;
+    a.stderr_line("the new master took over", Duration::from_secs(10));
+
+    signal(b, libc::SIGUSR2);
+    let c = nth_new_master(&a, 2);
+    let mut adopted_c = Adopted(Some(c));
+    served_by(addr, c, "C after the second upgrade", TEN_S).await;
+    assert_eq!(
+        a.stderr_count_once("the new master took over", 2, Duration::from_secs(10)),
+        2,
+        "B did not hand over to C"
+    );
+
+    // Rollback to B: C hands back to its parent, B forks workers again.
+    signal(c, libc::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while common::alive(c) {
+        assert!(Instant::now() < deadline, "C did not end (B reaps it)");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    adopted_c.0 = None;
+    served_by(addr, b, "B after C's rollback", TEN_S).await;
+
+    // Rollback to A: B, stopped within A's window, hands back to A.
+    signal(b, libc::SIGTERM);
+    while common::alive(b) {
+        assert!(Instant::now() < deadline, "B did not end (A reaps it)");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    adopted_b.0 = None;
+    served_by(addr, a.pid(), "A after B's rollback", TEN_S).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (ok, failed, _) = load.stop().await;
+    assert!(
+        failed.is_empty(),
+        "{} failed of {}: {:?}",
+        failed.len(),
+        ok as usize + failed.len(),
+        &failed[..failed.len().min(3)]
+    );
+    assert_eq!(
+        a.stderr_count("rollback: the new master hands back; forking workers again"),
+        2,
+        "two one-step rollbacks"
+    );
+    eprintln!("A -> B -> C, then back to B and to A: {ok} requests, 0 failed");
+    signal(a.pid(), libc::SIGTERM);
+    assert_eq!(a.wait_exit(Duration::from_secs(15)).code(), Some(0));
 }
 
 /// systemd with `KillMode=mixed` stops a unit by a SIGTERM to its main
@@ -579,7 +722,7 @@ async fn a_killed_new_master_within_the_rollback_window_is_replaced_by_the_old_o
 /// (`unshare`, as root, as CI runs), where a shell is pid 1 and sends it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sigterm_from_the_service_manager_stops_the_unit_without_a_rollback() {
-    let _serial = SERIAL.lock().await;
+    let _serial = serial().await;
     let dir = common::demo::TempDir::new("pid1-stop");
     let log = dir.0.join("masters.log");
     // The shell (pid 1 in the namespace) starts the master, upgrades it,

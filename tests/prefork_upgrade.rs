@@ -470,11 +470,7 @@ async fn sigterm_to_the_new_master_after_sigusr2_rolls_back_and_fails_no_request
         let stopped = Instant::now();
         signal(new_master, libc::SIGTERM);
         // The old master reaps its child, the new master.
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while common::alive(new_master) {
-            assert!(Instant::now() < deadline, "the new master did not end");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        ended(new_master, "the new master").await;
         let gone_after = stopped.elapsed();
         let longest = probe.await.expect("every probe answered");
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -631,6 +627,16 @@ async fn a_killed_new_master_within_the_rollback_window_is_replaced_by_the_old_o
     assert_eq!(old.wait_exit(Duration::from_secs(15)).code(), Some(0));
 }
 
+/// Waits until `master`, a child of a master, has ended and was reaped by
+/// it, for at most 15 s.
+async fn ended(master: u32, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while common::alive(master) {
+        assert!(Instant::now() < deadline, "{what} did not end");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Waits until `/pid` is answered by a worker of `master` (a child of it),
 /// for at most `within`.
 async fn served_by(addr: SocketAddr, master: u32, what: &str, within: Duration) {
@@ -680,20 +686,13 @@ async fn chained_upgrades_roll_back_one_step_at_a_time() {
 
     // Rollback to B: C hands back to its parent, B forks workers again.
     signal(c, libc::SIGTERM);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while common::alive(c) {
-        assert!(Instant::now() < deadline, "C did not end (B reaps it)");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    ended(c, "C (B reaps it)").await;
     adopted_c.0 = None;
     served_by(addr, b, "B after C's rollback", TEN_S).await;
 
     // Rollback to A: B, stopped within A's window, hands back to A.
     signal(b, libc::SIGTERM);
-    while common::alive(b) {
-        assert!(Instant::now() < deadline, "B did not end (A reaps it)");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    ended(b, "B (A reaps it)").await;
     adopted_b.0 = None;
     served_by(addr, a.pid(), "A after B's rollback", TEN_S).await;
     tokio::time::sleep(Duration::from_millis(300)).await;

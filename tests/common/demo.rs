@@ -158,10 +158,31 @@ fn wait_line(
 impl Drop for Proc {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
+            // A prefork master's workers end within a second of its death
+            // (they watch their parent). A test process that is a
+            // subreaper adopts them: each is reaped here, by its own pid
+            // (never `waitpid(-1)`: tests run in parallel), so that a test
+            // that fails with its master running leaves no zombie.
+            let workers = super::children_of(child.id());
             let _ = child.kill();
             let _ = child.wait();
+            let deadline = Instant::now() + Duration::from_secs(2);
+            for (pid, _) in workers {
+                while running_or_ours(pid) && Instant::now() < deadline {
+                    // SAFETY: reaps this one pid if this process adopted
+                    // it; otherwise fails with ECHILD and does nothing.
+                    unsafe { libc::waitpid(pid as i32, std::ptr::null_mut(), libc::WNOHANG) };
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
         }
     }
+}
+
+/// Whether `pid` still runs, or is a zombie this process must reap (one
+/// another process adopted is that process's to reap).
+fn running_or_ours(pid: u32) -> bool {
+    super::state_of(pid).is_some_and(|(state, parent)| state != "Z" || parent == std::process::id())
 }
 
 /// A TCP port free right now on loopback.

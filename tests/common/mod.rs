@@ -166,17 +166,31 @@ pub fn children_of(pid: u32) -> Vec<(u32, String)> {
         let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
             continue;
         };
-        // pid (comm) state ppid ...; comm may hold spaces, so split after ')'.
-        let Some((head, rest)) = stat.rsplit_once(')') else {
-            continue;
-        };
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        if fields.len() > 1 && fields[1] == pid.to_string() {
-            let child = head.split_whitespace().next().unwrap().parse().unwrap();
-            children.push((child, fields[0].to_owned()));
+        if let Some((child, state, parent)) = parse_stat(&stat) {
+            if parent == pid {
+                children.push((child, state));
+            }
         }
     }
     children
+}
+
+/// A process's pid, state letter and parent pid, from its `/proc/PID/stat`.
+fn parse_stat(stat: &str) -> Option<(u32, String, u32)> {
+    // pid (comm) state ppid ...; comm may hold spaces, so split after ')'.
+    let (head, rest) = stat.rsplit_once(')')?;
+    let pid = head.split_whitespace().next()?.parse().ok()?;
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.to_owned();
+    let parent = fields.next()?.parse().ok()?;
+    Some((pid, state, parent))
+}
+
+/// The state letter and parent pid of a process, from `/proc`.
+pub fn state_of(pid: u32) -> Option<(String, u32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, state, parent) = parse_stat(&stat)?;
+    Some((state, parent))
 }
 
 /// The zombie children of this process, from `/proc`.
@@ -200,9 +214,7 @@ pub fn resident_kib(pid: u32) -> u64 {
 
 /// The parent pid of a process, from `/proc`.
 pub fn parent_of(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (_, rest) = stat.rsplit_once(')')?;
-    rest.split_whitespace().nth(1)?.parse().ok()
+    state_of(pid).map(|(_, parent)| parent)
 }
 
 /// Makes this process the reaper of orphaned descendants, so that a

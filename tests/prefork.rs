@@ -464,6 +464,43 @@ async fn sighup_three_times_under_load_fails_no_request() {
     assert!(gone(&pids));
 }
 
+/// A SIGHUP under load while every worker recycles after a few requests
+/// (`--max-requests 5`), three times: each reload completes (new workers
+/// accept, the old ones drain, systemd is told `READY=1`) within 2 s, and
+/// no request fails.
+/// A worker that drained by itself counts as one that accepted: the master
+/// used to wait for a look at which every serving worker had beaten, which
+/// constant recycling may never give (a stalled reload: > 6 s, and a
+/// `systemctl reload` waiting for `READY=1`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_completes_while_workers_recycle_constantly() {
+    let (mut master, addr) = prefork(&["--workers", "2", "--max-requests", "5"]);
+    let load = PidLoad::start(addr, 4);
+    let mut took = Vec::new();
+    for reload in 1..=3 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let hup = Instant::now();
+        signal(master.pid(), libc::SIGHUP);
+        let done = "SIGHUP: new workers accept, old ones drain";
+        let count = master.stderr_count_once(done, reload, Duration::from_secs(2));
+        assert_eq!(count, reload, "reload {reload} not done within 2 s");
+        took.push(hup.elapsed());
+    }
+    let (ok, failed, pids) = load.stop().await;
+    assert!(failed.is_empty(), "failed requests: {failed:?}");
+    let recycled = master.stderr_count("worker recycled");
+    eprintln!(
+        "3 SIGHUPs with workers recycling ({recycled} recycles, {ok} requests): done in {took:?}"
+    );
+    assert!(
+        recycled > 10,
+        "{recycled} recycles: not the load this test needs"
+    );
+    signal(master.pid(), libc::SIGTERM);
+    assert_eq!(master.wait_exit(Duration::from_secs(15)).code(), Some(0));
+    assert!(gone(&pids));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn systemd_socket_activation_and_notify() {
     let dir = common::demo::TempDir::new("prefork-systemd");

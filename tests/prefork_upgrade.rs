@@ -292,6 +292,38 @@ async fn sigusr2_after_a_symlink_switch_starts_the_new_release() {
     .await;
 }
 
+/// SIGUSR2 under load while every worker recycles after a few requests
+/// (`--max-requests 5`): the new master takes over within 2 s, no request
+/// fails. (It used to wait for a look at which every serving worker of the
+/// new master had beaten, which constant recycling may never give: no
+/// hand-over within 6 s.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr2_hands_over_while_workers_recycle_constantly() {
+    let _serial = serial().await;
+    let mut command = Command::new(example("prefork"));
+    command.args(["--rollback-window", "1", "--max-requests", "5"]);
+    let (mut old, addr) = start_master_with(command);
+    let load = PidLoad::start(addr, 4);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let upgrade = Instant::now();
+    signal(old.pid(), libc::SIGUSR2);
+    let new_master = new_master_of(&old);
+    let mut adopted = Adopted(Some(new_master));
+    old.stderr_line("the new master took over", Duration::from_secs(2));
+    let took = upgrade.elapsed();
+    assert_eq!(old.wait_exit(Duration::from_secs(20)).code(), Some(0));
+    let (ok, failed, pids) = load.stop().await;
+    assert!(failed.is_empty(), "failed requests: {failed:?}");
+    let recycled = old.stderr_count("worker recycled");
+    eprintln!("SIGUSR2 with workers recycling ({recycled} recycles, {ok} requests): took over in {took:?}");
+    assert!(
+        recycled > 10,
+        "{recycled} recycles: not the load this test needs"
+    );
+    stop_new_master(new_master, &pids);
+    adopted.0 = None;
+}
+
 /// A `NOTIFY_SOCKET` that tells who sent each message (`SO_PASSCRED`), as
 /// systemd does: (sender pid, message).
 struct NotifySocket {
@@ -438,7 +470,8 @@ async fn after_the_hand_over_the_old_master_tells_systemd_nothing() {
 }
 
 /// A rollback: SIGTERM to the new master 0.05 s, 0.3 s and 2 s after the
-/// SIGUSR2, under load. Before it took over it just stops; after, within
+/// SIGUSR2, under load (it takes over about 10 ms after SIGUSR2; before
+/// that it just stops, see the next test); after, within
 /// the old master's rollback window, it hands back: the old master forks
 /// workers again, and the new one drains once they accept. No request
 /// fails, and the old master serves on (the issue: both masters gone,
@@ -503,6 +536,48 @@ async fn sigterm_to_the_new_master_after_sigusr2_rolls_back_and_fails_no_request
         signal(old.pid(), libc::SIGTERM);
         assert_eq!(old.wait_exit(Duration::from_secs(15)).code(), Some(0));
     }
+}
+
+/// A new master that ends before it takes over (stopped, or a deploy that
+/// does not start): the old master serves on, under load, with no failed
+/// request. The deployed command is a script that waits 0.5 s before it
+/// starts the binary, so that the SIGTERM finds it starting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_master_stopped_before_it_takes_over_leaves_the_old_one_serving() {
+    let _serial = serial().await;
+    let dir = common::demo::TempDir::new("slow-deploy");
+    let app = dir.0.join("app");
+    std::fs::copy(example("prefork"), &app).unwrap();
+    let (mut old, addr) = start_master(&app);
+    let load = PidLoad::start(addr, 4);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let script = dir.0.join("app.new");
+    let real = example("prefork");
+    std::fs::write(
+        &script,
+        format!("#!/bin/sh\nsleep 0.5\nexec \"{}\" \"$@\"\n", real.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::rename(&script, &app).unwrap();
+    signal(old.pid(), libc::SIGUSR2);
+    let new_master = new_master_of(&old);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    signal(new_master, libc::SIGTERM);
+    old.stderr_line(
+        "upgrade failed: the new master ended; serving on",
+        Duration::from_secs(5),
+    );
+    served_by(addr, old.pid(), "the old master", Duration::from_secs(1)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (ok, failed, _) = load.stop().await;
+    assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
+    assert_eq!(old.stderr_count("the new master took over"), 0);
+    eprintln!(
+        "a new master stopped while it starts: the old one served on, {ok} requests, 0 failed"
+    );
+    signal(old.pid(), libc::SIGTERM);
+    assert_eq!(old.wait_exit(Duration::from_secs(15)).code(), Some(0));
 }
 
 /// An operator's SIGTERM to the old master while the new one starts stops

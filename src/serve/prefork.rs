@@ -510,6 +510,7 @@ impl Prefork {
             watchdog: watchdog_period().map(|every| (every, Instant::now())),
             workers: Vec::new(),
             wanted: self.workers,
+            accepted: 0,
             failures: 0,
             next_spawn: Instant::now(),
             crashes: std::collections::VecDeque::new(),
@@ -580,6 +581,22 @@ struct Worker {
     /// The last count seen, and when it changed (or the fork).
     beat: u64,
     beat_changed: Instant,
+    /// Seen to accept (its counter moved), and counted in
+    /// `Master::accepted` if it serves.
+    accepted: bool,
+}
+
+impl Worker {
+    /// Reads its counter `beat`: 1 the first time it shows the worker
+    /// accepts while it serves (a worker counts from its runtime's start;
+    /// one that drains by itself has served), else 0.
+    fn saw(&mut self, beat: u64) -> usize {
+        if self.accepted || beat == 0 {
+            return 0;
+        }
+        self.accepted = true;
+        usize::from(matches!(self.role, Role::Serving | Role::Draining))
+    }
 }
 
 struct Master<'a, W> {
@@ -614,6 +631,15 @@ struct Master<'a, W> {
     watchdog: Option<(Duration, Instant)>,
     workers: Vec<Worker>,
     wanted: usize,
+    /// Serving workers seen to accept since the workers of the moment were
+    /// wanted (the start, a SIGHUP, a take-back), each counted once, alive
+    /// or ended: what READY, a reload's end, an upgrade's hand-over and a
+    /// rollback wait for (`ready`). Counted when first seen, not as "every
+    /// worker accepts at one look": while workers recycle every few
+    /// milliseconds (a small `max_requests` under load) one may fork,
+    /// accept, drain and end between two looks of the master, and no look
+    /// may ever find them all accepting.
+    accepted: usize,
     /// Workers that failed in a row, for the respawn delay.
     failures: u32,
     next_spawn: Instant,
@@ -680,6 +706,7 @@ where
                         }
                     }
                     self.reloading = Some(Instant::now());
+                    self.accepted = 0;
                     notify(&[
                         sd_notify::NotifyState::Reloading,
                         sd_notify::NotifyState::monotonic_usec_now()
@@ -849,6 +876,7 @@ where
                 upgrade.state = UpgradeState::TakingBack { told: false };
                 self.handed_over = false;
                 self.told_ready = false;
+                self.accepted = 0;
             }
             UpgradeState::TakingBack { .. } => {}
         }
@@ -891,7 +919,7 @@ where
     /// master is done), a rollback whose workers now accept (the new
     /// master is told to drain).
     fn check_upgrade(&mut self) -> Option<io::Result<Exit>> {
-        let ready = self.ready_count() >= self.wanted;
+        let ready = self.ready();
         let upgrade = self.upgrading.as_mut()?;
         let pid = upgrade.child.id();
         let ended = match upgrade.child.try_wait() {
@@ -915,6 +943,7 @@ where
                 self.upgrading = None;
                 self.handed_over = false;
                 self.told_ready = false;
+                self.accepted = 0;
             }
             (UpgradeState::HandedOver { until }, None) if Instant::now() >= *until => {
                 tracing::info!("rollback window over: this master ends");
@@ -969,6 +998,7 @@ where
         let now = Instant::now();
         for worker in &mut self.workers {
             let beat = self.beats.get(worker.slot).load(Ordering::Acquire);
+            self.accepted += worker.saw(beat);
             if beat & DRAINING != 0 && worker.role == Role::Serving {
                 tracing::info!(
                     pid = worker.child.pid(),
@@ -997,13 +1027,13 @@ where
         }
     }
 
-    /// After a SIGHUP: once the new workers all accept (they beat), the old
-    /// ones drain.
+    /// After a SIGHUP: once as many new workers as wanted were seen to
+    /// accept (see `accepted`), the old ones drain.
     fn finish_reload(&mut self) {
         let Some(started) = self.reloading else {
             return;
         };
-        if self.ready_count() < self.wanted {
+        if !self.ready() {
             return;
         }
         let mut old = 0;
@@ -1022,23 +1052,20 @@ where
     /// `READY=1` once the first workers accept; `WATCHDOG=1` at half the
     /// watchdog period.
     fn tell_systemd(&mut self) {
-        if !self.told_ready {
-            let ready = self.ready_count();
-            if ready >= self.wanted {
-                self.told_ready = true;
-                tracing::info!(workers = ready, "workers accept");
-                notify(&[
-                    sd_notify::NotifyState::Ready,
-                    sd_notify::NotifyState::MainPid(std::process::id()),
-                ]);
-                if let Some(old) = self.upgraded_from.take() {
-                    tracing::info!(
-                        old_master = old,
-                        "upgrade: this master accepts; the old one drains"
-                    );
-                    if let Err(err) = sys::kill(old as libc::pid_t, libc::SIGTERM) {
-                        tracing::warn!(%err, old_master = old, "cannot tell the old master to drain");
-                    }
+        if !self.told_ready && self.ready() {
+            self.told_ready = true;
+            tracing::info!(workers = self.wanted, "workers accept");
+            notify(&[
+                sd_notify::NotifyState::Ready,
+                sd_notify::NotifyState::MainPid(std::process::id()),
+            ]);
+            if let Some(old) = self.upgraded_from.take() {
+                tracing::info!(
+                    old_master = old,
+                    "upgrade: this master accepts; the old one drains"
+                );
+                if let Err(err) = sys::kill(old as libc::pid_t, libc::SIGTERM) {
+                    tracing::warn!(%err, old_master = old, "cannot tell the old master to drain");
                 }
             }
         }
@@ -1054,12 +1081,9 @@ where
         }
     }
 
-    /// Serving workers that accept (they beat).
-    fn ready_count(&self) -> usize {
-        self.workers
-            .iter()
-            .filter(|w| w.role == Role::Serving && w.beat > 0)
-            .count()
+    /// Whether the workers of the moment accept (see `accepted`).
+    fn ready(&self) -> bool {
+        self.accepted >= self.wanted
     }
 
     fn serving_count(&self) -> usize {
@@ -1121,6 +1145,7 @@ where
                 slot,
                 beat: 0,
                 beat_changed: now,
+                accepted: false,
             });
         }
         Ok(())
@@ -1213,7 +1238,10 @@ where
                 i += 1;
                 continue;
             };
-            let worker = self.workers.swap_remove(i);
+            let mut worker = self.workers.swap_remove(i);
+            // It may have accepted since the last look: its counter tells.
+            let beat = self.beats.get(worker.slot).load(Ordering::Acquire);
+            self.accepted += worker.saw(beat);
             self.ended(&worker, status);
         }
         Ok(())
@@ -1452,7 +1480,12 @@ impl Heartbeat {
         loop {
             tokio::select! {
                 _ = interval.tick() => {
-                    beat.fetch_add(1, Ordering::Release);
+                    // The first beat (at once): the worker accepts. Its
+                    // master is woken to see it now (READY, a reload's
+                    // end, an upgrade's hand-over), not at its next look.
+                    if beat.fetch_add(1, Ordering::Release) == 0 {
+                        let _ = sys::kill(self.master as libc::pid_t, libc::SIGCHLD);
+                    }
                     continue;
                 }
                 _ = &mut drains, if !draining => {

@@ -158,14 +158,25 @@ fn wait_line(
 impl Drop for Proc {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            // A prefork master's workers end within a second of its death
-            // (they watch their parent). A test process that is a
-            // subreaper adopts them: each is reaped here, by its own pid
-            // (never `waitpid(-1)`: tests run in parallel), so that a test
-            // that fails with its master running leaves no zombie.
+            // A process with children is a master (prefork): SIGINT is its
+            // fast stop, which kills its workers, reaps them and ends, so
+            // that none is left to pid 1. Given a second, then killed.
             let workers = super::children_of(child.id());
+            if !workers.is_empty() {
+                // SAFETY: a signal to the process this `Proc` started, not
+                // reaped yet (so the pid is still its).
+                unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+                let deadline = Instant::now() + Duration::from_secs(1);
+                while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
             let _ = child.kill();
             let _ = child.wait();
+            // Workers of a master killed before it reaped them end within a
+            // second (they watch their parent). A test process that is a
+            // subreaper adopts them: each is reaped here, by its own pid
+            // (never `waitpid(-1)`: tests run in parallel).
             let deadline = Instant::now() + Duration::from_secs(2);
             for (pid, _) in workers {
                 while running_or_ours(pid) && Instant::now() < deadline {

@@ -517,9 +517,7 @@ async fn sigterm_to_the_new_master_after_sigusr2_rolls_back_and_fails_no_request
         // The old master serves, with workers of its own.
         let worker: u32 = get(addr, "/pid").await.unwrap().body.parse().unwrap();
         assert!(
-            common::children_of(old.pid())
-                .iter()
-                .any(|(pid, _)| *pid == worker),
+            workers_of(old.pid()).contains(&worker),
             "{after} ms: /pid answered by {worker}, not a worker of the old master"
         );
         if took_over {
@@ -614,9 +612,7 @@ async fn an_operators_sigterm_to_the_old_master_during_an_upgrade_stops_what_it_
         "the old master waited out its window"
     );
     let worker: u32 = get(addr, "/pid").await.unwrap().body.parse().unwrap();
-    assert!(common::children_of(new_master)
-        .iter()
-        .any(|(pid, _)| *pid == worker));
+    assert!(workers_of(new_master).contains(&worker));
     stop_new_master(new_master, &std::collections::HashSet::from([worker]));
     adopted.0 = None;
 }
@@ -719,10 +715,7 @@ async fn served_by(addr: SocketAddr, master: u32, what: &str, within: Duration) 
     loop {
         if let Ok(reply) = get(addr, "/pid").await {
             let worker: u32 = reply.body.parse().unwrap();
-            if common::children_of(master)
-                .iter()
-                .any(|(pid, _)| *pid == worker)
-            {
+            if workers_of(master).contains(&worker) {
                 return;
             }
         }

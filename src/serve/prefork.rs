@@ -1158,9 +1158,9 @@ where
             every: self.config.timeout.map_or(Duration::from_secs(1), |t| {
                 (t / 4).min(Duration::from_secs(1))
             }),
-            max_rss: self.config.max_rss,
-            master: std::process::id(),
+            master,
         };
+        let max_rss = self.config.max_rss;
         let worker_started = self.config.hooks.worker_started.clone();
         let limit = self
             .config
@@ -1177,7 +1177,7 @@ where
             if signals.restore().is_err() {
                 crate::exit(1)
             }
-            if let Some(max) = heartbeat.max_rss {
+            if let Some(max) = max_rss {
                 MAX_RSS.store(max, Ordering::Relaxed);
             }
             if let Some(hook) = &worker_started {
@@ -1458,11 +1458,11 @@ const DRAINING: u64 = 1 << 63;
 
 /// A worker's sign of life, from its own runtime: a counter in memory the
 /// master reads, moved every `every`; and its memory, checked every
-/// [`RSS_EVERY`] against `max_rss`.
+/// [`RSS_EVERY`] against `max_rss` (while [`check_memory`] has a limit).
 struct Heartbeat {
     every: Duration,
-    max_rss: Option<u64>,
-    /// The master, woken when the worker starts draining.
+    /// The master, woken at the first beat and when the worker starts
+    /// draining.
     master: u32,
 }
 
@@ -1497,7 +1497,7 @@ impl Heartbeat {
                     let _ = sys::kill(self.master as libc::pid_t, libc::SIGCHLD);
                     continue;
                 }
-                _ = rss_every.tick(), if self.max_rss.is_some() && checks_memory() => {
+                _ = rss_every.tick(), if checks_memory() => {
                     check_memory(&supervisor);
                 }
             }
